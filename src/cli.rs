@@ -1,0 +1,220 @@
+//! The `model-relay` command line: `serve` and `workspace create`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{DatabaseUrl, Settings, parse_duration, redact};
+use crate::http::{App, error_chain};
+use crate::ids::{Token, WorkspaceId};
+use crate::model::Timeouts;
+use crate::store::{self, Storer};
+
+#[derive(Parser)]
+#[command(
+    name = "model-relay",
+    version,
+    about = "A durable broker for model-list discovery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Manage workspaces.
+    Workspace {
+        #[command(subcommand)]
+        command: WorkspaceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkspaceCommand {
+    /// Create a workspace and print its id and API token (shown once).
+    Create {
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Print one JSON object {"workspace_id", "api_token"} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct DatabaseArg {
+    /// sqlite:PATH or postgres://… [default: $DATABASE_URL, else sqlite:model-relay.db]
+    #[arg(long, env = "MODEL_RELAY_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+}
+
+impl DatabaseArg {
+    fn resolve(&self) -> Result<DatabaseUrl, String> {
+        let url = self
+            .database
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| DatabaseUrl::DEFAULT.to_owned());
+        DatabaseUrl::parse(&url)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// How long a request waits for a daemon to claim it.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pending_timeout: Duration,
+    /// How long a claimed request may run without a report or renewal.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    running_timeout: Duration,
+    /// How long an ended request stays readable.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    retention: Duration,
+    /// A runtime with no heartbeat for this long is offline.
+    #[arg(long, value_parser = parse_duration, default_value = "45s")]
+    offline_after: Duration,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Workspace {
+            command:
+                WorkspaceCommand::Create {
+                    name,
+                    database,
+                    json,
+                },
+        } => create_workspace(&name, &database, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_store(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>, String> {
+    store::open(url, timeouts)
+        .map_err(|e| format!("cannot open {}: {}", shown_url(url), error_chain(&e)))
+}
+
+fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("the workspace name must not be empty".to_owned());
+    }
+    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let id = WorkspaceId::random().map_err(|e| e.to_string())?;
+    let token = Token::new_api().map_err(|e| e.to_string())?;
+    store
+        .create_workspace(id, name, &token.hash(), SystemClock.now())
+        .map_err(|e| format!("cannot create the workspace: {}", error_chain(&e)))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"workspace_id": id.to_string(), "api_token": token.expose()})
+        );
+    } else {
+        println!("workspace  {id}");
+        println!("api token  {}", token.expose());
+        println!("(the token is shown only now; keep it)");
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let settings = Settings {
+        timeouts: Timeouts {
+            pending: args.pending_timeout,
+            running: args.running_timeout,
+        },
+        retention: args.retention,
+        offline_after: args.offline_after,
+        ..Settings::default()
+    };
+    let url = args.database.resolve()?;
+    // Opened before the async runtime starts: the PostgreSQL client must not block on one.
+    let store = open_store(&url, settings.timeouts)?;
+    let app = Arc::new(App {
+        store,
+        clock: Arc::new(SystemClock),
+        settings,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(listen = %local, database = %shown_url(&url), "model-relay serving");
+        crate::http::run(listener, Arc::clone(&app), shutdown_signal())
+            .await
+            .map_err(|e| format!("server failed: {e}"))
+    });
+    // The runtime goes first, so the store's last handle drops here, off the runtime.
+    drop(runtime);
+    drop(app);
+    tracing::info!("model-relay stopped");
+    served
+}
+
+fn shown_url(url: &DatabaseUrl) -> String {
+    match url {
+        DatabaseUrl::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
+        DatabaseUrl::Postgres(url) => redact(url),
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,158 @@
+//! What the command line and the environment configure: the database and the durations.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::Timeouts;
+use crate::store::sqlite::Synchronous;
+
+/// Where the requests live.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum DatabaseUrl {
+    /// `sqlite:PATH[?synchronous=normal|full]` — a file, created if missing.
+    Sqlite {
+        path: PathBuf,
+        synchronous: Synchronous,
+    },
+    /// `postgres://…` or `postgresql://…`, passed to the driver as written.
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    /// The default: an SQLite file in the working directory, so `serve` needs nothing installed.
+    pub const DEFAULT: &'static str = "sqlite:model-relay.db";
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("sqlite:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if path.is_empty() {
+                return Err("sqlite: needs a file path, e.g. sqlite:model-relay.db".to_owned());
+            }
+            let synchronous = match query {
+                "" | "synchronous=normal" => Synchronous::Normal,
+                "synchronous=full" => Synchronous::Full,
+                other => {
+                    return Err(format!(
+                        "unsupported sqlite option {other:?}: only synchronous=normal or synchronous=full"
+                    ));
+                }
+            };
+            Ok(DatabaseUrl::Sqlite {
+                path: PathBuf::from(path),
+                synchronous,
+            })
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(s.to_owned()))
+        } else {
+            Err(format!(
+                "unsupported database URL {:?}: use sqlite:PATH or postgres://…",
+                redact(s)
+            ))
+        }
+    }
+}
+
+/// The URL without a password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A duration as people write it: `30s`, `2m`, `1h 30m`, `500ms`. Zero is refused: a zero
+/// timeout would end every request the moment it is made.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// The service's timing rules. Defaults are those of DESIGN.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub timeouts: Timeouts,
+    /// How long a terminal request stays readable before the sweeper deletes it.
+    pub retention: Duration,
+    /// A runtime with no heartbeat for this long is offline.
+    pub offline_after: Duration,
+    /// How often the sweeper runs.
+    pub sweep_every: Duration,
+    /// Largest request body accepted; past it the answer is 413.
+    pub body_limit: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            timeouts: Timeouts::default(),
+            retention: Duration::from_secs(600),
+            offline_after: Duration::from_secs(45),
+            sweep_every: Duration::from_secs(5),
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_name_their_engine() {
+        let sqlite = |path: &str, synchronous| DatabaseUrl::Sqlite {
+            path: path.into(),
+            synchronous,
+        };
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:model-relay.db"),
+            Ok(sqlite("model-relay.db", Synchronous::Normal))
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///var/lib/relay.db"),
+            Ok(sqlite("/var/lib/relay.db", Synchronous::Normal))
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:r.db?synchronous=full"),
+            Ok(sqlite("r.db", Synchronous::Full))
+        );
+        assert!(DatabaseUrl::parse("sqlite:r.db?synchronous=off").is_err());
+        assert!(DatabaseUrl::parse("sqlite:r.db?mode=ro").is_err());
+        assert_eq!(
+            DatabaseUrl::parse("postgres://u@h/db"),
+            Ok(DatabaseUrl::Postgres("postgres://u@h/db".into()))
+        );
+        assert!(DatabaseUrl::parse("postgresql://h/db").is_ok());
+        assert!(DatabaseUrl::parse("sqlite:").is_err());
+        assert!(DatabaseUrl::parse("mysql://h/db").is_err());
+        assert!(DatabaseUrl::parse("").is_err());
+    }
+
+    #[test]
+    fn unsupported_url_errors_do_not_show_the_password() {
+        let err = DatabaseUrl::parse("mysql://admin:hunter2@db/x").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("admin:***@db/x"), "{err}");
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("30").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! Every way a call can fail, and the one place that maps each to a status code.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode, header};
+
+use super::wire;
+use crate::ids::RandomError;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// The body or a field in it is malformed; the message says which and why.
+    BadRequest(String),
+    /// No bearer token, or one that belongs to nobody.
+    Unauthorized,
+    /// No such thing for this caller: unknown, or someone else's (the same answer for both).
+    NotFound(&'static str),
+    /// The path exists, the method does not; the methods that do.
+    MethodNotAllowed(&'static str),
+    /// The request is not in a state that allows this report.
+    Conflict(String),
+    /// The body is larger than the configured limit.
+    PayloadTooLarge(usize),
+    /// The runtime's daemon has not heartbeated within `offline_after`.
+    RuntimeOffline,
+    /// The store could not answer. Never a 404 and never a 200: the caller must retry.
+    StoreUnavailable(StoreError),
+    /// A bug: a store call panicked, or the OS random source failed.
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::StoreUnavailable(e)
+    }
+}
+
+impl From<RandomError> for ApiError {
+    fn from(e: RandomError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RuntimeOffline | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What the caller reads. Store errors are summarized: their cause goes to the log.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(m) | ApiError::Conflict(m) => m.clone(),
+            ApiError::Unauthorized => "missing or invalid bearer token".to_owned(),
+            ApiError::NotFound(what) => format!("{what} not found"),
+            ApiError::MethodNotAllowed(allowed) => format!("method not allowed; use {allowed}"),
+            ApiError::PayloadTooLarge(limit) => format!("body larger than {limit} bytes"),
+            ApiError::RuntimeOffline => "runtime is offline".to_owned(),
+            ApiError::StoreUnavailable(_) => "store unavailable".to_owned(),
+            ApiError::Internal(_) => "internal error".to_owned(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        match &self {
+            ApiError::StoreUnavailable(cause) => {
+                tracing::warn!(error = %error_chain(cause), "store unavailable");
+            }
+            ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
+            _ => {}
+        }
+        let mut response = wire::json(self.status(), &wire::ErrorBody::new(self.message()));
+        if let ApiError::MethodNotAllowed(allowed) = self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+        }
+        response
+    }
+}
+
+/// An error and all its causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,112 @@
+//! The HTTP server: an accept loop over hyper's HTTP/1 connections, shut down gracefully.
+//!
+//! [`run`] is the seam every caller uses — `main` with a real listener, tests with one bound
+//! to `127.0.0.1:0` — so tests exercise the same server users run.
+
+mod error;
+mod routes;
+mod wire;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::{ApiError, error_chain};
+
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::store::Storer;
+use crate::sweeper;
+
+/// Everything a request handler needs: shared by every connection of one instance.
+pub struct App {
+    pub store: Arc<dyn Storer>,
+    /// The one clock: every `now` a handler passes to the store comes from here.
+    pub clock: Arc<dyn Clock>,
+    pub settings: Settings,
+}
+
+impl App {
+    /// Runs store work on the blocking pool: the engines are synchronous, and the
+    /// PostgreSQL client panics on an async worker thread.
+    async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let app = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&app))
+            .await
+            .map_err(|e| ApiError::Internal(format!("store call did not finish: {e}")))?
+    }
+}
+
+/// How long a client may take to send its request headers (stops idle connections from
+/// holding sockets forever).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight requests before it drops them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets
+/// in-flight requests finish (up to a bound), and stops this instance's sweeper.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let (stop_sweeper, sweeper_stopped) = watch::channel(());
+    let sweeper = tokio::spawn(sweeper::run(Arc::clone(&app), sweeper_stopped));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: the listener is still good, so
+                    // back off a moment instead of spinning or giving up.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small JSON answers: send them now rather than wait to fill a segment.
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let service = service_fn(move |request| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(routes::handle(app, request).await) }
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    drop(stop_sweeper);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: in-flight requests did not finish in time");
+    }
+    let _ = sweeper.await;
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! Routing and handlers. A path resolves to a [`Route`] first, then the method picks the
+//! handler, so a known path with the wrong method gets 405 rather than 404.
+//!
+//! Each handler makes its store calls in one `spawn_blocking` closure: authentication and
+//! the operation together, one trip to the blocking pool per request.
+
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode, header};
+
+use super::App;
+use super::error::ApiError;
+use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
+use crate::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use crate::model::ReportOutcome;
+use crate::store::{Heartbeat, NewRuntime};
+
+/// Every path the service answers. Ids are still text: handlers parse them, so that an
+/// id that cannot exist gets the same 404 as one that does not.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Runtimes,
+    Runtime(&'a str),
+    Models(&'a str),
+    Model(&'a str, &'a str),
+    Heartbeat,
+    Result(&'a str, &'a str),
+}
+
+impl<'a> Route<'a> {
+    pub fn resolve(path: &'a str) -> Option<Self> {
+        let rest = path.strip_prefix('/')?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return None;
+        }
+        Some(match segments.as_slice() {
+            ["healthz"] => Route::Healthz,
+            ["readyz"] => Route::Readyz,
+            ["api", "runtimes"] => Route::Runtimes,
+            ["api", "runtimes", rt] => Route::Runtime(rt),
+            ["api", "runtimes", rt, "models"] => Route::Models(rt),
+            ["api", "runtimes", rt, "models", id] => Route::Model(rt, id),
+            ["api", "daemon", "heartbeat"] => Route::Heartbeat,
+            ["api", "daemon", "runtimes", rt, "models", id, "result"] => Route::Result(rt, id),
+            _ => return None,
+        })
+    }
+
+    /// The methods this path answers, for the `Allow` header of a 405.
+    fn allowed(self) -> &'static str {
+        match self {
+            Route::Healthz | Route::Readyz | Route::Model(..) => "GET",
+            Route::Runtimes => "GET, POST",
+            Route::Runtime(_) => "DELETE",
+            Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
+        }
+    }
+}
+
+pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    match dispatch(&app, &parts, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+type Answer = Result<Response<Full<Bytes>>, ApiError>;
+
+async fn dispatch(app: &Arc<App>, parts: &Parts, body: Incoming) -> Answer {
+    let route = Route::resolve(parts.uri.path()).ok_or(ApiError::NotFound("route"))?;
+    let token = wire::bearer(parts.headers.get(header::AUTHORIZATION));
+    match (&parts.method, route) {
+        (&Method::GET, Route::Healthz) => Ok(wire::json(StatusCode::OK, &wire::OK)),
+        (&Method::GET, Route::Readyz) => {
+            app.blocking(|app| Ok(app.store.ping()?)).await?;
+            Ok(wire::json(StatusCode::OK, &wire::OK))
+        }
+        (&Method::POST, Route::Runtimes) => {
+            let body = read_body(app, body).await?;
+            create_runtime(app, token, body).await
+        }
+        (&Method::GET, Route::Runtimes) => list_runtimes(app, token).await,
+        (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
+        (&Method::POST, Route::Models(rt)) => create_request(app, token, rt).await,
+        (&Method::GET, Route::Model(rt, id)) => get_request(app, token, rt, id).await,
+        (&Method::POST, Route::Heartbeat) => {
+            let body = read_body(app, body).await?;
+            heartbeat(app, token, body).await
+        }
+        (&Method::POST, Route::Result(rt, id)) => {
+            let body = read_body(app, body).await?;
+            report(app, token, rt, id, body).await
+        }
+        (_, route) => Err(ApiError::MethodNotAllowed(route.allowed())),
+    }
+}
+
+/// The whole body, or 413 once it passes the limit (checked as it streams in, so a large
+/// body is refused without being held in memory).
+async fn read_body(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
+    let limit = app.settings.body_limit;
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Err(e) => Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    }
+}
+
+fn workspace_of(app: &App, token: Option<&Token>) -> Result<WorkspaceId, ApiError> {
+    let token = token.ok_or(ApiError::Unauthorized)?;
+    app.store
+        .workspace_by_api_token(&token.hash())?
+        .ok_or(ApiError::Unauthorized)
+}
+
+fn runtime_of(app: &App, token: Option<&Token>) -> Result<RuntimeId, ApiError> {
+    let token = token.ok_or(ApiError::Unauthorized)?;
+    app.store
+        .runtime_by_daemon_token(&token.hash())?
+        .ok_or(ApiError::Unauthorized)
+}
+
+fn parse_runtime_id(s: &str) -> Result<RuntimeId, ApiError> {
+    RuntimeId::parse(s).ok_or(ApiError::NotFound("runtime"))
+}
+
+fn parse_request_id(s: &str) -> Result<RequestId, ApiError> {
+    RequestId::parse(s).ok_or(ApiError::NotFound("request"))
+}
+
+async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
+    let new = wire::parse_new_runtime(&body)?;
+    let daemon_token = Token::new_daemon()?;
+    let id = RuntimeId::random()?;
+    let (runtime, daemon_token) = app
+        .blocking(move |app| {
+            let workspace_id = workspace_of(app, token.as_ref())?;
+            let runtime = app.store.create_runtime(
+                &NewRuntime {
+                    id,
+                    workspace_id,
+                    name: new.name,
+                    provider: new.provider,
+                    daemon_token: daemon_token.hash(),
+                },
+                app.clock.now(),
+            )?;
+            Ok((runtime, daemon_token))
+        })
+        .await?;
+    tracing::info!(runtime = %runtime.id, "runtime created");
+    Ok(wire::json(
+        StatusCode::CREATED,
+        &RuntimeRecord::new(&runtime, false, Some(&daemon_token)),
+    ))
+}
+
+async fn list_runtimes(app: &Arc<App>, token: Option<Token>) -> Answer {
+    let (runtimes, now) = app
+        .blocking(move |app| {
+            let workspace = workspace_of(app, token.as_ref())?;
+            Ok((app.store.list_runtimes(workspace)?, app.clock.now()))
+        })
+        .await?;
+    let offline_after = app.settings.offline_after;
+    let list = RuntimeList {
+        runtimes: runtimes
+            .iter()
+            .map(|r| RuntimeRecord::new(r, r.is_online(now, offline_after), None))
+            .collect(),
+    };
+    Ok(wire::json(StatusCode::OK, &list))
+}
+
+async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+    let rt = parse_runtime_id(rt)?;
+    let deleted = app
+        .blocking(move |app| {
+            let workspace = workspace_of(app, token.as_ref())?;
+            Ok(app.store.delete_runtime(workspace, rt)?)
+        })
+        .await?;
+    if !deleted {
+        return Err(ApiError::NotFound("runtime"));
+    }
+    tracing::info!(runtime = %rt, "runtime deleted");
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+    let rt = parse_runtime_id(rt)?;
+    let id = RequestId::random()?;
+    let request = app
+        .blocking(move |app| {
+            let workspace = workspace_of(app, token.as_ref())?;
+            let runtime = app
+                .store
+                .find_runtime(workspace, rt)?
+                .ok_or(ApiError::NotFound("runtime"))?;
+            let now = app.clock.now();
+            if !runtime.is_online(now, app.settings.offline_after) {
+                return Err(ApiError::RuntimeOffline);
+            }
+            app.store
+                .create_or_coalesce(rt, id, now)?
+                .ok_or(ApiError::NotFound("runtime"))
+        })
+        .await?;
+    if request.id == id {
+        tracing::info!(request = %id, runtime = %rt, "request created");
+    }
+    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+}
+
+async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -> Answer {
+    let rt = parse_runtime_id(rt)?;
+    let id = parse_request_id(id)?;
+    let request = app
+        .blocking(move |app| {
+            let workspace = workspace_of(app, token.as_ref())?;
+            app.store
+                .find_runtime(workspace, rt)?
+                .ok_or(ApiError::NotFound("runtime"))?;
+            app.store
+                .get_request(rt, id, app.clock.now())?
+                .ok_or(ApiError::NotFound("request"))
+        })
+        .await?;
+    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+}
+
+async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
+    let claimed = app
+        .blocking(move |app| {
+            let own = runtime_of(app, token.as_ref())?;
+            let rt = wire::parse_heartbeat(&body)?;
+            if rt != own {
+                return Err(ApiError::NotFound("runtime"));
+            }
+            match app.store.heartbeat(rt, app.clock.now())? {
+                Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
+                Heartbeat::Alive(claimed) => Ok((rt, claimed)),
+            }
+        })
+        .await?;
+    if let (rt, Some(id)) = claimed {
+        tracing::info!(request = %id, runtime = %rt, "request claimed");
+    }
+    Ok(wire::json(StatusCode::OK, &HeartbeatAck::new(claimed.1)))
+}
+
+async fn report(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str, body: Bytes) -> Answer {
+    let rt = parse_runtime_id(rt)?;
+    let id = parse_request_id(id)?;
+    let outcome = app
+        .blocking(move |app| {
+            if runtime_of(app, token.as_ref())? != rt {
+                return Err(ApiError::NotFound("runtime"));
+            }
+            let report = wire::parse_report(&body)?;
+            Ok(app.store.report(rt, id, &report, app.clock.now())?)
+        })
+        .await?;
+    match outcome {
+        ReportOutcome::Recorded | ReportOutcome::Replayed => {
+            tracing::info!(request = %id, ?outcome, "report accepted");
+            Ok(wire::json(StatusCode::OK, &wire::OK))
+        }
+        ReportOutcome::NotFound => Err(ApiError::NotFound("request")),
+        ReportOutcome::NotRunning(status) => Err(ApiError::Conflict(format!(
+            "request is {}, not running",
+            status.as_str()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    #[test]
+    fn paths_resolve_to_routes_and_nothing_else_does() {
+        assert_eq!(Route::resolve("/healthz"), Some(Route::Healthz));
+        assert_eq!(Route::resolve("/api/runtimes"), Some(Route::Runtimes));
+        assert_eq!(Route::resolve("/api/runtimes/a"), Some(Route::Runtime("a")));
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/models/b"),
+            Some(Route::Model("a", "b"))
+        );
+        assert_eq!(
+            Route::resolve("/api/daemon/runtimes/a/models/b/result"),
+            Some(Route::Result("a", "b"))
+        );
+        for none in [
+            "",
+            "/",
+            "healthz",
+            "/healthz/",
+            "/api/runtimes/",
+            "/api/runtimes/a/models/b/c",
+            "/api/daemon",
+            "//healthz",
+        ] {
+            assert_eq!(Route::resolve(none), None, "{none:?}");
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! JSON on the wire: the bodies callers send, parsed into domain types (or refused with a
+//! message that says what is wrong), and the records we send back. Shapes follow the
+//! reference system so its daemons and UI work unchanged.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode, header};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::clock::rfc3339;
+use crate::ids::{RequestId, RuntimeId, Token};
+use crate::model::{ModelEntry, ModelRequest, Outcome, Report, Runtime, Status};
+
+/// Longest runtime name and provider we store: enough for any real name, small enough that
+/// a list of runtimes stays a small answer.
+const MAX_NAME: usize = 200;
+const MAX_PROVIDER: usize = 100;
+
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    // Our response types are plain structs of strings, numbers and booleans; serializing
+    // them cannot fail, but if it ever did the caller still gets valid JSON.
+    let bytes =
+        serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Serialize)]
+pub struct ErrorBody {
+    error: String,
+}
+
+impl ErrorBody {
+    pub fn new(error: String) -> Self {
+        ErrorBody { error }
+    }
+}
+
+#[derive(Serialize)]
+pub struct StatusOk {
+    status: &'static str,
+}
+
+pub const OK: StatusOk = StatusOk { status: "ok" };
+
+// ---- bodies we accept ----
+
+/// `POST /api/runtimes`.
+pub struct NewRuntimeBody {
+    pub name: String,
+    pub provider: String,
+}
+
+pub fn parse_new_runtime(body: &[u8]) -> Result<NewRuntimeBody, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        name: String,
+        provider: String,
+    }
+    let raw: Raw = parse_json(body)?;
+    Ok(NewRuntimeBody {
+        name: bounded_text("name", raw.name, MAX_NAME)?,
+        provider: bounded_text("provider", raw.provider, MAX_PROVIDER)?,
+    })
+}
+
+fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ApiError::BadRequest(format!("{field} must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// `POST /api/daemon/heartbeat`.
+pub fn parse_heartbeat(body: &[u8]) -> Result<RuntimeId, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        runtime_id: String,
+    }
+    let raw: Raw = parse_json(body)?;
+    RuntimeId::parse(&raw.runtime_id)
+        .ok_or_else(|| ApiError::BadRequest("runtime_id must be a UUID".to_owned()))
+}
+
+/// `POST /api/daemon/runtimes/{id}/models/{id}/result`. Unknown fields are ignored.
+pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        status: String,
+        #[serde(default)]
+        models: Option<Vec<ModelEntry>>,
+        #[serde(default)]
+        supported: Option<bool>,
+        #[serde(default)]
+        error: Option<String>,
+    }
+    let raw: Raw = parse_json(body)?;
+    let status = match raw.status.as_str() {
+        "running" => return Ok(Report::Running),
+        "completed" => Status::Completed,
+        "failed" => Status::Failed,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "status must be \"completed\", \"failed\" or \"running\"".to_owned(),
+            ));
+        }
+    };
+    let models = raw.models.unwrap_or_default();
+    if let Some(i) = models.iter().position(|m| m.id.trim().is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "models[{i}].id must not be empty"
+        )));
+    }
+    Ok(Report::Ended(Outcome {
+        status,
+        models,
+        supported: raw.supported.unwrap_or(true),
+        error: raw.error.filter(|e| !e.is_empty()),
+    }))
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(value: Option<&header::HeaderValue>) -> Option<Token> {
+    let value = value?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Token::from_header(token))
+}
+
+// ---- records we send ----
+
+#[derive(Serialize)]
+pub struct RequestRecord<'a> {
+    id: String,
+    runtime_id: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    models: &'a [ModelEntry],
+    supported: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl<'a> From<&'a ModelRequest> for RequestRecord<'a> {
+    fn from(r: &'a ModelRequest) -> Self {
+        RequestRecord {
+            id: r.id.to_string(),
+            runtime_id: r.runtime_id.to_string(),
+            status: r.status.as_str(),
+            models: &r.models,
+            supported: r.supported,
+            error: r.error.as_deref().filter(|e| !e.is_empty()),
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct RuntimeRecord<'a> {
+    id: String,
+    name: &'a str,
+    provider: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_seen_at: Option<String>,
+    created_at: String,
+    /// Only in the answer to the runtime's creation: it is never shown again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon_token: Option<&'a str>,
+}
+
+impl<'a> RuntimeRecord<'a> {
+    pub fn new(r: &'a Runtime, online: bool, daemon_token: Option<&'a Token>) -> Self {
+        RuntimeRecord {
+            id: r.id.to_string(),
+            name: &r.name,
+            provider: &r.provider,
+            status: if online { "online" } else { "offline" },
+            last_seen_at: r.last_seen_at.map(rfc3339),
+            created_at: rfc3339(r.created_at),
+            daemon_token: daemon_token.map(Token::expose),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct RuntimeList<'a> {
+    pub runtimes: Vec<RuntimeRecord<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct HeartbeatAck {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending_model_list: Option<PendingModelList>,
+}
+
+#[derive(Serialize)]
+struct PendingModelList {
+    id: String,
+}
+
+impl HeartbeatAck {
+    pub fn new(claimed: Option<RequestId>) -> Self {
+        HeartbeatAck {
+            status: "ok",
+            pending_model_list: claimed.map(|id| PendingModelList { id: id.to_string() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_without_supported_means_supported() {
+        let Report::Ended(o) = parse_report(br#"{"status":"completed","models":[]}"#).unwrap()
+        else {
+            panic!("not an end")
+        };
+        assert!(o.supported);
+        assert_eq!(o.status, Status::Completed);
+    }
+
+    #[test]
+    fn report_ignores_unknown_fields_but_refuses_unknown_status() {
+        let r = parse_report(
+            br#"{"status":"failed","error":"boom","extra":1,"models":[{"id":"m","label":"M","x":2}]}"#,
+        )
+        .unwrap();
+        let Report::Ended(o) = r else {
+            panic!("not an end")
+        };
+        assert_eq!(o.error.as_deref(), Some("boom"));
+        assert_eq!(o.models[0].id, "m");
+        for bad in [
+            &br#"{"status":"done"}"#[..],
+            br#"{"status":"pending"}"#,
+            br#"{"status":"timeout"}"#,
+            br#"{}"#,
+            br#"{"status":1}"#,
+            br#"{"status":"completed","models":{}}"#,
+            br#"{"status":"completed","models":[{"label":"no id"}]}"#,
+            br#"{"status":"completed","models":[{"id":"","label":"empty"}]}"#,
+            br#"{"status":"completed","supported":"yes"}"#,
+            b"not json",
+            b"",
+        ] {
+            assert!(
+                matches!(parse_report(bad), Err(ApiError::BadRequest(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn running_report_renews_whatever_else_it_carries() {
+        assert_eq!(
+            parse_report(br#"{"status":"running","models":[]}"#).unwrap(),
+            Report::Running
+        );
+    }
+
+    #[test]
+    fn runtime_body_is_trimmed_and_bounded() {
+        let b = parse_new_runtime(br#"{"name":"  laptop ","provider":"claude"}"#).unwrap();
+        assert_eq!((b.name.as_str(), b.provider.as_str()), ("laptop", "claude"));
+        for bad in [
+            &br#"{"name":"","provider":"claude"}"#[..],
+            br#"{"name":"x"}"#,
+            br#"{"name":"x","provider":"   "}"#,
+            br#"{"name":"a\u0000b","provider":"p"}"#,
+            br#"{"name":7,"provider":"p"}"#,
+            br#"[]"#,
+        ] {
+            assert!(
+                parse_new_runtime(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!(r#"{{"name":"{}","provider":"p"}}"#, "x".repeat(201));
+        assert!(parse_new_runtime(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn bearer_needs_the_scheme_and_a_token() {
+        let v = |s: &'static str| header::HeaderValue::from_static(s);
+        assert_eq!(bearer(Some(&v("Bearer abc"))).unwrap().expose(), "abc");
+        assert_eq!(bearer(Some(&v("bearer abc"))).unwrap().expose(), "abc");
+        assert!(bearer(Some(&v("Basic abc"))).is_none());
+        assert!(bearer(Some(&v("Bearer "))).is_none());
+        assert!(bearer(Some(&v("Bearer"))).is_none());
+        assert!(bearer(None).is_none());
+    }
+}

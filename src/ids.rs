@@ -1,0 +1,201 @@
+//! Typed ids and tokens. Every id from the network is parsed here, once, so handlers and
+//! stores only ever see well-formed values.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The operating system's random source failed; nothing random can be made.
+#[derive(Debug, thiserror::Error)]
+#[error("the OS random source failed: {0}")]
+pub struct RandomError(getrandom::Error);
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(RandomError)?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A model-list request: 128 random bits, written as 32 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    pub fn random() -> Result<Self, RandomError> {
+        random_bytes().map(RequestId)
+    }
+
+    /// Only the canonical form (32 lowercase hex digits) is an id; anything else is not.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.as_bytes();
+        if s.len() != 32 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            out[i] = (lower_hex_digit(pair[0])? << 4) | lower_hex_digit(pair[1])?;
+        }
+        Some(RequestId(out))
+    }
+}
+
+fn lower_hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({self})")
+    }
+}
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            pub fn random() -> Result<Self, RandomError> {
+                Ok($name(uuid::Builder::from_random_bytes(random_bytes()?).into_uuid()))
+            }
+
+            /// Any UUID spelling `uuid` accepts; written back in the hyphenated lowercase form.
+            pub fn parse(s: &str) -> Option<Self> {
+                Uuid::try_parse(s).ok().map($name)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// One agent runtime on a user's machine, served by one daemon.
+    RuntimeId
+);
+uuid_id!(
+    /// A tenant: owns runtimes and API tokens.
+    WorkspaceId
+);
+
+/// A bearer secret as the caller sent it or as we just made it. Never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// A workspace's API token (256 random bits).
+    pub fn new_api() -> Result<Self, RandomError> {
+        Ok(Token(format!("mra_{}", hex(&random_bytes::<32>()?))))
+    }
+
+    /// A runtime's daemon token (256 random bits).
+    pub fn new_daemon() -> Result<Self, RandomError> {
+        Ok(Token(format!("mrd_{}", hex(&random_bytes::<32>()?))))
+    }
+
+    pub fn from_header(s: &str) -> Self {
+        Token(s.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// What the store keeps: tokens are high-entropy, so a plain SHA-256 is enough to make a
+    /// leaked database useless for calling the API.
+    pub fn hash(&self) -> TokenHash {
+        TokenHash(hex(&Sha256::digest(self.0.as_bytes())))
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// SHA-256 of a token, in lowercase hex: the only form a token is stored in.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct TokenHash(String);
+
+impl TokenHash {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_32_lowercase_hex_and_round_trips() {
+        let id = RequestId::random().unwrap();
+        let s = id.to_string();
+        assert_eq!(s.len(), 32);
+        assert!(
+            s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        );
+        assert_eq!(RequestId::parse(&s), Some(id));
+    }
+
+    #[test]
+    fn request_id_rejects_everything_but_the_canonical_form() {
+        for bad in [
+            "",
+            "74b0840025ec468a069fb9a23f96710",
+            "74b0840025ec468a069fb9a23f9671066",
+            "74B0840025EC468A069FB9A23F967106",
+            "74b0840025ec468a069fb9a23f96710g",
+            "74b0840025ec468a069fb9a23f96710é",
+        ] {
+            assert_eq!(RequestId::parse(bad), None, "{bad:?}");
+        }
+        assert!(RequestId::parse("74b0840025ec468a069fb9a23f967106").is_some());
+    }
+
+    #[test]
+    fn runtime_id_is_a_hyphenated_uuid() {
+        let id = RuntimeId::random().unwrap();
+        assert_eq!(RuntimeId::parse(&id.to_string()), Some(id));
+        assert_eq!(id.to_string().len(), 36);
+        assert_eq!(RuntimeId::parse("not-a-uuid"), None);
+    }
+
+    #[test]
+    fn tokens_differ_and_hash_stably() {
+        let a = Token::new_api().unwrap();
+        let b = Token::new_api().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.hash(), Token::from_header(a.expose()).hash());
+        assert_ne!(a.hash(), b.hash());
+        assert!(!format!("{a:?}").contains(a.expose()));
+    }
+}

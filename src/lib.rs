@@ -1,0 +1,29 @@
+//! model-relay: a durable broker for model-list discovery between a web UI and agent
+//! daemons that sit behind NAT.
+//!
+//! The UI creates a *request*; the runtime's daemon claims it on its next heartbeat, runs
+//! discovery and reports; the UI polls until the request ends. Every request lives in a
+//! shared store, so any instance behind a load balancer answers any call.
+//!
+//! Module map:
+//! - [`clock`]: the one source of time (milliseconds since the epoch); a fake for tests.
+//! - [`ids`]: typed ids and tokens, parsed at the edge, random from the OS.
+//! - [`model`]: the domain: request and runtime records, statuses, reports, deadlines.
+//! - [`store`]: the `Storer` trait and its engines (memory, SQLite, PostgreSQL). Only
+//!   these modules know SQL.
+//! - [`http`]: the hyper server: `run(listener, app, shutdown)`, routing, JSON wire shapes,
+//!   the mapping of outcomes to status codes.
+//! - [`sweeper`]: the background task that ends overdue requests and deletes old ones.
+//! - [`config`]: durations and database URLs as the command line gives them.
+//! - [`cli`]: the `model-relay` command line.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod ids;
+pub mod model;
+pub mod store;
+pub mod sweeper;
+
+pub use http::{App, run};

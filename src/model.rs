@@ -1,0 +1,254 @@
+//! The domain: what a request and a runtime are, the statuses a request moves through,
+//! what a daemon may report, and the deadlines that end a request nobody finishes.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Millis, millis};
+use crate::ids::{RequestId, RuntimeId, WorkspaceId};
+
+/// Where a request is in its life. See the state machine in DESIGN.md.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Status {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Timeout,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Timeout => "timeout",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "running" => Status::Running,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            "timeout" => Status::Timeout,
+            _ => return None,
+        })
+    }
+
+    /// Terminal statuses are final: nothing changes a request once it has one.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Timeout)
+    }
+}
+
+/// One model a runtime offers, as the daemon reported it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<bool>,
+}
+
+/// One model-list discovery request for one runtime.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ModelRequest {
+    pub id: RequestId,
+    pub runtime_id: RuntimeId,
+    pub status: Status,
+    pub models: Vec<ModelEntry>,
+    /// False when the runtime does not support listing models at all.
+    pub supported: bool,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    /// While pending: the last moment it may be claimed. While running: the end of the
+    /// daemon's lease. Kept after the end for the record.
+    pub deadline_at: Millis,
+    /// When it reached a terminal status; retention counts from here.
+    pub ended_at: Option<Millis>,
+}
+
+impl ModelRequest {
+    /// Active (pending or running) but past its deadline: the next look at it ends it.
+    pub fn is_overdue(&self, now: Millis) -> bool {
+        !self.status.is_terminal() && self.deadline_at <= now
+    }
+}
+
+/// The end a daemon reports for a request it claimed.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Outcome {
+    /// `Completed` or `Failed`; the parser refuses anything else.
+    pub status: Status,
+    pub models: Vec<ModelEntry>,
+    pub supported: bool,
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// Whether `request` already ended with exactly this outcome: a retried report.
+    pub fn is_recorded_in(&self, request: &ModelRequest) -> bool {
+        request.status == self.status
+            && request.models == self.models
+            && request.supported == self.supported
+            && request.error == self.error
+    }
+}
+
+/// What a daemon may report about a request it holds.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Report {
+    /// Still working: renew the lease.
+    Running,
+    Ended(Outcome),
+}
+
+/// The answer to a report.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ReportOutcome {
+    /// The report changed the request.
+    Recorded,
+    /// The request already ended with exactly this report: a retry, answered as success.
+    Replayed,
+    /// No such request for this runtime.
+    NotFound,
+    /// The request is not running; its status is given.
+    NotRunning(Status),
+}
+
+/// A runtime as stored.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Runtime {
+    pub id: RuntimeId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub provider: String,
+    pub last_seen_at: Option<Millis>,
+    pub created_at: Millis,
+}
+
+impl Runtime {
+    pub fn is_online(&self, now: Millis, offline_after: Duration) -> bool {
+        self.last_seen_at
+            .is_some_and(|seen| now.saturating_sub(seen) < millis(offline_after))
+    }
+}
+
+/// How long a request may wait for a claim, and how long a claimed one may run without
+/// a report or renewal.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Timeouts {
+    pub pending: Duration,
+    pub running: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            pending: Duration::from_secs(30),
+            running: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn pending_deadline(&self, now: Millis) -> Millis {
+        now.saturating_add(millis(self.pending))
+    }
+
+    pub fn running_deadline(&self, now: Millis) -> Millis {
+        now.saturating_add(millis(self.running))
+    }
+
+    /// The error a request gets when it times out in `phase` (pending or running).
+    pub fn error_for(&self, phase: Status) -> String {
+        if phase == Status::Pending {
+            format!("daemon did not respond within {}", spell(self.pending))
+        } else {
+            format!("daemon did not finish within {}", spell(self.running))
+        }
+    }
+}
+
+fn spell(d: Duration) -> String {
+    match (d.as_secs(), d.subsec_millis()) {
+        (1, 0) => "1 second".to_owned(),
+        (s, 0) => format!("{s} seconds"),
+        _ => format!("{} milliseconds", d.as_millis()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_errors_name_the_configured_seconds() {
+        let t = Timeouts::default();
+        assert_eq!(
+            t.error_for(Status::Pending),
+            "daemon did not respond within 30 seconds"
+        );
+        assert_eq!(
+            t.error_for(Status::Running),
+            "daemon did not finish within 60 seconds"
+        );
+        let short = Timeouts {
+            pending: Duration::from_millis(1500),
+            running: Duration::from_secs(1),
+        };
+        assert_eq!(
+            short.error_for(Status::Pending),
+            "daemon did not respond within 1500 milliseconds"
+        );
+        assert_eq!(
+            short.error_for(Status::Running),
+            "daemon did not finish within 1 second"
+        );
+    }
+
+    #[test]
+    fn status_names_round_trip_and_only_ends_are_terminal() {
+        for s in [
+            Status::Pending,
+            Status::Running,
+            Status::Completed,
+            Status::Failed,
+            Status::Timeout,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::parse("done"), None);
+        assert!(!Status::Pending.is_terminal() && !Status::Running.is_terminal());
+        assert!(Status::Completed.is_terminal() && Status::Failed.is_terminal());
+        assert!(Status::Timeout.is_terminal());
+    }
+
+    #[test]
+    fn a_runtime_is_online_until_offline_after_passes() {
+        let rt = Runtime {
+            id: RuntimeId::random().unwrap(),
+            workspace_id: WorkspaceId::random().unwrap(),
+            name: "n".into(),
+            provider: "p".into(),
+            last_seen_at: Some(10_000),
+            created_at: 0,
+        };
+        let after = Duration::from_secs(45);
+        assert!(rt.is_online(10_000 + 44_999, after));
+        assert!(!rt.is_online(10_000 + 45_000, after));
+        let never = Runtime {
+            last_seen_at: None,
+            ..rt
+        };
+        assert!(!never.is_online(10_000, after));
+    }
+}

@@ -1,0 +1,286 @@
+//! The memory engine: one mutex over plain maps. It is the reference model the other
+//! engines are checked against and the engine of unit tests. Its data dies with the
+//! process, and two processes never share it, so it is never the engine of a deployment.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use super::{NewRuntime, Result, Storer};
+use crate::clock::Millis;
+use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+
+#[derive(Default)]
+struct State {
+    /// Workspace id → name; present while the workspace exists.
+    workspaces: HashMap<WorkspaceId, String>,
+    api_tokens: HashMap<TokenHash, WorkspaceId>,
+    runtimes: HashMap<RuntimeId, Runtime>,
+    daemon_tokens: HashMap<TokenHash, RuntimeId>,
+    requests: HashMap<RequestId, ModelRequest>,
+}
+
+pub struct MemoryStore {
+    timeouts: Timeouts,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new(timeouts: Timeouts) -> Self {
+        MemoryStore {
+            timeouts,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change below is made whole before the guard drops, so a panic elsewhere
+        // cannot leave half a change behind: the poisoned state is still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Ends `request` as `timeout` if it is overdue. The one place the memory engine expires.
+fn expire(timeouts: &Timeouts, request: &mut ModelRequest, now: Millis) -> bool {
+    if !request.is_overdue(now) {
+        return false;
+    }
+    request.error = Some(timeouts.error_for(request.status));
+    request.status = Status::Timeout;
+    request.updated_at = request.deadline_at;
+    request.ended_at = Some(request.deadline_at);
+    true
+}
+
+impl Storer for MemoryStore {
+    fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    fn create_workspace(
+        &self,
+        id: WorkspaceId,
+        name: &str,
+        api_token: &TokenHash,
+        _now: Millis,
+    ) -> Result<()> {
+        let mut state = self.state();
+        state.workspaces.insert(id, name.to_owned());
+        state.api_tokens.insert(api_token.clone(), id);
+        Ok(())
+    }
+
+    fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
+        Ok(self.state().api_tokens.get(token).copied())
+    }
+
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        let runtime = Runtime {
+            id: new.id,
+            workspace_id: new.workspace_id,
+            name: new.name.clone(),
+            provider: new.provider.clone(),
+            last_seen_at: None,
+            created_at: now,
+        };
+        let mut state = self.state();
+        state.runtimes.insert(new.id, runtime.clone());
+        state.daemon_tokens.insert(new.daemon_token.clone(), new.id);
+        Ok(runtime)
+    }
+
+    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+        let mut list: Vec<Runtime> = self
+            .state()
+            .runtimes
+            .values()
+            .filter(|r| r.workspace_id == workspace)
+            .cloned()
+            .collect();
+        list.sort_by_key(|r| (r.created_at, r.id));
+        Ok(list)
+    }
+
+    fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
+        Ok(self
+            .state()
+            .runtimes
+            .get(&id)
+            .filter(|r| r.workspace_id == workspace)
+            .cloned())
+    }
+
+    fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
+        let mut state = self.state();
+        if state
+            .runtimes
+            .get(&id)
+            .is_none_or(|r| r.workspace_id != workspace)
+        {
+            return Ok(false);
+        }
+        state.runtimes.remove(&id);
+        state.daemon_tokens.retain(|_, rt| *rt != id);
+        state.requests.retain(|_, r| r.runtime_id != id);
+        Ok(true)
+    }
+
+    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+        Ok(self.state().daemon_tokens.get(token).copied())
+    }
+
+    fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
+        Ok(match self.state().runtimes.get_mut(&id) {
+            Some(runtime) => {
+                runtime.last_seen_at = Some(runtime.last_seen_at.map_or(now, |seen| seen.max(now)));
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+        Ok(self
+            .state()
+            .requests
+            .get(&id)
+            .filter(|r| r.runtime_id == runtime)
+            .cloned())
+    }
+
+    fn create_or_coalesce(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        let mut state = self.state();
+        if !state.runtimes.contains_key(&runtime) {
+            return Ok(None);
+        }
+        let timeouts = self.timeouts;
+        let mut active = None;
+        for request in state.requests.values_mut() {
+            if request.runtime_id == runtime && !request.status.is_terminal() {
+                expire(&timeouts, request, now);
+                if !request.status.is_terminal() {
+                    active = Some(request.clone());
+                }
+            }
+        }
+        if active.is_some() {
+            return Ok(active);
+        }
+        let request = ModelRequest {
+            id,
+            runtime_id: runtime,
+            status: Status::Pending,
+            models: Vec::new(),
+            supported: true,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            deadline_at: timeouts.pending_deadline(now),
+            ended_at: None,
+        };
+        state.requests.insert(id, request.clone());
+        Ok(Some(request))
+    }
+
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+        let mut state = self.state();
+        let timeouts = self.timeouts;
+        let mut next: Option<&mut ModelRequest> = None;
+        for request in state.requests.values_mut() {
+            if request.runtime_id != runtime || request.status != Status::Pending {
+                continue;
+            }
+            if expire(&timeouts, request, now) {
+                continue;
+            }
+            if next
+                .as_ref()
+                .is_none_or(|n| (request.created_at, request.id) < (n.created_at, n.id))
+            {
+                next = Some(request);
+            }
+        }
+        Ok(next.map(|request| {
+            request.status = Status::Running;
+            request.deadline_at = timeouts.running_deadline(now);
+            request.updated_at = now;
+            request.id
+        }))
+    }
+
+    fn apply_report(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        let Some(request) = state.requests.get_mut(&id) else {
+            return Ok(false);
+        };
+        if request.runtime_id != runtime
+            || request.status != Status::Running
+            || request.deadline_at <= now
+        {
+            return Ok(false);
+        }
+        request.updated_at = now;
+        match report {
+            Report::Running => request.deadline_at = self.timeouts.running_deadline(now),
+            Report::Ended(outcome) => {
+                request.status = outcome.status;
+                request.models = outcome.models.clone();
+                request.supported = outcome.supported;
+                request.error = outcome.error.clone();
+                request.ended_at = Some(now);
+            }
+        }
+        Ok(true)
+    }
+
+    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+        let mut state = self.state();
+        Ok(state
+            .requests
+            .get_mut(&id)
+            .is_some_and(|r| expire(&self.timeouts, r, now)))
+    }
+
+    fn expire_overdue(&self, now: Millis) -> Result<u64> {
+        let mut state = self.state();
+        let mut n = 0;
+        for request in state.requests.values_mut() {
+            if expire(&self.timeouts, request, now) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+        let mut state = self.state();
+        let mut doomed: Vec<(Millis, RequestId)> = state
+            .requests
+            .values()
+            .filter_map(|r| r.ended_at.filter(|&e| e < cutoff).map(|e| (e, r.id)))
+            .collect();
+        doomed.sort();
+        doomed.truncate(limit as usize);
+        for (_, id) in &doomed {
+            state.requests.remove(id);
+        }
+        Ok(doomed.len() as u64)
+    }
+}

@@ -1,0 +1,424 @@
+//! The PostgreSQL engine: for instances on several machines.
+//!
+//! The `postgres` client is synchronous and must never run on a tokio worker thread (it
+//! starts its own runtime and panics there); the HTTP layer calls every store method
+//! through `spawn_blocking`. Transitions are single conditional statements; the claim takes
+//! its row with `FOR UPDATE SKIP LOCKED`, so concurrent heartbeats never wait on each other
+//! and never hand out one request twice.
+
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Row, Transaction};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::{
+    NewRuntime, Result, SCHEMA, SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db,
+    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+};
+use crate::clock::Millis;
+use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const POOL_SIZE: u32 = 16;
+/// Any constant works; it only has to be the same for every instance, so that instances
+/// starting together apply the schema one at a time.
+const MIGRATION_LOCK: i64 = 0x6d6f_6465_6c72;
+
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
+const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
+
+pub struct PostgresStore {
+    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    timeouts: Timeouts,
+}
+
+impl PostgresStore {
+    pub fn open(url: &str, timeouts: Timeouts) -> Result<Self> {
+        Self::open_config(url.parse()?, timeouts)
+    }
+
+    /// Opens with a ready connection config; tests use it to give each test its own schema
+    /// (`options = -c search_path=…`).
+    pub fn open_config(mut config: postgres::Config, timeouts: Timeouts) -> Result<Self> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let mut client = config.connect(NoTls)?;
+        migrate(&mut client)?;
+        drop(client);
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(CHECKOUT_TIMEOUT)
+            .build(PostgresConnectionManager::new(config, NoTls))?;
+        Ok(PostgresStore { pool, timeouts })
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Closing a synchronous `postgres` connection runs a small runtime of its own, which
+        // panics on a tokio thread. The last store handle may well drop on one (a test's
+        // end, a server task), so the pool's connections are closed on a plain thread.
+        let pool = self.pool.clone();
+        let _ = std::thread::Builder::new()
+            .name("model-relay-pg-close".into())
+            .spawn(move || drop(pool));
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let found: Option<i64> = tx
+        .query_one("SELECT max(version) FROM schema_version", &[])?
+        .try_get(0)?;
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found < SCHEMA_VERSION {
+        tx.batch_execute(SCHEMA)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn parse_request(row: &Row) -> Result<ModelRequest> {
+    Ok(ModelRequest {
+        id: request_id_from_db(row.try_get(0)?)?,
+        runtime_id: runtime_id_from_db(row.try_get(1)?)?,
+        status: status_from_db(row.try_get(2)?)?,
+        models: models_from_db(row.try_get(3)?)?,
+        supported: row.try_get(4)?,
+        error: row.try_get(5)?,
+        created_at: row.try_get(6)?,
+        updated_at: row.try_get(7)?,
+        deadline_at: row.try_get(8)?,
+        ended_at: row.try_get(9)?,
+    })
+}
+
+fn parse_runtime(row: &Row) -> Result<Runtime> {
+    Ok(Runtime {
+        id: runtime_id_from_db(row.try_get(0)?)?,
+        workspace_id: workspace_id_from_db(row.try_get(1)?)?,
+        name: row.try_get(2)?,
+        provider: row.try_get(3)?,
+        last_seen_at: row.try_get(4)?,
+        created_at: row.try_get(5)?,
+    })
+}
+
+/// One attempt at create-or-coalesce, in its own transaction. `Ok(None)` means the active
+/// request that blocked the insert ended before it could be read: try again.
+fn try_create_or_coalesce(
+    tx: &mut Transaction<'_>,
+    timeouts: &Timeouts,
+    runtime: &str,
+    id: &str,
+    now: Millis,
+) -> Result<Option<Option<ModelRequest>>> {
+    // FOR KEY SHARE: a concurrent delete of the runtime waits until this transaction ends,
+    // so the insert below cannot fail on the foreign key.
+    if tx
+        .query_opt(
+            "SELECT 1 FROM runtimes WHERE id = $1 FOR KEY SHARE",
+            &[&runtime],
+        )?
+        .is_none()
+    {
+        return Ok(Some(None));
+    }
+    tx.execute(
+        "UPDATE requests
+            SET status = 'timeout',
+                error = CASE status WHEN 'pending' THEN $3 ELSE $4 END,
+                updated_at = deadline_at, ended_at = deadline_at
+          WHERE runtime_id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2",
+        &[
+            &runtime,
+            &now,
+            &timeouts.error_for(Status::Pending),
+            &timeouts.error_for(Status::Running),
+        ],
+    )?;
+    // A concurrent insert of another active request makes this one wait for it, then
+    // conflict on the unique index of active requests: DO NOTHING, and coalesce.
+    let inserted = tx.query_opt(
+        &format!(
+            "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+             VALUES ($1, $2, 'pending', TRUE, $3, $3, $4)
+             ON CONFLICT DO NOTHING
+             RETURNING {REQUEST_COLUMNS}"
+        ),
+        &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
+    )?;
+    if let Some(row) = inserted {
+        return Ok(Some(Some(parse_request(&row)?)));
+    }
+    let active = tx.query_opt(
+        &format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests
+              WHERE runtime_id = $1 AND status IN ('pending', 'running')"
+        ),
+        &[&runtime],
+    )?;
+    active.map(|row| parse_request(&row).map(Some)).transpose()
+}
+
+impl Storer for PostgresStore {
+    fn ping(&self) -> Result<()> {
+        self.conn()?.query_one("SELECT 1", &[])?;
+        Ok(())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    fn create_workspace(
+        &self,
+        id: WorkspaceId,
+        name: &str,
+        api_token: &TokenHash,
+        now: Millis,
+    ) -> Result<()> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let id = id.to_string();
+        tx.execute(
+            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3)",
+            &[&id, &name, &now],
+        )?;
+        tx.execute(
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at) VALUES ($1, $2, $3)",
+            &[&api_token.as_str(), &id, &now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
+        let row = self.conn()?.query_opt(
+            "SELECT workspace_id FROM api_tokens WHERE token_hash = $1",
+            &[&token.as_str()],
+        )?;
+        row.map(|row| workspace_id_from_db(row.try_get(0)?))
+            .transpose()
+    }
+
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        let row = self.conn()?.query_one(
+            &format!(
+                "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 RETURNING {RUNTIME_COLUMNS}"
+            ),
+            &[
+                &new.id.to_string(),
+                &new.workspace_id.to_string(),
+                &new.name,
+                &new.provider,
+                &new.daemon_token.as_str(),
+                &now,
+            ],
+        )?;
+        parse_runtime(&row)
+    }
+
+    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+        let rows = self.conn()?.query(
+            &format!(
+                "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = $1 ORDER BY created_at, id"
+            ),
+            &[&workspace.to_string()],
+        )?;
+        rows.iter().map(parse_runtime).collect()
+    }
+
+    fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
+        let row = self.conn()?.query_opt(
+            &format!("SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE id = $1 AND workspace_id = $2"),
+            &[&id.to_string(), &workspace.to_string()],
+        )?;
+        row.as_ref().map(parse_runtime).transpose()
+    }
+
+    fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
+        // The runtime's requests go with it: ON DELETE CASCADE.
+        let deleted = self.conn()?.execute(
+            "DELETE FROM runtimes WHERE id = $1 AND workspace_id = $2",
+            &[&id.to_string(), &workspace.to_string()],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+        let row = self.conn()?.query_opt(
+            "SELECT id FROM runtimes WHERE daemon_token_hash = $1",
+            &[&token.as_str()],
+        )?;
+        row.map(|row| runtime_id_from_db(row.try_get(0)?))
+            .transpose()
+    }
+
+    fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
+        // GREATEST: instances whose clocks differ a little never move last_seen_at back.
+        let changed = self.conn()?.execute(
+            "UPDATE runtimes SET last_seen_at = GREATEST(COALESCE(last_seen_at, $2), $2)
+              WHERE id = $1",
+            &[&id.to_string(), &now],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+        let row = self.conn()?.query_opt(
+            &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND runtime_id = $2"),
+            &[&id.to_string(), &runtime.to_string()],
+        )?;
+        row.as_ref().map(parse_request).transpose()
+    }
+
+    fn create_or_coalesce(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        let mut conn = self.conn()?;
+        let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
+        // Each retry means an active request ended between our conflict and our read; a
+        // third in a row would mean requests end faster than they can be created.
+        for _ in 0..3 {
+            let mut tx = conn.transaction()?;
+            let settled =
+                try_create_or_coalesce(&mut tx, &self.timeouts, &runtime_text, &id_text, now)?;
+            tx.commit()?;
+            if let Some(answer) = settled {
+                return Ok(answer);
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "runtime {runtime}: no active request after three coalesced inserts"
+        )))
+    }
+
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+        // One statement: expire the runtime's overdue pending requests, and claim the oldest
+        // claimable one. The two parts touch disjoint rows (deadline passed / not passed).
+        let row = self.conn()?.query_opt(
+            "WITH expired AS (
+                 UPDATE requests
+                    SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
+                  WHERE runtime_id = $1 AND status = 'pending' AND deadline_at <= $2
+             )
+             UPDATE requests SET status = 'running', deadline_at = $3, updated_at = $2
+              WHERE id = (SELECT id FROM requests
+                           WHERE runtime_id = $1 AND status = 'pending' AND deadline_at > $2
+                           ORDER BY created_at, id LIMIT 1
+                           FOR UPDATE SKIP LOCKED)
+                AND status = 'pending'
+             RETURNING id",
+            &[
+                &runtime.to_string(),
+                &now,
+                &self.timeouts.running_deadline(now),
+                &self.timeouts.error_for(Status::Pending),
+            ],
+        )?;
+        row.map(|row| request_id_from_db(row.try_get(0)?))
+            .transpose()
+    }
+
+    fn apply_report(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let (id, runtime) = (id.to_string(), runtime.to_string());
+        let changed = match report {
+            Report::Running => conn.execute(
+                "UPDATE requests SET deadline_at = $4, updated_at = $3
+                  WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
+                &[&id, &runtime, &now, &self.timeouts.running_deadline(now)],
+            )?,
+            Report::Ended(outcome) => conn.execute(
+                "UPDATE requests
+                    SET status = $4, models = $5, supported = $6, error = $7,
+                        updated_at = $3, ended_at = $3
+                  WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
+                &[
+                    &id,
+                    &runtime,
+                    &now,
+                    &outcome.status.as_str(),
+                    &models_to_db(&outcome.models),
+                    &outcome.supported,
+                    &outcome.error,
+                ],
+            )?,
+        };
+        Ok(changed == 1)
+    }
+
+    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+        let changed = self.conn()?.execute(
+            "UPDATE requests
+                SET status = 'timeout',
+                    error = CASE status WHEN 'pending' THEN $3 ELSE $4 END,
+                    updated_at = deadline_at, ended_at = deadline_at
+              WHERE id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2",
+            &[
+                &id.to_string(),
+                &now,
+                &self.timeouts.error_for(Status::Pending),
+                &self.timeouts.error_for(Status::Running),
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn expire_overdue(&self, now: Millis) -> Result<u64> {
+        Ok(self.conn()?.execute(
+            "UPDATE requests
+                SET status = 'timeout',
+                    error = CASE status WHEN 'pending' THEN $2 ELSE $3 END,
+                    updated_at = deadline_at, ended_at = deadline_at
+              WHERE status IN ('pending', 'running') AND deadline_at <= $1",
+            &[
+                &now,
+                &self.timeouts.error_for(Status::Pending),
+                &self.timeouts.error_for(Status::Running),
+            ],
+        )?)
+    }
+
+    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+        // SKIP LOCKED: sweepers of several instances share the work instead of queueing.
+        Ok(self.conn()?.execute(
+            "DELETE FROM requests WHERE id = ANY(ARRAY(
+                 SELECT id FROM requests WHERE ended_at < $1
+                  ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            &[&cutoff, &i64::from(limit)],
+        )?)
+    }
+}

@@ -1,0 +1,522 @@
+//! The SQLite engine: the embedded default. One file, WAL mode, any number of processes.
+//!
+//! Writers serialize on SQLite's one write lock. Every write of more than one statement runs
+//! in `BEGIN IMMEDIATE`, which takes that lock up front: a deferred transaction that reads
+//! first and upgrades later can fail with `SQLITE_BUSY` without waiting, and a read-then-write
+//! without the lock is how a concurrent change gets lost. `busy_timeout` makes a writer wait
+//! for the lock instead of failing at once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{
+    NewRuntime, Result, SCHEMA, SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db,
+    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+};
+use crate::clock::Millis;
+use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+
+/// How long a writer waits for the write lock before the store reports itself unavailable.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call waits for a free pooled connection.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+const POOL_SIZE: u32 = 8;
+
+/// `synchronous` setting: NORMAL is durable against a crash of the process and, in WAL mode,
+/// keeps the database consistent after power loss; FULL also keeps the last commits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
+}
+
+impl Synchronous {
+    fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+pub struct SqliteStore {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    timeouts: Timeouts,
+}
+
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
+
+impl SqliteStore {
+    pub fn open(path: &Path, timeouts: Timeouts) -> Result<Self> {
+        Self::open_with(path, timeouts, Synchronous::default())
+    }
+
+    pub fn open_with(path: &Path, timeouts: Timeouts, synchronous: Synchronous) -> Result<Self> {
+        // WAL is a property of the file: set it once, on one connection, before the pool
+        // opens more. `journal_mode` answers with a row, so it is read, not executed.
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "journal_mode is {mode}, WAL could not be set"
+            )));
+        }
+        migrate(&mut conn)?;
+        drop(conn);
+
+        let manager = SqliteConnectionManager::file(path).with_init(move |c| {
+            c.busy_timeout(BUSY_TIMEOUT)?;
+            c.pragma_update(None, "foreign_keys", "ON")?;
+            c.pragma_update(None, "synchronous", synchronous.pragma_value())
+        });
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(CHECKOUT_TIMEOUT)
+            .build(manager)?;
+        Ok(SqliteStore { pool, timeouts })
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+/// Applies the schema once per file. Under `BEGIN IMMEDIATE`, so that processes starting
+/// together on a new file do not race; `user_version` records what was applied.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A request row as SQLite returns it, before its text columns are parsed.
+struct RawRequest {
+    id: String,
+    runtime_id: String,
+    status: String,
+    models: Option<String>,
+    supported: bool,
+    error: Option<String>,
+    created_at: Millis,
+    updated_at: Millis,
+    deadline_at: Millis,
+    ended_at: Option<Millis>,
+}
+
+impl RawRequest {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawRequest {
+            id: row.get(0)?,
+            runtime_id: row.get(1)?,
+            status: row.get(2)?,
+            models: row.get(3)?,
+            supported: row.get(4)?,
+            error: row.get(5)?,
+            created_at: row.get(6)?,
+            updated_at: row.get(7)?,
+            deadline_at: row.get(8)?,
+            ended_at: row.get(9)?,
+        })
+    }
+
+    fn parse(self) -> Result<ModelRequest> {
+        Ok(ModelRequest {
+            id: request_id_from_db(&self.id)?,
+            runtime_id: runtime_id_from_db(&self.runtime_id)?,
+            status: status_from_db(&self.status)?,
+            models: models_from_db(self.models.as_deref())?,
+            supported: self.supported,
+            error: self.error,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            deadline_at: self.deadline_at,
+            ended_at: self.ended_at,
+        })
+    }
+}
+
+/// A runtime row as SQLite returns it, before its ids are parsed.
+struct RawRuntime {
+    id: String,
+    workspace_id: String,
+    name: String,
+    provider: String,
+    last_seen_at: Option<Millis>,
+    created_at: Millis,
+}
+
+const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
+
+impl RawRuntime {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawRuntime {
+            id: row.get(0)?,
+            workspace_id: row.get(1)?,
+            name: row.get(2)?,
+            provider: row.get(3)?,
+            last_seen_at: row.get(4)?,
+            created_at: row.get(5)?,
+        })
+    }
+
+    fn parse(self) -> Result<Runtime> {
+        Ok(Runtime {
+            id: runtime_id_from_db(&self.id)?,
+            workspace_id: workspace_id_from_db(&self.workspace_id)?,
+            name: self.name,
+            provider: self.provider,
+            last_seen_at: self.last_seen_at,
+            created_at: self.created_at,
+        })
+    }
+}
+
+fn find_request_in(
+    conn: &Connection,
+    runtime: RuntimeId,
+    id: RequestId,
+) -> Result<Option<ModelRequest>> {
+    conn.prepare_cached(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1 AND runtime_id = ?2"
+    ))?
+    .query_row(
+        params![id.to_string(), runtime.to_string()],
+        RawRequest::from_row,
+    )
+    .optional()?
+    .map(RawRequest::parse)
+    .transpose()
+}
+
+impl Storer for SqliteStore {
+    fn ping(&self) -> Result<()> {
+        self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    fn create_workspace(
+        &self,
+        id: WorkspaceId,
+        name: &str,
+        api_token: &TokenHash,
+        now: Millis,
+    ) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO workspaces (id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![id.to_string(), name, now],
+        )?;
+        tx.execute(
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at) VALUES (?1, ?2, ?3)",
+            params![api_token.as_str(), id.to_string(), now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
+        let conn = self.conn()?;
+        let found: Option<String> = conn
+            .prepare_cached("SELECT workspace_id FROM api_tokens WHERE token_hash = ?1")?
+            .query_row([token.as_str()], |row| row.get(0))
+            .optional()?;
+        found.as_deref().map(workspace_id_from_db).transpose()
+    }
+
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.conn()?.execute(
+            "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                new.id.to_string(),
+                new.workspace_id.to_string(),
+                new.name,
+                new.provider,
+                new.daemon_token.as_str(),
+                now
+            ],
+        )?;
+        Ok(Runtime {
+            id: new.id,
+            workspace_id: new.workspace_id,
+            name: new.name.clone(),
+            provider: new.provider.clone(),
+            last_seen_at: None,
+            created_at: now,
+        })
+    }
+
+    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = ?1 ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map([workspace.to_string()], RawRuntime::from_row)?;
+        rows.map(|row| row?.parse()).collect()
+    }
+
+    fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
+        let conn = self.conn()?;
+        conn.prepare_cached(&format!(
+            "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE id = ?1 AND workspace_id = ?2"
+        ))?
+        .query_row(
+            params![id.to_string(), workspace.to_string()],
+            RawRuntime::from_row,
+        )
+        .optional()?
+        .map(RawRuntime::parse)
+        .transpose()
+    }
+
+    fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
+        // The runtime's requests go with it: ON DELETE CASCADE, foreign_keys is on.
+        let deleted = self.conn()?.execute(
+            "DELETE FROM runtimes WHERE id = ?1 AND workspace_id = ?2",
+            params![id.to_string(), workspace.to_string()],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+        let conn = self.conn()?;
+        let found: Option<String> = conn
+            .prepare_cached("SELECT id FROM runtimes WHERE daemon_token_hash = ?1")?
+            .query_row([token.as_str()], |row| row.get(0))
+            .optional()?;
+        found.as_deref().map(runtime_id_from_db).transpose()
+    }
+
+    fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
+        // MAX: instances whose clocks differ a little never move last_seen_at backwards.
+        let changed = self
+            .conn()?
+            .prepare_cached(
+                "UPDATE runtimes SET last_seen_at = MAX(COALESCE(last_seen_at, ?2), ?2)
+                 WHERE id = ?1",
+            )?
+            .execute(params![id.to_string(), now])?;
+        Ok(changed == 1)
+    }
+
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+        find_request_in(&*self.conn()?, runtime, id)
+    }
+
+    fn create_or_coalesce(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let runtime_text = runtime.to_string();
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM runtimes WHERE id = ?1")?
+            .exists([&runtime_text])?;
+        if !exists {
+            return Ok(None);
+        }
+        tx.prepare_cached(
+            "UPDATE requests
+                SET status = 'timeout',
+                    error = CASE status WHEN 'pending' THEN ?3 ELSE ?4 END,
+                    updated_at = deadline_at, ended_at = deadline_at
+              WHERE runtime_id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
+        )?
+        .execute(params![
+            runtime_text,
+            now,
+            self.timeouts.error_for(Status::Pending),
+            self.timeouts.error_for(Status::Running)
+        ])?;
+        // The unique index on active requests per runtime turns a second active request
+        // into a conflict, which DO NOTHING turns into "coalesce".
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+                 VALUES (?1, ?2, 'pending', TRUE, ?3, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                id.to_string(),
+                runtime_text,
+                now,
+                self.timeouts.pending_deadline(now)
+            ])?;
+        let request = if inserted == 1 {
+            find_request_in(&tx, runtime, id)?
+        } else {
+            tx.prepare_cached(&format!(
+                "SELECT {REQUEST_COLUMNS} FROM requests
+                  WHERE runtime_id = ?1 AND status IN ('pending', 'running')"
+            ))?
+            .query_row([&runtime_text], RawRequest::from_row)
+            .optional()?
+            .map(RawRequest::parse)
+            .transpose()?
+        };
+        tx.commit()?;
+        match request {
+            Some(request) => Ok(Some(request)),
+            None => Err(StoreError::Corrupt(format!(
+                "runtime {runtime}: insert coalesced but no active request exists"
+            ))),
+        }
+    }
+
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+        let mut conn = self.conn()?;
+        let runtime_text = runtime.to_string();
+        // Most heartbeats find nothing to claim: answer those with a read, without taking
+        // the database's one write lock.
+        let any_pending = conn
+            .prepare_cached(
+                "SELECT 1 FROM requests WHERE runtime_id = ?1 AND status = 'pending' LIMIT 1",
+            )?
+            .exists([&runtime_text])?;
+        if !any_pending {
+            return Ok(None);
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "UPDATE requests
+                SET status = 'timeout', error = ?3, updated_at = deadline_at, ended_at = deadline_at
+              WHERE runtime_id = ?1 AND status = 'pending' AND deadline_at <= ?2",
+        )?
+        .execute(params![
+            runtime_text,
+            now,
+            self.timeouts.error_for(Status::Pending)
+        ])?;
+        let claimed: Option<String> = tx
+            .prepare_cached(
+                "UPDATE requests SET status = 'running', deadline_at = ?3, updated_at = ?2
+                  WHERE id = (SELECT id FROM requests
+                               WHERE runtime_id = ?1 AND status = 'pending' AND deadline_at > ?2
+                               ORDER BY created_at, id LIMIT 1)
+                    AND status = 'pending'
+                 RETURNING id",
+            )?
+            .query_row(
+                params![runtime_text, now, self.timeouts.running_deadline(now)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        tx.commit()?;
+        claimed.as_deref().map(request_id_from_db).transpose()
+    }
+
+    fn apply_report(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<bool> {
+        let conn = self.conn()?;
+        let changed = match report {
+            Report::Running => conn
+                .prepare_cached(
+                    "UPDATE requests SET deadline_at = ?4, updated_at = ?3
+                      WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    runtime.to_string(),
+                    now,
+                    self.timeouts.running_deadline(now)
+                ])?,
+            Report::Ended(outcome) => conn
+                .prepare_cached(
+                    "UPDATE requests
+                        SET status = ?4, models = ?5, supported = ?6, error = ?7,
+                            updated_at = ?3, ended_at = ?3
+                      WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    runtime.to_string(),
+                    now,
+                    outcome.status.as_str(),
+                    models_to_db(&outcome.models),
+                    outcome.supported,
+                    outcome.error
+                ])?,
+        };
+        Ok(changed == 1)
+    }
+
+    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+        let changed = self
+            .conn()?
+            .prepare_cached(
+                "UPDATE requests
+                    SET status = 'timeout',
+                        error = CASE status WHEN 'pending' THEN ?3 ELSE ?4 END,
+                        updated_at = deadline_at, ended_at = deadline_at
+                  WHERE id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
+            )?
+            .execute(params![
+                id.to_string(),
+                now,
+                self.timeouts.error_for(Status::Pending),
+                self.timeouts.error_for(Status::Running)
+            ])?;
+        Ok(changed == 1)
+    }
+
+    fn expire_overdue(&self, now: Millis) -> Result<u64> {
+        let changed = self
+            .conn()?
+            .prepare_cached(
+                "UPDATE requests
+                    SET status = 'timeout',
+                        error = CASE status WHEN 'pending' THEN ?2 ELSE ?3 END,
+                        updated_at = deadline_at, ended_at = deadline_at
+                  WHERE status IN ('pending', 'running') AND deadline_at <= ?1",
+            )?
+            .execute(params![
+                now,
+                self.timeouts.error_for(Status::Pending),
+                self.timeouts.error_for(Status::Running)
+            ])?;
+        Ok(changed as u64)
+    }
+
+    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+        let deleted = self
+            .conn()?
+            .prepare_cached(
+                "DELETE FROM requests WHERE id IN
+                   (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
+            )?
+            .execute(params![cutoff, limit])?;
+        Ok(deleted as u64)
+    }
+}

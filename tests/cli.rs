@@ -1,0 +1,213 @@
+//! The command line as users run it: the built binary, real processes, real files.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use hyper::StatusCode;
+use serde_json::{Value, json};
+use support::server::Http;
+
+const BIN: &str = env!("CARGO_BIN_EXE_model-relay");
+
+fn workspace_create(database: &str) -> Value {
+    let out = Command::new(BIN)
+        .args([
+            "workspace",
+            "create",
+            "acme",
+            "--json",
+            "--database",
+            database,
+        ])
+        .env_remove("MODEL_RELAY_DATABASE")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "exactly one line: {stdout:?}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn workspace_create_json_prints_exactly_one_object_with_id_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let created = workspace_create(&db);
+    let object = created.as_object().unwrap();
+    assert_eq!(object.len(), 2, "{created}");
+    assert!(object["workspace_id"].as_str().unwrap().len() == 36);
+    assert!(object["api_token"].as_str().unwrap().starts_with("mra_"));
+    let other = workspace_create(&db);
+    assert_ne!(other["api_token"], created["api_token"]);
+}
+
+#[test]
+fn bad_database_urls_and_durations_are_refused_with_a_message() {
+    let out = Command::new(BIN)
+        .args([
+            "workspace",
+            "create",
+            "x",
+            "--database",
+            "mysql://u:secret@h/db",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unsupported database URL"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+
+    let out = Command::new(BIN)
+        .args(["serve", "--pending-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pending-timeout"));
+}
+
+/// A `model-relay serve` process on a free port; killed if the test fails.
+struct Serve {
+    child: Child,
+    base: String,
+}
+
+impl Serve {
+    fn start(database: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The log line `model-relay serving listen=ADDR` says which port it took.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("serve exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining the log so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Serve {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two `serve` processes on one database; every call alternates between them.
+async fn two_processes_alternating(database: &str) {
+    let api = workspace_create(database)["api_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let servers = [Serve::start(database), Serve::start(database)];
+    let at = |i: usize, path: &str| format!("{}{path}", servers[i % 2].base);
+    let http = Http::default();
+
+    let created = http
+        .post(
+            &at(0, "/api/runtimes"),
+            &api,
+            json!({"name": "box", "provider": "claude"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let daemon = created.json["daemon_token"].as_str().unwrap().to_owned();
+    let beat = json!({"runtime_id": rt});
+    assert_eq!(
+        http.post(&at(1, "/api/daemon/heartbeat"), &daemon, beat.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let request = http
+        .post_empty(&at(0, &format!("/api/runtimes/{rt}/models")), &api)
+        .await;
+    assert_eq!(request.status, StatusCode::OK, "{}", request.json);
+    let id = request.json["id"].as_str().unwrap().to_owned();
+    let poll = format!("/api/runtimes/{rt}/models/{id}");
+    assert_eq!(
+        http.get(&at(1, &poll), &api).await.json["status"],
+        "pending"
+    );
+    let ack = http
+        .post(&at(1, "/api/daemon/heartbeat"), &daemon, beat.clone())
+        .await;
+    assert_eq!(ack.json["pending_model_list"]["id"], id.as_str());
+    let ack = http
+        .post(&at(0, "/api/daemon/heartbeat"), &daemon, beat)
+        .await;
+    assert_eq!(
+        ack.json,
+        json!({"status": "ok"}),
+        "handed out once across processes"
+    );
+    let result = format!("/api/daemon/runtimes/{rt}/models/{id}/result");
+    let report = json!({"status": "completed", "models": [{"id": "m1", "label": "M1"}]});
+    assert_eq!(
+        http.post(&at(0, &result), &daemon, report).await.status,
+        StatusCode::OK
+    );
+    for i in 0..2 {
+        let done = http.get(&at(i, &poll), &api).await;
+        assert_eq!(done.json["status"], "completed");
+        assert_eq!(done.json["models"], json!([{"id": "m1", "label": "M1"}]));
+    }
+    for server in servers {
+        assert!(
+            server.terminate().success(),
+            "SIGTERM ends serve with status 0"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_serve_processes_on_one_sqlite_file_answer_each_others_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    two_processes_alternating(&db).await;
+}
+
+#[tokio::test]
+async fn two_serve_processes_on_one_postgres_database_answer_each_others_calls() {
+    let Some(schema) = support::postgres::fresh_schema("two_serve_processes") else {
+        return;
+    };
+    two_processes_alternating(&schema.url()).await;
+}

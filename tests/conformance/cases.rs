@@ -1,0 +1,877 @@
+//! The bodies of the conformance suite. Each takes an [`Engine`] and asserts one rule of
+//! DESIGN.md; the time is a fake clock's, passed to the store as `now`.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
+use model_relay::model::{
+    ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
+};
+use model_relay::store::{Heartbeat, NewRuntime, Storer};
+use model_relay::sweeper::{DELETE_BATCH, sweep_once};
+
+use super::Engine;
+
+pub const TIMEOUTS: Timeouts = Timeouts {
+    pending: Duration::from_secs(30),
+    running: Duration::from_secs(60),
+};
+const PENDING_MS: i64 = 30_000;
+const RUNNING_MS: i64 = 60_000;
+/// A fixed start, so that every timestamp in a failure message is reproducible.
+const T0: i64 = 1_777_627_161_000;
+
+struct Tenant {
+    workspace: WorkspaceId,
+    runtime: RuntimeId,
+    daemon_token: TokenHash,
+}
+
+fn workspace(store: &dyn Storer) -> (WorkspaceId, TokenHash) {
+    let id = WorkspaceId::random().unwrap();
+    let token = Token::new_api().unwrap().hash();
+    store.create_workspace(id, "ws", &token, T0).unwrap();
+    (id, token)
+}
+
+fn runtime_in(store: &dyn Storer, workspace: WorkspaceId, now: i64) -> (RuntimeId, TokenHash) {
+    let id = RuntimeId::random().unwrap();
+    let token = Token::new_daemon().unwrap().hash();
+    store
+        .create_runtime(
+            &NewRuntime {
+                id,
+                workspace_id: workspace,
+                name: "laptop".into(),
+                provider: "claude".into(),
+                daemon_token: token.clone(),
+            },
+            now,
+        )
+        .unwrap();
+    (id, token)
+}
+
+fn tenant(store: &dyn Storer) -> Tenant {
+    let (workspace, _) = workspace(store);
+    let (runtime, daemon_token) = runtime_in(store, workspace, T0);
+    Tenant {
+        workspace,
+        runtime,
+        daemon_token,
+    }
+}
+
+fn new_id() -> RequestId {
+    RequestId::random().unwrap()
+}
+
+fn create(store: &dyn Storer, runtime: RuntimeId, now: i64) -> ModelRequest {
+    store
+        .create_or_coalesce(runtime, new_id(), now)
+        .unwrap()
+        .expect("runtime exists")
+}
+
+fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> ModelRequest {
+    store
+        .get_request(runtime, id, now)
+        .unwrap()
+        .expect("request exists")
+}
+
+/// A request that is running: created at `now`, claimed at `now`.
+fn running(store: &dyn Storer, runtime: RuntimeId, now: i64) -> RequestId {
+    let id = create(store, runtime, now).id;
+    assert_eq!(store.claim_next_pending(runtime, now).unwrap(), Some(id));
+    id
+}
+
+fn models() -> Vec<ModelEntry> {
+    vec![
+        ModelEntry {
+            id: "claude-sonnet-4-6".into(),
+            label: "Claude Sonnet 4.6".into(),
+            provider: Some("anthropic".into()),
+            default: Some(true),
+        },
+        ModelEntry {
+            id: "claude-opus-4-1".into(),
+            label: "Claude Opus 4.1".into(),
+            provider: None,
+            default: None,
+        },
+    ]
+}
+
+fn completed() -> Report {
+    Report::Ended(Outcome {
+        status: Status::Completed,
+        models: models(),
+        supported: true,
+        error: None,
+    })
+}
+
+fn failed(error: &str) -> Report {
+    Report::Ended(Outcome {
+        status: Status::Failed,
+        models: Vec::new(),
+        supported: true,
+        error: Some(error.into()),
+    })
+}
+
+// ---- schema, tokens, runtimes ----
+
+pub fn opening_twice_keeps_the_data(engine: &dyn Engine) {
+    let first = engine.open();
+    let t = tenant(first.as_ref());
+    let id = create(first.as_ref(), t.runtime, T0).id;
+    let second = engine.open();
+    assert_eq!(
+        get(second.as_ref(), t.runtime, id, T0).status,
+        Status::Pending
+    );
+    assert_eq!(
+        second.runtime_by_daemon_token(&t.daemon_token).unwrap(),
+        Some(t.runtime)
+    );
+}
+
+pub fn tokens_resolve_to_their_owner_only(engine: &dyn Engine) {
+    let store = engine.open();
+    let (ws_a, token_a) = workspace(store.as_ref());
+    let (ws_b, token_b) = workspace(store.as_ref());
+    assert_eq!(store.workspace_by_api_token(&token_a).unwrap(), Some(ws_a));
+    assert_eq!(store.workspace_by_api_token(&token_b).unwrap(), Some(ws_b));
+    let stranger = Token::new_api().unwrap().hash();
+    assert_eq!(store.workspace_by_api_token(&stranger).unwrap(), None);
+
+    let (rt, daemon) = runtime_in(store.as_ref(), ws_a, T0);
+    assert_eq!(store.runtime_by_daemon_token(&daemon).unwrap(), Some(rt));
+    // An API token is not a daemon token, and the other way round.
+    assert_eq!(store.runtime_by_daemon_token(&token_a).unwrap(), None);
+    assert_eq!(store.workspace_by_api_token(&daemon).unwrap(), None);
+}
+
+pub fn runtimes_are_scoped_to_their_workspace(engine: &dyn Engine) {
+    let store = engine.open();
+    let (ws_a, _) = workspace(store.as_ref());
+    let (ws_b, _) = workspace(store.as_ref());
+    let (first, _) = runtime_in(store.as_ref(), ws_a, T0);
+    let (second, _) = runtime_in(store.as_ref(), ws_a, T0 + 1);
+    let (other, _) = runtime_in(store.as_ref(), ws_b, T0);
+
+    let listed: Vec<RuntimeId> = store
+        .list_runtimes(ws_a)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, vec![first, second], "the workspace's, oldest first");
+
+    let found = store
+        .find_runtime(ws_a, first)
+        .unwrap()
+        .expect("own runtime");
+    assert_eq!(
+        (found.name.as_str(), found.provider.as_str()),
+        ("laptop", "claude")
+    );
+    assert_eq!((found.created_at, found.last_seen_at), (T0, None));
+    assert_eq!(store.find_runtime(ws_a, other).unwrap(), None);
+    assert!(!store.delete_runtime(ws_a, other).unwrap());
+    assert!(store.find_runtime(ws_b, other).unwrap().is_some());
+}
+
+pub fn touch_records_last_seen_and_never_moves_it_back(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    assert!(store.touch_runtime(t.runtime, T0 + 500).unwrap());
+    let seen = |s: &dyn Storer| {
+        s.find_runtime(t.workspace, t.runtime)
+            .unwrap()
+            .unwrap()
+            .last_seen_at
+    };
+    assert_eq!(seen(store.as_ref()), Some(T0 + 500));
+    assert!(store.touch_runtime(t.runtime, T0 + 100).unwrap());
+    assert_eq!(seen(store.as_ref()), Some(T0 + 500));
+    assert!(store.touch_runtime(t.runtime, T0 + 900).unwrap());
+    assert_eq!(seen(store.as_ref()), Some(T0 + 900));
+    assert!(
+        !store
+            .touch_runtime(RuntimeId::random().unwrap(), T0)
+            .unwrap()
+    );
+}
+
+pub fn deleting_a_runtime_deletes_its_requests(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let keep = tenant(store.as_ref());
+    let id = create(store.as_ref(), t.runtime, T0).id;
+    let kept = create(store.as_ref(), keep.runtime, T0).id;
+    assert!(store.delete_runtime(t.workspace, t.runtime).unwrap());
+    assert_eq!(store.find_request(t.runtime, id).unwrap(), None);
+    assert_eq!(store.find_runtime(t.workspace, t.runtime).unwrap(), None);
+    assert_eq!(
+        store.runtime_by_daemon_token(&t.daemon_token).unwrap(),
+        None
+    );
+    assert!(!store.delete_runtime(t.workspace, t.runtime).unwrap());
+    assert!(store.find_request(keep.runtime, kept).unwrap().is_some());
+}
+
+// ---- create and coalesce ----
+
+pub fn create_makes_a_pending_request_with_a_claim_deadline(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = new_id();
+    let r = store
+        .create_or_coalesce(t.runtime, id, T0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.id, id);
+    assert_eq!(r.runtime_id, t.runtime);
+    assert_eq!(r.status, Status::Pending);
+    assert!(r.models.is_empty() && r.supported && r.error.is_none());
+    assert_eq!((r.created_at, r.updated_at), (T0, T0));
+    assert_eq!(r.deadline_at, T0 + PENDING_MS);
+    assert_eq!(r.ended_at, None);
+    assert_eq!(get(store.as_ref(), t.runtime, id, T0), r);
+}
+
+pub fn create_for_a_missing_runtime_is_none(engine: &dyn Engine) {
+    let store = engine.open();
+    let missing = RuntimeId::random().unwrap();
+    assert_eq!(
+        store.create_or_coalesce(missing, new_id(), T0).unwrap(),
+        None
+    );
+}
+
+pub fn create_coalesces_while_a_request_is_pending_or_running(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let first = create(store.as_ref(), t.runtime, T0);
+    let again = create(store.as_ref(), t.runtime, T0 + 1_000);
+    assert_eq!(again, first, "pending: the same request, unchanged");
+
+    store.claim_next_pending(t.runtime, T0 + 2_000).unwrap();
+    let while_running = create(store.as_ref(), t.runtime, T0 + 3_000);
+    assert_eq!(while_running.id, first.id);
+    assert_eq!(while_running.status, Status::Running);
+}
+
+pub fn create_after_the_active_request_ended_makes_a_new_one(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let first = running(store.as_ref(), t.runtime, T0);
+    store
+        .report(t.runtime, first, &completed(), T0 + 1)
+        .unwrap();
+    let next = create(store.as_ref(), t.runtime, T0 + 2);
+    assert_ne!(next.id, first);
+    assert_eq!(next.status, Status::Pending);
+    assert_eq!(
+        get(store.as_ref(), t.runtime, first, T0 + 2).status,
+        Status::Completed
+    );
+}
+
+pub fn create_expires_an_overdue_active_request_and_makes_a_new_one(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let stale = create(store.as_ref(), t.runtime, T0).id;
+    let later = T0 + PENDING_MS;
+    let fresh = create(store.as_ref(), t.runtime, later);
+    assert_ne!(fresh.id, stale);
+    let old = store.find_request(t.runtime, stale).unwrap().unwrap();
+    assert_eq!(old.status, Status::Timeout);
+    assert_eq!(
+        old.error.as_deref(),
+        Some("daemon did not respond within 30 seconds")
+    );
+}
+
+pub fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engine) {
+    let handles = [engine.open(), engine.open()];
+    let t = tenant(handles[0].as_ref());
+    for round in 0..20 {
+        let now = T0 + round * 1_000;
+        let barrier = Arc::new(Barrier::new(2));
+        let ids: Vec<RequestId> = thread::scope(|s| {
+            let workers: Vec<_> = handles
+                .iter()
+                .map(|store| {
+                    let barrier = barrier.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        create(store.as_ref(), t.runtime, now).id
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert_eq!(
+            ids[0], ids[1],
+            "round {round}: both creates got one request"
+        );
+        // End it, so the next round races to create a new one.
+        let store = handles[0].as_ref();
+        assert_eq!(
+            store.claim_next_pending(t.runtime, now).unwrap(),
+            Some(ids[0])
+        );
+        assert_eq!(
+            store.report(t.runtime, ids[0], &completed(), now).unwrap(),
+            ReportOutcome::Recorded
+        );
+    }
+}
+
+// ---- claim ----
+
+pub fn claim_moves_the_pending_request_to_running_with_a_lease(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = create(store.as_ref(), t.runtime, T0).id;
+    let at = T0 + 5_000;
+    assert_eq!(store.claim_next_pending(t.runtime, at).unwrap(), Some(id));
+    let r = get(store.as_ref(), t.runtime, id, at);
+    assert_eq!(r.status, Status::Running);
+    assert_eq!(r.deadline_at, at + RUNNING_MS);
+    assert_eq!(r.updated_at, at);
+    assert_eq!(r.created_at, T0);
+}
+
+pub fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = create(store.as_ref(), t.runtime, T0).id;
+    assert_eq!(
+        store.heartbeat(t.runtime, T0).unwrap(),
+        Heartbeat::Alive(Some(id))
+    );
+    assert_eq!(
+        store.heartbeat(t.runtime, T0 + 1).unwrap(),
+        Heartbeat::Alive(None)
+    );
+    assert_eq!(store.claim_next_pending(t.runtime, T0 + 2).unwrap(), None);
+}
+
+pub fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Engine) {
+    let handles = [engine.open(), engine.open()];
+    let t = tenant(handles[0].as_ref());
+    for round in 0..20 {
+        let now = T0 + round * 1_000;
+        let id = create(handles[0].as_ref(), t.runtime, now).id;
+        let barrier = Arc::new(Barrier::new(2));
+        let claims: Vec<Option<RequestId>> = thread::scope(|s| {
+            let workers: Vec<_> = handles
+                .iter()
+                .map(|store| {
+                    let barrier = barrier.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        store.claim_next_pending(t.runtime, now).unwrap()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let handed: Vec<RequestId> = claims.into_iter().flatten().collect();
+        assert_eq!(handed, vec![id], "round {round}: claimed exactly once");
+        handles[1]
+            .report(t.runtime, id, &failed("next round"), now)
+            .unwrap();
+    }
+}
+
+pub fn claim_only_sees_its_own_runtime(engine: &dyn Engine) {
+    let store = engine.open();
+    let a = tenant(store.as_ref());
+    let b = tenant(store.as_ref());
+    let id = create(store.as_ref(), a.runtime, T0).id;
+    assert_eq!(store.claim_next_pending(b.runtime, T0).unwrap(), None);
+    assert_eq!(store.claim_next_pending(a.runtime, T0).unwrap(), Some(id));
+}
+
+pub fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = create(store.as_ref(), t.runtime, T0).id;
+    let deadline = T0 + PENDING_MS;
+    assert_eq!(store.claim_next_pending(t.runtime, deadline).unwrap(), None);
+    let r = store.find_request(t.runtime, id).unwrap().unwrap();
+    assert_eq!(r.status, Status::Timeout, "the claim ended it");
+    assert_eq!(
+        r.error.as_deref(),
+        Some("daemon did not respond within 30 seconds")
+    );
+    assert_eq!((r.ended_at, r.updated_at), (Some(deadline), deadline));
+}
+
+// ---- reports ----
+
+pub fn report_completed_records_the_models_and_ends_the_request(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let at = T0 + 7_000;
+    assert_eq!(
+        store.report(t.runtime, id, &completed(), at).unwrap(),
+        ReportOutcome::Recorded
+    );
+    let r = get(store.as_ref(), t.runtime, id, at + 1);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.models, models());
+    assert!(r.supported);
+    assert_eq!(r.error, None);
+    assert_eq!((r.updated_at, r.ended_at), (at, Some(at)));
+}
+
+pub fn report_failed_records_the_error(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    assert_eq!(
+        store
+            .report(t.runtime, id, &failed("claude: not logged in"), T0 + 1)
+            .unwrap(),
+        ReportOutcome::Recorded
+    );
+    let r = get(store.as_ref(), t.runtime, id, T0 + 1);
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.error.as_deref(), Some("claude: not logged in"));
+    assert!(r.models.is_empty());
+}
+
+pub fn report_without_models_reads_as_no_models(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let unsupported = Report::Ended(Outcome {
+        status: Status::Completed,
+        models: Vec::new(),
+        supported: false,
+        error: None,
+    });
+    store.report(t.runtime, id, &unsupported, T0 + 1).unwrap();
+    let r = get(store.as_ref(), t.runtime, id, T0 + 1);
+    assert!(r.models.is_empty());
+    assert!(!r.supported);
+    assert_eq!(
+        store.report(t.runtime, id, &unsupported, T0 + 2).unwrap(),
+        ReportOutcome::Replayed,
+        "an empty list replays as itself"
+    );
+}
+
+pub fn report_on_a_pending_request_is_refused_and_changes_nothing(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let before = create(store.as_ref(), t.runtime, T0);
+    for report in [completed(), failed("x"), Report::Running] {
+        assert_eq!(
+            store.report(t.runtime, before.id, &report, T0 + 1).unwrap(),
+            ReportOutcome::NotRunning(Status::Pending)
+        );
+    }
+    assert_eq!(get(store.as_ref(), t.runtime, before.id, T0 + 1), before);
+}
+
+pub fn report_running_renews_the_lease(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let renew_at = T0 + RUNNING_MS - 1;
+    assert_eq!(
+        store
+            .report(t.runtime, id, &Report::Running, renew_at)
+            .unwrap(),
+        ReportOutcome::Recorded
+    );
+    let r = get(store.as_ref(), t.runtime, id, T0 + RUNNING_MS + 1);
+    assert_eq!(r.status, Status::Running, "alive past the first lease");
+    assert_eq!(r.deadline_at, renew_at + RUNNING_MS);
+    assert_eq!(
+        get(store.as_ref(), t.runtime, id, renew_at + RUNNING_MS).status,
+        Status::Timeout,
+        "and ends when the renewed lease does"
+    );
+}
+
+pub fn report_running_on_an_ended_request_is_refused(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    let before = get(store.as_ref(), t.runtime, id, T0 + 1);
+    assert_eq!(
+        store
+            .report(t.runtime, id, &Report::Running, T0 + 2)
+            .unwrap(),
+        ReportOutcome::NotRunning(Status::Completed)
+    );
+    assert_eq!(get(store.as_ref(), t.runtime, id, T0 + 2), before);
+}
+
+pub fn exact_replay_of_the_ending_report_is_accepted_and_changes_nothing(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    let before = get(store.as_ref(), t.runtime, id, T0 + 1);
+    assert_eq!(
+        store
+            .report(t.runtime, id, &completed(), T0 + 5_000)
+            .unwrap(),
+        ReportOutcome::Replayed
+    );
+    assert_eq!(get(store.as_ref(), t.runtime, id, T0 + 5_000), before);
+
+    let other = tenant(store.as_ref());
+    let fid = running(store.as_ref(), other.runtime, T0);
+    store
+        .report(other.runtime, fid, &failed("boom"), T0 + 1)
+        .unwrap();
+    assert_eq!(
+        store
+            .report(other.runtime, fid, &failed("boom"), T0 + 2)
+            .unwrap(),
+        ReportOutcome::Replayed
+    );
+}
+
+pub fn a_different_report_after_the_end_is_refused_and_changes_nothing(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    let before = get(store.as_ref(), t.runtime, id, T0 + 1);
+    let mut fewer = models();
+    fewer.pop();
+    let different = [
+        failed("late"),
+        Report::Ended(Outcome {
+            status: Status::Completed,
+            models: fewer,
+            supported: true,
+            error: None,
+        }),
+        Report::Ended(Outcome {
+            status: Status::Completed,
+            models: models(),
+            supported: false,
+            error: None,
+        }),
+    ];
+    for report in different {
+        assert_eq!(
+            store.report(t.runtime, id, &report, T0 + 2).unwrap(),
+            ReportOutcome::NotRunning(Status::Completed)
+        );
+    }
+    assert_eq!(get(store.as_ref(), t.runtime, id, T0 + 2), before);
+}
+
+pub fn report_after_the_lease_ran_out_is_refused_and_reads_timeout(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let deadline = T0 + RUNNING_MS;
+    assert_eq!(
+        store.report(t.runtime, id, &completed(), deadline).unwrap(),
+        ReportOutcome::NotRunning(Status::Timeout)
+    );
+    let r = get(store.as_ref(), t.runtime, id, deadline + 1);
+    assert_eq!(r.status, Status::Timeout);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("daemon did not finish within 60 seconds")
+    );
+    assert!(r.models.is_empty(), "the late report left nothing behind");
+}
+
+pub fn report_one_millisecond_before_the_deadline_is_accepted(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    assert_eq!(
+        store
+            .report(t.runtime, id, &completed(), T0 + RUNNING_MS - 1)
+            .unwrap(),
+        ReportOutcome::Recorded
+    );
+    assert_eq!(
+        get(store.as_ref(), t.runtime, id, T0 + RUNNING_MS * 10).status,
+        Status::Completed
+    );
+}
+
+pub fn report_for_another_runtime_is_not_found(engine: &dyn Engine) {
+    let store = engine.open();
+    let owner = tenant(store.as_ref());
+    let intruder = tenant(store.as_ref());
+    let id = running(store.as_ref(), owner.runtime, T0);
+    assert_eq!(
+        store
+            .report(intruder.runtime, id, &completed(), T0 + 1)
+            .unwrap(),
+        ReportOutcome::NotFound
+    );
+    assert_eq!(
+        store
+            .report(owner.runtime, new_id(), &completed(), T0 + 1)
+            .unwrap(),
+        ReportOutcome::NotFound
+    );
+    assert_eq!(
+        get(store.as_ref(), owner.runtime, id, T0 + 1).status,
+        Status::Running
+    );
+}
+
+pub fn concurrent_reports_from_two_handles_record_exactly_one(engine: &dyn Engine) {
+    let handles = [engine.open(), engine.open()];
+    let t = tenant(handles[0].as_ref());
+    for round in 0..20 {
+        let now = T0 + round * 1_000;
+        let id = running(handles[0].as_ref(), t.runtime, now);
+        let reports = [completed(), failed("lost the race")];
+        let barrier = Arc::new(Barrier::new(2));
+        let outcomes: Vec<ReportOutcome> = thread::scope(|s| {
+            let workers: Vec<_> = handles
+                .iter()
+                .zip(&reports)
+                .map(|(store, report)| {
+                    let barrier = barrier.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        store.report(t.runtime, id, report, now).unwrap()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let winner = outcomes
+            .iter()
+            .position(|o| *o == ReportOutcome::Recorded)
+            .expect("one report is recorded");
+        let loser = 1 - winner;
+        let stored = get(handles[0].as_ref(), t.runtime, id, now);
+        let Report::Ended(won) = &reports[winner] else {
+            unreachable!()
+        };
+        assert_eq!(
+            outcomes[loser],
+            ReportOutcome::NotRunning(won.status),
+            "round {round}"
+        );
+        assert!(
+            won.is_recorded_in(&stored),
+            "round {round}: the winner is stored"
+        );
+    }
+}
+
+// ---- reads, deadlines, finality ----
+
+pub fn reads_end_an_overdue_running_request_as_timeout(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let deadline = T0 + RUNNING_MS;
+    assert_eq!(
+        get(store.as_ref(), t.runtime, id, deadline - 1).status,
+        Status::Running
+    );
+    let r = get(store.as_ref(), t.runtime, id, deadline + 123);
+    assert_eq!(r.status, Status::Timeout);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("daemon did not finish within 60 seconds")
+    );
+    assert_eq!(
+        (r.ended_at, r.updated_at),
+        (Some(deadline), deadline),
+        "it ended at its deadline, not when someone looked"
+    );
+    assert_eq!(
+        store.find_request(t.runtime, id).unwrap().unwrap(),
+        r,
+        "the read stored the timeout"
+    );
+}
+
+pub fn reads_are_scoped_to_the_runtime(engine: &dyn Engine) {
+    let store = engine.open();
+    let owner = tenant(store.as_ref());
+    let other = tenant(store.as_ref());
+    let id = create(store.as_ref(), owner.runtime, T0).id;
+    assert_eq!(store.get_request(other.runtime, id, T0).unwrap(), None);
+    assert_eq!(
+        store.get_request(owner.runtime, new_id(), T0).unwrap(),
+        None
+    );
+}
+
+pub fn terminal_status_is_final(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let ended = [
+        {
+            let id = running(store.as_ref(), t.runtime, T0);
+            store.report(t.runtime, id, &completed(), T0).unwrap();
+            id
+        },
+        {
+            let id = running(store.as_ref(), t.runtime, T0);
+            store.report(t.runtime, id, &failed("x"), T0).unwrap();
+            id
+        },
+        {
+            let id = create(store.as_ref(), t.runtime, T0).id;
+            store.expire_request(id, T0 + PENDING_MS).unwrap();
+            id
+        },
+    ];
+    let before: Vec<ModelRequest> = ended
+        .iter()
+        .map(|&id| get(store.as_ref(), t.runtime, id, T0 + PENDING_MS))
+        .collect();
+    let later = T0 + 10 * RUNNING_MS;
+    for &id in &ended {
+        assert!(!store.expire_request(id, later).unwrap());
+        for report in [completed(), failed("y"), Report::Running] {
+            store.report(t.runtime, id, &report, later).unwrap();
+        }
+    }
+    store.claim_next_pending(t.runtime, later).unwrap();
+    store.expire_overdue(later).unwrap();
+    let after: Vec<ModelRequest> = ended
+        .iter()
+        .map(|&id| get(store.as_ref(), t.runtime, id, later))
+        .collect();
+    assert_eq!(after, before);
+}
+
+pub fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
+    let store = engine.open();
+    let (a, b, c, d) = (
+        tenant(store.as_ref()),
+        tenant(store.as_ref()),
+        tenant(store.as_ref()),
+        tenant(store.as_ref()),
+    );
+    let old_pending = create(store.as_ref(), a.runtime, T0).id;
+    let old_running = running(store.as_ref(), b.runtime, T0);
+    let fresh_pending = create(store.as_ref(), c.runtime, T0 + RUNNING_MS).id;
+    let done = running(store.as_ref(), d.runtime, T0);
+    store.report(d.runtime, done, &completed(), T0 + 1).unwrap();
+
+    assert_eq!(store.expire_overdue(T0 + RUNNING_MS).unwrap(), 2);
+    let status = |rt, id| store.find_request(rt, id).unwrap().unwrap().status;
+    assert_eq!(status(a.runtime, old_pending), Status::Timeout);
+    assert_eq!(status(b.runtime, old_running), Status::Timeout);
+    assert_eq!(status(c.runtime, fresh_pending), Status::Pending);
+    assert_eq!(status(d.runtime, done), Status::Completed);
+    assert_eq!(
+        store.expire_overdue(T0 + RUNNING_MS).unwrap(),
+        0,
+        "once only"
+    );
+    let pending_error = store
+        .find_request(a.runtime, old_pending)
+        .unwrap()
+        .unwrap()
+        .error;
+    assert_eq!(
+        pending_error.as_deref(),
+        Some("daemon did not respond within 30 seconds")
+    );
+}
+
+pub fn retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches(
+    engine: &dyn Engine,
+) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    // Five requests, ended at T0+1 … T0+5, then one active.
+    let ended: Vec<RequestId> = (1..=5)
+        .map(|i| {
+            let id = running(store.as_ref(), t.runtime, T0);
+            store.report(t.runtime, id, &completed(), T0 + i).unwrap();
+            id
+        })
+        .collect();
+    let active = create(store.as_ref(), t.runtime, T0).id;
+    let exists = |id| store.find_request(t.runtime, id).unwrap().is_some();
+
+    // Cutoff T0+4: the three that ended at +1, +2, +3 go, two per batch at most.
+    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 2);
+    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 1);
+    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 0);
+    let left: Vec<bool> = ended.iter().map(|&id| exists(id)).collect();
+    assert_eq!(left, vec![false, false, false, true, true]);
+    assert_eq!(store.delete_ended_before(i64::MAX, 100).unwrap(), 2);
+    assert!(exists(active), "an active request is never deleted");
+}
+
+pub fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
+    let store = engine.open();
+    let retention = Duration::from_secs(600);
+    let many = tenant(store.as_ref());
+    // More than one delete batch of ended requests.
+    let batch = i64::from(DELETE_BATCH);
+    for i in 0..batch + 3 {
+        let id = running(store.as_ref(), many.runtime, T0);
+        store
+            .report(many.runtime, id, &failed("x"), T0 + i % 7)
+            .unwrap();
+    }
+    let t = tenant(store.as_ref());
+    let id = create(store.as_ref(), t.runtime, T0).id;
+
+    let swept = sweep_once(store.as_ref(), T0 + PENDING_MS, retention).unwrap();
+    assert_eq!((swept.expired, swept.deleted), (1, 0));
+    let r = store.find_request(t.runtime, id).unwrap().unwrap();
+    assert_eq!(r.status, Status::Timeout);
+
+    // Readable until retention after it ended, gone after.
+    let ended = T0 + PENDING_MS;
+    let last_moment = ended + 600_000;
+    let swept = sweep_once(store.as_ref(), last_moment, retention).unwrap();
+    assert_eq!(
+        swept.deleted,
+        (batch + 3) as u64,
+        "the old ones, over several batches"
+    );
+    assert!(
+        store
+            .get_request(t.runtime, id, last_moment)
+            .unwrap()
+            .is_some()
+    );
+    let swept = sweep_once(store.as_ref(), last_moment + 1, retention).unwrap();
+    assert_eq!(swept.expired, 0);
+    assert_eq!(swept.deleted, 1);
+    assert_eq!(
+        store.get_request(t.runtime, id, last_moment + 1).unwrap(),
+        None
+    );
+}
+
+pub fn heartbeat_of_a_missing_runtime_is_unknown(engine: &dyn Engine) {
+    let store = engine.open();
+    assert_eq!(
+        store.heartbeat(RuntimeId::random().unwrap(), T0).unwrap(),
+        Heartbeat::UnknownRuntime
+    );
+}

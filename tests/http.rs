@@ -1,0 +1,866 @@
+//! The HTTP contract of DESIGN.md, over the wire: real servers on `127.0.0.1:0` through the
+//! `run` seam, a real HTTP client, a fake clock.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use model_relay::clock::{Clock, FakeClock, Millis};
+use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use model_relay::model::{ModelRequest, Report, Runtime, Timeouts};
+use model_relay::store::memory::MemoryStore;
+use model_relay::store::sqlite::SqliteStore;
+use model_relay::store::{NewRuntime, Result as StoreResult, StoreError, Storer};
+use serde_json::{Value, json};
+use support::server::{Http, Instance, T0, clock, settings, workspace};
+
+/// One instance on a memory store, a workspace, and its API token.
+struct World {
+    http: Http,
+    clock: Arc<FakeClock>,
+    store: Arc<dyn Storer>,
+    instance: Instance,
+    api: String,
+}
+
+impl World {
+    async fn new() -> Self {
+        let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
+        Self::on(store).await
+    }
+
+    async fn on(store: Arc<dyn Storer>) -> Self {
+        let clock = clock();
+        let (_, api) = workspace(store.as_ref(), T0);
+        let instance = Instance::start(store.clone(), clock.clone(), settings()).await;
+        World {
+            http: Http::default(),
+            clock,
+            store,
+            instance,
+            api,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.instance.base)
+    }
+
+    /// A runtime created over the API: (id, daemon token).
+    async fn runtime(&self) -> (String, String) {
+        let answer = self
+            .http
+            .post(
+                &self.url("/api/runtimes"),
+                &self.api,
+                json!({"name": "laptop", "provider": "claude"}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.json);
+        (
+            answer.json["id"].as_str().unwrap().to_owned(),
+            answer.json["daemon_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A runtime whose daemon has just heartbeated.
+    async fn online_runtime(&self) -> (String, String) {
+        let (rt, daemon) = self.runtime().await;
+        assert_eq!(self.heartbeat(&rt, &daemon).await.status, StatusCode::OK);
+        (rt, daemon)
+    }
+
+    async fn heartbeat(&self, rt: &str, daemon: &str) -> support::server::Answer {
+        self.http
+            .post(
+                &self.url("/api/daemon/heartbeat"),
+                daemon,
+                json!({"runtime_id": rt}),
+            )
+            .await
+    }
+
+    async fn create_request(&self, rt: &str) -> support::server::Answer {
+        self.http
+            .post_empty(&self.url(&format!("/api/runtimes/{rt}/models")), &self.api)
+            .await
+    }
+
+    async fn poll(&self, rt: &str, id: &str) -> support::server::Answer {
+        self.http
+            .get(
+                &self.url(&format!("/api/runtimes/{rt}/models/{id}")),
+                &self.api,
+            )
+            .await
+    }
+
+    async fn report(
+        &self,
+        rt: &str,
+        id: &str,
+        daemon: &str,
+        body: Value,
+    ) -> support::server::Answer {
+        self.http
+            .post(
+                &self.url(&format!("/api/daemon/runtimes/{rt}/models/{id}/result")),
+                daemon,
+                body,
+            )
+            .await
+    }
+
+    /// A request that the runtime's daemon has claimed: its id.
+    async fn claimed(&self, rt: &str, daemon: &str) -> String {
+        let id = self.create_request(rt).await.json["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let ack = self.heartbeat(rt, daemon).await;
+        assert_eq!(ack.json["pending_model_list"]["id"], id.as_str());
+        id
+    }
+}
+
+fn sonnet() -> Value {
+    json!({"id": "claude-sonnet-4-6", "label": "Claude Sonnet 4.6", "provider": "anthropic", "default": true})
+}
+
+#[tokio::test]
+async fn full_cycle_answers_with_the_reference_shapes() {
+    let w = World::new().await;
+    let (rt, daemon) = w.runtime().await;
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json,
+        json!({"status": "ok"})
+    );
+
+    w.clock.advance(Duration::from_millis(123));
+    let created = w.create_request(&rt).await;
+    assert_eq!(created.status, StatusCode::OK);
+    assert_eq!(created.content_type.as_deref(), Some("application/json"));
+    let id = created.json["id"].as_str().unwrap().to_owned();
+    assert!(RequestId::parse(&id).is_some(), "32 lowercase hex: {id}");
+    assert_eq!(
+        created.json,
+        json!({"id": id, "runtime_id": rt, "status": "pending", "supported": true,
+               "created_at": "2026-05-01T09:19:21.123Z", "updated_at": "2026-05-01T09:19:21.123Z"})
+    );
+
+    let ack = w.heartbeat(&rt, &daemon).await;
+    assert_eq!(
+        ack.json,
+        json!({"status": "ok", "pending_model_list": {"id": id}})
+    );
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+
+    w.clock.advance(Duration::from_secs(5));
+    let report = json!({"status": "completed", "models": [sonnet(), {"id": "o", "label": "O", "extra": 1}], "unknown": true});
+    let answer = w.report(&rt, &id, &daemon, report).await;
+    assert_eq!(
+        (answer.status, answer.json.clone()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+
+    let done = w.poll(&rt, &id).await;
+    assert_eq!(
+        done.json,
+        json!({"id": id, "runtime_id": rt, "status": "completed",
+               "models": [sonnet(), {"id": "o", "label": "O"}], "supported": true,
+               "created_at": "2026-05-01T09:19:21.123Z", "updated_at": "2026-05-01T09:19:26.123Z"})
+    );
+}
+
+#[tokio::test]
+async fn runtime_creation_shows_the_daemon_token_once_and_lists_online_status() {
+    let w = World::new().await;
+    let (rt, daemon) = w.runtime().await;
+    assert!(daemon.len() >= 32);
+    let list = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(
+        list.json,
+        json!({"runtimes": [{"id": rt, "name": "laptop", "provider": "claude", "status": "offline",
+                             "created_at": "2026-05-01T09:19:21.000Z"}]})
+    );
+    w.heartbeat(&rt, &daemon).await;
+    let runtime = &w.http.get(&w.url("/api/runtimes"), &w.api).await.json["runtimes"][0];
+    assert_eq!(runtime["status"], "online");
+    assert_eq!(runtime["last_seen_at"], "2026-05-01T09:19:21.000Z");
+    assert!(runtime.get("daemon_token").is_none());
+
+    w.clock.advance(Duration::from_secs(45));
+    let runtime = &w.http.get(&w.url("/api/runtimes"), &w.api).await.json["runtimes"][0];
+    assert_eq!(
+        runtime["status"], "offline",
+        "no heartbeat for offline_after"
+    );
+}
+
+#[tokio::test]
+async fn create_for_an_offline_runtime_is_503_runtime_is_offline() {
+    let w = World::new().await;
+    let (rt, daemon) = w.runtime().await;
+    let never_seen = w.create_request(&rt).await;
+    assert_eq!(never_seen.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(never_seen.json, json!({"error": "runtime is offline"}));
+
+    w.heartbeat(&rt, &daemon).await;
+    w.clock.advance(Duration::from_secs(45));
+    assert_eq!(
+        w.create_request(&rt).await.json,
+        json!({"error": "runtime is offline"})
+    );
+}
+
+#[tokio::test]
+async fn create_returns_the_active_request_instead_of_a_new_one() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let first = w.create_request(&rt).await.json["id"].clone();
+    assert_eq!(w.create_request(&rt).await.json["id"], first);
+    w.heartbeat(&rt, &daemon).await;
+    let running = w.create_request(&rt).await;
+    assert_eq!(
+        (running.json["id"].clone(), running.json["status"].clone()),
+        (first, json!("running"))
+    );
+}
+
+#[tokio::test]
+async fn a_heartbeat_hands_out_a_request_once() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    w.claimed(&rt, &daemon).await;
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json,
+        json!({"status": "ok"})
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_foreign_ids_are_the_same_404() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+
+    // Another workspace's caller sees nothing of this one.
+    let (_, stranger) = workspace(w.store.as_ref(), T0);
+    let as_stranger = w
+        .http
+        .get(
+            &w.url(&format!("/api/runtimes/{rt}/models/{id}")),
+            &stranger,
+        )
+        .await;
+    assert_eq!(as_stranger.status, StatusCode::NOT_FOUND);
+    assert_eq!(as_stranger.json, json!({"error": "runtime not found"}));
+    let models = format!("/api/runtimes/{rt}/models");
+    assert_eq!(
+        w.http.post_empty(&w.url(&models), &stranger).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let delete = w
+        .http
+        .call(
+            Method::DELETE,
+            &w.url(&format!("/api/runtimes/{rt}")),
+            Some(&stranger),
+            None,
+        )
+        .await;
+    assert_eq!(delete.status, StatusCode::NOT_FOUND);
+
+    // Another runtime's request, a missing one, and ids that cannot exist.
+    let (other_rt, _) = w.online_runtime().await;
+    let cases = [
+        (other_rt.as_str(), id.as_str(), "request not found"),
+        (
+            rt.as_str(),
+            "0123456789abcdef0123456789abcdef",
+            "request not found",
+        ),
+        (rt.as_str(), "NOT-AN-ID", "request not found"),
+        ("not-a-uuid", id.as_str(), "runtime not found"),
+        (
+            "7d0c5a3e-1111-4222-8333-944455556666",
+            id.as_str(),
+            "runtime not found",
+        ),
+    ];
+    for (runtime, request, message) in cases {
+        let answer = w.poll(runtime, request).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{runtime}/{request}");
+        assert_eq!(
+            answer.json,
+            json!({"error": message}),
+            "{runtime}/{request}"
+        );
+    }
+    assert_eq!(w.poll(&rt, &id).await.status, StatusCode::OK, "still there");
+}
+
+#[tokio::test]
+async fn a_daemon_token_acts_for_its_own_runtime_only() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let (other_rt, other_daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+
+    let foreign_heartbeat = w.heartbeat(&rt, &other_daemon).await;
+    assert_eq!(foreign_heartbeat.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        foreign_heartbeat.json,
+        json!({"error": "runtime not found"})
+    );
+
+    let done = json!({"status": "completed", "models": [sonnet()]});
+    let via_own_path = w.report(&other_rt, &id, &other_daemon, done.clone()).await;
+    assert_eq!(via_own_path.status, StatusCode::NOT_FOUND);
+    let via_foreign_path = w.report(&rt, &id, &other_daemon, done.clone()).await;
+    assert_eq!(via_foreign_path.status, StatusCode::NOT_FOUND);
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+    assert_eq!(
+        w.report(&rt, &id, &daemon, done).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn missing_or_unknown_tokens_are_401() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let calls = [
+        (Method::GET, "/api/runtimes".to_owned()),
+        (Method::POST, format!("/api/runtimes/{rt}/models")),
+        (Method::POST, "/api/daemon/heartbeat".to_owned()),
+    ];
+    for (method, path) in calls {
+        for token in [None, Some("mra_nobody"), Some(daemon.as_str())]
+            .into_iter()
+            .filter(|t| !(path.contains("daemon") && *t == Some(daemon.as_str())))
+        {
+            let answer = w
+                .http
+                .call(method.clone(), &w.url(&path), token, None)
+                .await;
+            assert_eq!(
+                answer.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {token:?}"
+            );
+            assert_eq!(
+                answer.json,
+                json!({"error": "missing or invalid bearer token"})
+            );
+        }
+    }
+    // An API token is not a daemon token.
+    let as_ui = w
+        .http
+        .post(
+            &w.url("/api/daemon/heartbeat"),
+            &w.api,
+            json!({"runtime_id": rt}),
+        )
+        .await;
+    assert_eq!(as_ui.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn bad_bodies_are_400_with_a_message_and_change_nothing() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let result = w.url(&format!("/api/daemon/runtimes/{rt}/models/{id}/result"));
+    let bodies: [&[u8]; 9] = [
+        b"",
+        b"{",
+        b"[]",
+        br#"{"status":"done"}"#,
+        br#"{"status":"pending"}"#,
+        br#"{"status":"completed","models":"all"}"#,
+        br#"{"status":"completed","models":[{"id":"m"}]}"#,
+        br#"{"status":"completed","supported":"yes"}"#,
+        b"\xff\xfe",
+    ];
+    for body in bodies {
+        let answer = w
+            .http
+            .call(Method::POST, &result, Some(&daemon), Some(body.to_vec()))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(
+            answer.json["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            answer.json
+        );
+    }
+    assert_eq!(
+        w.poll(&rt, &id).await.json["status"],
+        "running",
+        "nothing changed"
+    );
+
+    for body in [
+        &b"{}"[..],
+        br#"{"runtime_id":"nope"}"#,
+        br#"{"runtime_id":7}"#,
+    ] {
+        let answer = w
+            .http
+            .call(
+                Method::POST,
+                &w.url("/api/daemon/heartbeat"),
+                Some(&daemon),
+                Some(body.to_vec()),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    }
+    let bad_runtime = w
+        .http
+        .post(
+            &w.url("/api/runtimes"),
+            &w.api,
+            json!({"name": "", "provider": "claude"}),
+        )
+        .await;
+    assert_eq!(bad_runtime.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad_runtime.json, json!({"error": "name must not be empty"}));
+    let listed = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(listed.json["runtimes"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bodies_past_the_limit_are_413() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let padding = "x".repeat(1024 * 1024);
+    let huge = json!({"status": "completed", "error": padding});
+    let answer = w.report(&rt, &id, &daemon, huge).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        answer.json,
+        json!({"error": "body larger than 1048576 bytes"})
+    );
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+}
+
+#[tokio::test]
+async fn reports_that_find_the_request_not_running_are_409_but_an_exact_replay_is_200() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let pending = w.create_request(&rt).await.json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = json!({"status": "completed", "models": [sonnet()]});
+    let early = w.report(&rt, &pending, &daemon, done.clone()).await;
+    assert_eq!(early.status, StatusCode::CONFLICT);
+    assert_eq!(
+        early.json,
+        json!({"error": "request is pending, not running"})
+    );
+
+    w.heartbeat(&rt, &daemon).await;
+    assert_eq!(
+        w.report(&rt, &pending, &daemon, done.clone()).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        w.report(&rt, &pending, &daemon, done).await.status,
+        StatusCode::OK,
+        "replay"
+    );
+    let changed = w
+        .report(
+            &rt,
+            &pending,
+            &daemon,
+            json!({"status": "failed", "error": "x"}),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::CONFLICT);
+    assert_eq!(
+        changed.json,
+        json!({"error": "request is completed, not running"})
+    );
+    let renew = w
+        .report(&rt, &pending, &daemon, json!({"status": "running"}))
+        .await;
+    assert_eq!(renew.status, StatusCode::CONFLICT);
+    let missing = w
+        .report(
+            &rt,
+            "0123456789abcdef0123456789abcdef",
+            &daemon,
+            json!({"status": "running"}),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn deadlines_end_requests_as_timeout_with_the_configured_seconds() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let unclaimed = w.create_request(&rt).await.json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    w.clock.advance(Duration::from_secs(30));
+    let answer = w.poll(&rt, &unclaimed).await;
+    assert_eq!(answer.json["status"], "timeout");
+    assert_eq!(
+        answer.json["error"],
+        "daemon did not respond within 30 seconds"
+    );
+    assert_eq!(answer.json["updated_at"], "2026-05-01T09:19:51.000Z");
+
+    w.heartbeat(&rt, &daemon).await;
+    let id = w.claimed(&rt, &daemon).await;
+    w.clock.advance(Duration::from_secs(59));
+    let renewed = w
+        .report(&rt, &id, &daemon, json!({"status": "running"}))
+        .await;
+    assert_eq!(renewed.status, StatusCode::OK);
+    w.clock.advance(Duration::from_secs(59));
+    assert_eq!(
+        w.poll(&rt, &id).await.json["status"],
+        "running",
+        "the renewal holds"
+    );
+    w.clock.advance(Duration::from_secs(1));
+    let ended = w.poll(&rt, &id).await;
+    assert_eq!(ended.json["status"], "timeout");
+    assert_eq!(
+        ended.json["error"],
+        "daemon did not finish within 60 seconds"
+    );
+    let late = w
+        .report(
+            &rt,
+            &id,
+            &daemon,
+            json!({"status": "completed", "models": [sonnet()]}),
+        )
+        .await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert_eq!(
+        late.json,
+        json!({"error": "request is timeout, not running"})
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_runtime_is_204_and_takes_its_requests() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let path = w.url(&format!("/api/runtimes/{rt}"));
+    let deleted = w.http.call(Method::DELETE, &path, Some(&w.api), None).await;
+    assert_eq!(
+        (deleted.status, deleted.json),
+        (StatusCode::NO_CONTENT, Value::Null)
+    );
+    assert_eq!(w.poll(&rt, &id).await.status, StatusCode::NOT_FOUND);
+    let again = w.http.call(Method::DELETE, &path, Some(&w.api), None).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405_with_allow() {
+    let w = World::new().await;
+    let nowhere = w
+        .http
+        .call(Method::GET, &w.url("/api/nowhere"), None, None)
+        .await;
+    assert_eq!(nowhere.status, StatusCode::NOT_FOUND);
+    assert_eq!(nowhere.json, json!({"error": "route not found"}));
+    let wrong = w
+        .http
+        .call(Method::PUT, &w.url("/api/runtimes"), None, None)
+        .await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong.allow.as_deref(), Some("GET, POST"));
+    let health = w
+        .http
+        .call(Method::GET, &w.url("/healthz"), None, None)
+        .await;
+    assert_eq!(
+        (health.status, health.json),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let ready = w
+        .http
+        .call(Method::GET, &w.url("/readyz"), None, None)
+        .await;
+    assert_eq!(ready.status, StatusCode::OK);
+}
+
+/// A store that is down: every call fails as a lost database connection would.
+struct DownStore;
+
+fn down<T>() -> StoreResult<T> {
+    Err(StoreError::Corrupt("the database is down".into()))
+}
+
+impl Storer for DownStore {
+    fn ping(&self) -> StoreResult<()> {
+        down()
+    }
+    fn timeouts(&self) -> Timeouts {
+        Timeouts::default()
+    }
+    fn create_workspace(
+        &self,
+        _: WorkspaceId,
+        _: &str,
+        _: &TokenHash,
+        _: Millis,
+    ) -> StoreResult<()> {
+        down()
+    }
+    fn workspace_by_api_token(&self, _: &TokenHash) -> StoreResult<Option<WorkspaceId>> {
+        down()
+    }
+    fn create_runtime(&self, _: &NewRuntime, _: Millis) -> StoreResult<Runtime> {
+        down()
+    }
+    fn list_runtimes(&self, _: WorkspaceId) -> StoreResult<Vec<Runtime>> {
+        down()
+    }
+    fn find_runtime(&self, _: WorkspaceId, _: RuntimeId) -> StoreResult<Option<Runtime>> {
+        down()
+    }
+    fn delete_runtime(&self, _: WorkspaceId, _: RuntimeId) -> StoreResult<bool> {
+        down()
+    }
+    fn runtime_by_daemon_token(&self, _: &TokenHash) -> StoreResult<Option<RuntimeId>> {
+        down()
+    }
+    fn touch_runtime(&self, _: RuntimeId, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn find_request(&self, _: RuntimeId, _: RequestId) -> StoreResult<Option<ModelRequest>> {
+        down()
+    }
+    fn create_or_coalesce(
+        &self,
+        _: RuntimeId,
+        _: RequestId,
+        _: Millis,
+    ) -> StoreResult<Option<ModelRequest>> {
+        down()
+    }
+    fn claim_next_pending(&self, _: RuntimeId, _: Millis) -> StoreResult<Option<RequestId>> {
+        down()
+    }
+    fn apply_report(&self, _: RuntimeId, _: RequestId, _: &Report, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn expire_request(&self, _: RequestId, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn expire_overdue(&self, _: Millis) -> StoreResult<u64> {
+        down()
+    }
+    fn delete_ended_before(&self, _: Millis, _: u32) -> StoreResult<u64> {
+        down()
+    }
+}
+
+#[tokio::test]
+async fn a_store_failure_is_503_store_unavailable_never_404_or_200() {
+    let instance = Instance::start(Arc::new(DownStore), clock(), settings()).await;
+    let http = Http::default();
+    let rt = "7d0c5a3e-1111-4222-8333-944455556666";
+    let id = "0123456789abcdef0123456789abcdef";
+    let calls = [
+        (Method::GET, "/readyz".to_owned(), None),
+        (Method::GET, "/api/runtimes".to_owned(), None),
+        (
+            Method::POST,
+            "/api/runtimes".to_owned(),
+            Some(json!({"name": "n", "provider": "p"})),
+        ),
+        (Method::DELETE, format!("/api/runtimes/{rt}"), None),
+        (Method::POST, format!("/api/runtimes/{rt}/models"), None),
+        (Method::GET, format!("/api/runtimes/{rt}/models/{id}"), None),
+        (
+            Method::POST,
+            "/api/daemon/heartbeat".to_owned(),
+            Some(json!({"runtime_id": rt})),
+        ),
+        (
+            Method::POST,
+            format!("/api/daemon/runtimes/{rt}/models/{id}/result"),
+            Some(json!({"status": "running"})),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let url = format!("{}{path}", instance.base);
+        let body = body.map(|b| b.to_string().into_bytes());
+        let answer = http.call(method.clone(), &url, Some("mra_any"), body).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}"
+        );
+        assert_eq!(
+            answer.json,
+            json!({"error": "store unavailable"}),
+            "{method} {path}"
+        );
+    }
+    let health = http
+        .call(
+            Method::GET,
+            &format!("{}/healthz", instance.base),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(health.status, StatusCode::OK, "the process is up");
+    instance.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_run_returns() {
+    let w = World::new().await;
+    let base = w.instance.base.clone();
+    let http = w.http.clone();
+    assert_eq!(
+        http.call(Method::GET, &format!("{base}/healthz"), None, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    w.instance.stop().await;
+    let addr = base.trim_start_matches("http://");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
+
+/// Two instances, each with its own pool on one SQLite file: whatever one instance
+/// creates, the other answers — the bug model-relay exists to fix.
+#[tokio::test]
+async fn two_instances_on_one_sqlite_file_answer_each_others_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let open =
+        || -> Arc<dyn Storer> { Arc::new(SqliteStore::open(&path, Timeouts::default()).unwrap()) };
+    alternate_between_instances(open(), open()).await;
+}
+
+#[tokio::test]
+async fn two_instances_on_one_postgres_database_answer_each_others_calls() {
+    let Some(schema) = support::postgres::fresh_schema("two_instances_http") else {
+        return;
+    };
+    let config = schema.config();
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let open = || -> Arc<dyn Storer> {
+            Arc::new(
+                model_relay::store::postgres::PostgresStore::open_config(
+                    config.clone(),
+                    Timeouts::default(),
+                )
+                .unwrap(),
+            )
+        };
+        (open(), open())
+    })
+    .await
+    .unwrap();
+    alternate_between_instances(a, b).await;
+}
+
+async fn alternate_between_instances(a: Arc<dyn Storer>, b: Arc<dyn Storer>) {
+    let clock = clock();
+    let (first, now) = (a.clone(), clock.now());
+    let (_, api) = tokio::task::spawn_blocking(move || workspace(first.as_ref(), now))
+        .await
+        .unwrap();
+    let one = Instance::start(a, clock.clone(), settings()).await;
+    let two = Instance::start(b, clock.clone(), settings()).await;
+    let http = Http::default();
+    let bases = [one.base.clone(), two.base.clone()];
+    let at = |i: usize, path: &str| format!("{}{path}", bases[i % 2]);
+
+    let created = http
+        .post(
+            &at(0, "/api/runtimes"),
+            &api,
+            json!({"name": "n", "provider": "codex"}),
+        )
+        .await;
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let daemon = created.json["daemon_token"].as_str().unwrap().to_owned();
+    let beat = json!({"runtime_id": rt});
+    for round in 0..4 {
+        assert_eq!(
+            http.post(
+                &at(round + 1, "/api/daemon/heartbeat"),
+                &daemon,
+                beat.clone()
+            )
+            .await
+            .status,
+            StatusCode::OK
+        );
+        let request = http
+            .post_empty(&at(round, &format!("/api/runtimes/{rt}/models")), &api)
+            .await;
+        assert_eq!(request.status, StatusCode::OK, "{}", request.json);
+        let id = request.json["id"].as_str().unwrap().to_owned();
+        let poll = format!("/api/runtimes/{rt}/models/{id}");
+        assert_eq!(
+            http.get(&at(round + 1, &poll), &api).await.json["status"],
+            "pending"
+        );
+        let ack = http
+            .post(&at(round, "/api/daemon/heartbeat"), &daemon, beat.clone())
+            .await;
+        assert_eq!(ack.json["pending_model_list"]["id"], id.as_str());
+        assert_eq!(
+            http.get(&at(round + 1, &poll), &api).await.json["status"],
+            "running"
+        );
+        let result = format!("/api/daemon/runtimes/{rt}/models/{id}/result");
+        let report = json!({"status": "completed", "models": [sonnet()]});
+        assert_eq!(
+            http.post(&at(round + 1, &result), &daemon, report.clone())
+                .await
+                .status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            http.post(&at(round, &result), &daemon, report).await.status,
+            StatusCode::OK,
+            "replay on the other"
+        );
+        for i in 0..2 {
+            let done = http.get(&at(i, &poll), &api).await;
+            assert_eq!(done.json["status"], "completed");
+            assert_eq!(done.json["models"], json!([sonnet()]));
+        }
+    }
+    one.stop().await;
+    two.stop().await;
+}

@@ -1,0 +1,164 @@
+//! An instance of the service on `127.0.0.1:0`, over the real `run` seam, and a small
+//! HTTP client to talk to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use model_relay::clock::{Clock, FakeClock};
+use model_relay::config::Settings;
+use model_relay::ids::{Token, WorkspaceId};
+use model_relay::store::Storer;
+use model_relay::{App, run};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A fixed start for the fake clock: 2026-05-01T09:19:21.000Z.
+pub const T0: i64 = 1_777_627_161_000;
+
+/// Test settings: the defaults, but a sweeper that never runs on its own, so that every
+/// expiry a test sees comes from the request path it exercises.
+pub fn settings() -> Settings {
+    Settings {
+        sweep_every: Duration::from_secs(3600),
+        ..Settings::default()
+    }
+}
+
+pub struct Instance {
+    pub base: String,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Instance {
+    pub async fn start(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = Arc::new(App {
+            store,
+            clock,
+            settings,
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(run(listener, app, async {
+            let _ = stopped.await;
+        }));
+        Instance {
+            base,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Stops the instance through its shutdown future and waits until `run` has returned.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A workspace made directly in the store, as `model-relay workspace create` does.
+pub fn workspace(store: &dyn Storer, now: i64) -> (WorkspaceId, String) {
+    let id = WorkspaceId::random().unwrap();
+    let token = Token::new_api().unwrap();
+    store
+        .create_workspace(id, "ws", &token.hash(), now)
+        .unwrap();
+    (id, token.expose().to_owned())
+}
+
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// An answer: status, headers of interest, and the body as JSON (`Null` when empty).
+pub struct Answer {
+    pub status: StatusCode,
+    pub allow: Option<String>,
+    pub content_type: Option<String>,
+    pub json: Value,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+}
+
+impl Http {
+    pub async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(url);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status();
+        let text_header = |name| {
+            response
+                .headers()
+                .get(name)
+                .map(|v: &header::HeaderValue| v.to_str().unwrap().to_owned())
+        };
+        let allow = text_header(header::ALLOW);
+        let content_type = text_header(header::CONTENT_TYPE);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))
+        };
+        Answer {
+            status,
+            allow,
+            content_type,
+            json,
+        }
+    }
+
+    pub async fn get(&self, url: &str, token: &str) -> Answer {
+        self.call(Method::GET, url, Some(token), None).await
+    }
+
+    pub async fn post(&self, url: &str, token: &str, body: Value) -> Answer {
+        self.call(
+            Method::POST,
+            url,
+            Some(token),
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    pub async fn post_empty(&self, url: &str, token: &str) -> Answer {
+        self.call(Method::POST, url, Some(token), None).await
+    }
+}
+
+/// A fake clock at [`T0`], shared by every instance of a test.
+pub fn clock() -> Arc<FakeClock> {
+    Arc::new(FakeClock::new(T0))
+}
