@@ -4,14 +4,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postgres::{Client, NoTls};
-use support::postgres::{PgSchema, fresh_schema};
+use support::postgres::{PgSchema, fresh_schema, own};
 
 fn connect(schema: &PgSchema) -> Client {
     schema
@@ -196,132 +194,49 @@ async fn works_inside_a_multi_thread_runtime() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Checks that need a test process of their own: this binary, run again on `smoke_child`.
+// Checks of what every other test shares: on a discovery and a cluster of their own.
 
-const CHILD_MODE: &str = "PG_SMOKE_CHILD";
-const URL_MARKER: &str = "PG_SMOKE_URL=";
-
-/// Not a test by itself: the child process of the tests below (it does nothing unless
-/// `PG_SMOKE_CHILD` is set).
+/// The local cluster (what a test process uses without `DATABASE_URL`) goes away, and its
+/// temp dir with it, once the watchdog's stdin closes — which is what happens when the test
+/// process exits, however it exits.
 #[test]
-#[ignore = "run by other tests in a child process"]
-fn smoke_child() {
-    let Ok(mode) = std::env::var(CHILD_MODE) else {
-        return;
+fn local_cluster_is_removed_when_its_test_process_goes() {
+    let cluster = match own::Cluster::start() {
+        Ok(cluster) => cluster,
+        Err(e) if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            panic!("REQUIRE_POSTGRES=1 but no local cluster: {e}")
+        }
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED local_cluster_is_removed_when_its_test_process_goes: {e}"
+            );
+            return;
+        }
     };
-    let Some(schema) = fresh_schema("smoke_child") else {
-        println!("PG_SMOKE_NONE");
-        return;
-    };
-    println!("{URL_MARKER}{}", schema.url());
-    if mode == "hold" {
-        // Wait to be killed; give up after a while should the parent be gone.
-        thread::sleep(Duration::from_secs(120));
-    }
-}
+    let config = cluster.config();
+    let port = config.get_ports()[0];
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(accepts(addr), "the cluster is not up on {addr}");
+    let dir = cluster.dir.clone();
+    assert!(dir.exists());
 
-fn child(mode: &str) -> Command {
-    let mut command = Command::new(std::env::current_exe().expect("current_exe"));
-    command
-        .args([
-            "--ignored",
-            "--exact",
-            "smoke_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_MODE, mode)
-        .env_remove("REQUIRE_POSTGRES");
-    command
+    cluster.abandon();
+    assert!(!accepts(addr), "the server on {addr} outlived its watchdog");
+    assert!(!dir.exists(), "{} outlived its watchdog", dir.display());
 }
 
 fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
 }
 
-/// The local cluster (what a test process uses without `DATABASE_URL`) goes away, and its
-/// temp dir with it, when the test process is killed outright.
-#[test]
-fn local_cluster_dies_with_a_killed_test_process() {
-    let mut child = child("hold")
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the child test process");
-    let pid = child.id();
-    let stdout = BufReader::new(child.stdout.take().expect("piped"));
-    let mut url = None;
-    for line in stdout.lines() {
-        let line = line.expect("read the child's output");
-        // The harness may have printed `test smoke_child ... ` on the same line first.
-        if let Some(at) = line.find(URL_MARKER) {
-            url = Some(line[at + URL_MARKER.len()..].trim().to_owned());
-            break;
-        }
-    }
-    let Some(url) = url else {
-        let _ = child.kill();
-        let _ = child.wait();
-        // Straight to stderr, past the harness's capture, like the support module's skips.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED local_cluster_dies_with_a_killed_test_process: \
-             the child found no PostgreSQL without DATABASE_URL"
-        );
-        return;
-    };
-    let parsed: postgres::Config = url.parse().expect("the child's URL parses");
-    let port = parsed.get_ports()[0];
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(accepts(addr), "the child's server is not up on {addr}");
-    let data_dir_prefix = format!("model-relay-pg-{pid}-");
-    let dirs_left = || -> Vec<String> {
-        std::fs::read_dir(std::env::temp_dir())
-            .expect("read the temp dir")
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&data_dir_prefix))
-            .collect()
-    };
-
-    child.kill().expect("SIGKILL the child");
-    child.wait().expect("reap the child");
-    // Nothing but the child wrote there: the watchdog and the server have their own outputs.
-    let mut child_stderr = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = stderr.read_to_string(&mut child_stderr);
-    }
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (accepts(addr) || !dirs_left().is_empty()) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        !accepts(addr),
-        "the server on {addr} outlived its test process; its stderr:\n{child_stderr}"
-    );
-    assert_eq!(
-        dirs_left(),
-        Vec::<String>::new(),
-        "the cluster's temp dir outlived its test process; its stderr:\n{child_stderr}"
-    );
-}
-
-/// A `DATABASE_URL` that does not connect fails the test; it is never a skip.
+/// A `DATABASE_URL` that does not connect fails the tests; it is never a skip.
 #[test]
 fn unreachable_database_url_fails_instead_of_skipping() {
-    let output = child("ask")
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .output()
-        .expect("run the child test process");
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let _ = output.stderr.as_slice().read_to_string(&mut text);
-    assert!(!output.status.success(), "the child passed:\n{text}");
-    assert!(!text.contains(URL_MARKER), "{text}");
-    assert!(!text.contains("PG_SMOKE_NONE"), "{text}");
+    let found = own::discover_with(Some("postgres://nobody@127.0.0.1:1/none"));
+    let error = found.expect_err("an unreachable DATABASE_URL must be an error");
     assert!(
-        text.contains("DATABASE_URL=postgres://nobody@127.0.0.1:1/none does not connect"),
-        "{text}"
+        error.contains("DATABASE_URL=postgres://nobody@127.0.0.1:1/none does not connect"),
+        "{error}"
     );
 }

@@ -177,16 +177,17 @@ fn server() -> &'static Result<Found, String> {
     static SERVER: OnceLock<Result<Found, String>> = OnceLock::new();
     SERVER.get_or_init(|| {
         // The container runner and the client both refuse to run inside a tokio runtime.
-        off_runtime(discover)
+        off_runtime(|| discover(env::var("DATABASE_URL").ok()))
             .unwrap_or_else(|panic| Err(format!("finding a test PostgreSQL panicked: {panic}")))
     })
 }
 
-fn discover() -> Result<Found, String> {
+/// Finds a server, `database_url` first (the value of `DATABASE_URL`).
+fn discover(database_url: Option<String>) -> Result<Found, String> {
     let mut tried = Vec::new();
 
-    match env::var("DATABASE_URL") {
-        Ok(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let shown = redact(&url);
             let mut config: Config = url
                 .parse()
@@ -207,11 +208,11 @@ fn discover() -> Result<Found, String> {
                 _keep_alive: None,
             })));
         }
-        Ok(other) => tried.push(format!(
+        Some(other) => tried.push(format!(
             "DATABASE_URL={} ignored: not a postgres:// or postgresql:// URL",
             redact(&other)
         )),
-        Err(_) => tried.push("DATABASE_URL: not set".to_owned()),
+        None => tried.push("DATABASE_URL: not set".to_owned()),
     }
 
     #[cfg(feature = "testcontainers")]
@@ -230,7 +231,7 @@ fn discover() -> Result<Found, String> {
     tried.push("testcontainers: cargo feature `testcontainers` not enabled".to_owned());
 
     match local_cluster() {
-        Ok(server) => {
+        Ok((server, _)) => {
             eprintln!("test PostgreSQL: {}", server.source);
             return Ok(Found::Server(Box::new(server)));
         }
@@ -422,7 +423,54 @@ fn running_as_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn local_cluster() -> Result<Server, String> {
+/// The support module's own checks, which need what every other test shares to be their
+/// own: a discovery that is not cached, and a cluster they may let go of.
+pub mod own {
+    use std::path::PathBuf;
+    use std::process::Child;
+
+    use super::{Found, Server};
+
+    /// What `fresh_schema` would find with `DATABASE_URL` set to `url`: `Ok(true)` for a
+    /// server, `Ok(false)` for none, `Err` for the hard failure every test would see.
+    pub fn discover_with(url: Option<&str>) -> Result<bool, String> {
+        super::discover(url.map(str::to_owned)).map(|found| matches!(found, Found::Server(_)))
+    }
+
+    /// A throwaway cluster of the caller's own.
+    pub struct Cluster {
+        server: Server,
+        pub dir: PathBuf,
+    }
+
+    impl Cluster {
+        pub fn start() -> Result<Self, String> {
+            let (server, dir) = super::local_cluster()?;
+            Ok(Cluster { server, dir })
+        }
+
+        pub fn config(&self) -> postgres::Config {
+            self.server.config.clone()
+        }
+
+        /// Closes the watchdog's stdin, as the death of this process would, and waits for
+        /// the watchdog to finish its clean-up.
+        pub fn abandon(self) {
+            let keep_alive = self
+                .server
+                ._keep_alive
+                .expect("a local cluster has a watchdog");
+            let mut boxed = keep_alive.into_inner().expect("watchdog lock");
+            let watchdog = boxed
+                .downcast_mut::<Child>()
+                .expect("the local cluster's keep-alive is its watchdog");
+            drop(watchdog.stdin.take());
+            watchdog.wait().expect("wait for the watchdog");
+        }
+    }
+}
+
+fn local_cluster() -> Result<(Server, PathBuf), String> {
     let bin = find_pg_bin_dir().ok_or(
         "no directory with initdb, pg_ctl and postgres on PATH or in /usr/lib/postgresql/*/bin",
     )?;
@@ -436,11 +484,11 @@ fn local_cluster() -> Result<Server, String> {
         hex(&random)
     ));
     fs::create_dir(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
-    let mut dir = TempDir {
-        path: dir,
+    let mut temp = TempDir {
+        path: dir.clone(),
         ours: true,
     };
-    start_cluster(&bin, &run_as, &mut dir)
+    Ok((start_cluster(&bin, &run_as, &mut temp)?, dir))
 }
 
 /// The cluster's dir: removed on drop until the watchdog takes it over.
