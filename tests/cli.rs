@@ -2,38 +2,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use hyper::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
+use support::process::{BIN, Serve, workspace_create};
 use support::server::Http;
-
-const BIN: &str = env!("CARGO_BIN_EXE_model-relay");
-
-fn workspace_create(database: &str) -> Value {
-    let out = Command::new(BIN)
-        .args([
-            "workspace",
-            "create",
-            "acme",
-            "--json",
-            "--database",
-            database,
-        ])
-        .env_remove("MODEL_RELAY_DATABASE")
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout.lines().count(), 1, "exactly one line: {stdout:?}");
-    serde_json::from_str(&stdout).unwrap()
-}
 
 #[test]
 fn workspace_create_json_prints_exactly_one_object_with_id_and_token() {
@@ -73,69 +47,13 @@ fn bad_database_urls_and_durations_are_refused_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pending-timeout"));
 }
 
-/// A `model-relay serve` process on a free port; killed if the test fails.
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-impl Serve {
-    fn start(database: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The log line `model-relay serving listen=ADDR` says which port it took.
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("serve exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        // Keep draining the log so the process never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Serve {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Two `serve` processes on one database; every call alternates between them.
 async fn two_processes_alternating(database: &str) {
     let api = workspace_create(database)["api_token"]
         .as_str()
         .unwrap()
         .to_owned();
-    let servers = [Serve::start(database), Serve::start(database)];
+    let servers = [Serve::start(database, &[]), Serve::start(database, &[])];
     let at = |i: usize, path: &str| format!("{}{path}", servers[i % 2].base);
     let http = Http::default();
 

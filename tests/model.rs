@@ -342,6 +342,8 @@ fn run_engine(name: &str, open: impl Fn() -> (Arc<dyn Storer>, Box<dyn std::any:
         cases: cases(),
         // Shrinking re-runs the engine; bound it so a real failure still reports promptly.
         max_shrink_iters: 2_000,
+        // Cases are generated afresh each run; nothing is written next to the sources.
+        failure_persistence: None,
         ..Config::default()
     });
     let ops = prop::collection::vec(op(), 1..60);

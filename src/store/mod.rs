@@ -35,6 +35,8 @@ pub enum StoreError {
     SchemaTooNew { found: i64, known: i64 },
     #[error(transparent)]
     Random(#[from] RandomError),
+    #[error("the store is closed")]
+    Closed,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

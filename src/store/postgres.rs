@@ -30,7 +30,8 @@ const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error,
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
 
 pub struct PostgresStore {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    /// Always `Some` until the store drops: then it moves to a plain thread (see `Drop`).
+    pool: Option<r2d2::Pool<PostgresConnectionManager<NoTls>>>,
     timeouts: Timeouts,
 }
 
@@ -53,11 +54,14 @@ impl PostgresStore {
             .min_idle(Some(1))
             .connection_timeout(CHECKOUT_TIMEOUT)
             .build(PostgresConnectionManager::new(config, NoTls))?;
-        Ok(PostgresStore { pool, timeouts })
+        Ok(PostgresStore {
+            pool: Some(pool),
+            timeouts,
+        })
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
-        Ok(self.pool.get()?)
+        Ok(self.pool.as_ref().ok_or(StoreError::Closed)?.get()?)
     }
 }
 
@@ -66,10 +70,11 @@ impl Drop for PostgresStore {
         // Closing a synchronous `postgres` connection runs a small runtime of its own, which
         // panics on a tokio thread. The last store handle may well drop on one (a test's
         // end, a server task), so the pool's connections are closed on a plain thread.
-        let pool = self.pool.clone();
-        let _ = std::thread::Builder::new()
-            .name("model-relay-pg-close".into())
-            .spawn(move || drop(pool));
+        if let Some(pool) = self.pool.take() {
+            let _ = std::thread::Builder::new()
+                .name("model-relay-pg-close".into())
+                .spawn(move || drop(pool));
+        }
     }
 }
 

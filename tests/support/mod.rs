@@ -2,5 +2,7 @@
 // Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod postgres;
+pub mod process;
 pub mod server;

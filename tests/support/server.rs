@@ -107,36 +107,63 @@ impl Http {
         token: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Answer {
+        self.try_call(method.clone(), url, token, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    }
+
+    /// The call, or why no answer came (connection refused, reset, no answer in 10 s).
+    pub async fn try_call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, String> {
         let mut request = Request::builder().method(method).uri(url);
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .unwrap();
-        let response = self.client.request(request).await.unwrap();
-        let status = response.status();
-        let text_header = |name| {
-            response
-                .headers()
-                .get(name)
-                .map(|v: &header::HeaderValue| v.to_str().unwrap().to_owned())
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let status = response.status();
+            let text_header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|v: &header::HeaderValue| v.to_str().unwrap_or("<not text>").to_owned())
+            };
+            let allow = text_header(header::ALLOW);
+            let content_type = text_header(header::CONTENT_TYPE);
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{e:?}"))?
+                .to_bytes();
+            let json = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))?
+            };
+            Ok(Answer {
+                status,
+                allow,
+                content_type,
+                json,
+            })
         };
-        let allow = text_header(header::ALLOW);
-        let content_type = text_header(header::CONTENT_TYPE);
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))
-        };
-        Answer {
-            status,
-            allow,
-            content_type,
-            json,
-        }
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .map_err(|_| "no answer within 10 s".to_owned())?
     }
 
     pub async fn get(&self, url: &str, token: &str) -> Answer {

@@ -1,0 +1,320 @@
+//! The harness's checker, on hand-made histories: each invariant's check fires on a history
+//! that breaks it, and stays quiet on one that keeps it. (The live runs in
+//! `multi_instance.rs` prove the harness sees a real 404; these prove every other check
+//! can fail too.)
+
+mod support;
+
+use serde_json::{Value, json};
+use support::harness::check::{Invariant, Limits, check};
+use support::harness::{Call, Op};
+
+const LIMITS: Limits = Limits {
+    pending_ms: 400,
+    running_ms: 500,
+};
+const RT: &str = "7d0c5a3e-1111-4222-8333-944455556666";
+const OTHER_RT: &str = "0b8e2f71-2222-4333-8444-955566667777";
+const ID: &str = "0123456789abcdef0123456789abcdef";
+/// 2026-05-01T09:19:21.000Z
+const T: i64 = 1_777_627_161_000;
+
+fn at(ms: i64) -> String {
+    model_relay::clock::rfc3339(ms)
+}
+
+fn record(status: &str, created: i64, updated: i64) -> Value {
+    json!({"id": ID, "runtime_id": RT, "status": status, "supported": true,
+           "created_at": at(created), "updated_at": at(updated)})
+}
+
+fn call(actor: &str, op: Op, t: i64, status: u16, body: Value) -> Call {
+    Call {
+        actor: actor.into(),
+        op,
+        instance: 0,
+        runtime: RT.into(),
+        request: Some(ID.into()),
+        invoked: t,
+        completed: t + 1,
+        outcome: Ok((status, body)),
+    }
+}
+
+fn done() -> Value {
+    json!({"status": "completed", "models": [{"id": "m", "label": "M"}], "supported": true})
+}
+
+fn completed_record(updated: i64) -> Value {
+    let mut r = record("completed", T, updated);
+    r["models"] = json!([{"id": "m", "label": "M"}]);
+    r
+}
+
+/// A run that keeps every invariant: create, claim, running, report, completed everywhere.
+fn good() -> Vec<Call> {
+    vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call("p", Op::Poll, T + 10, 200, record("pending", T, T)),
+        call(
+            "d",
+            Op::Heartbeat,
+            T + 20,
+            200,
+            json!({"status": "ok", "pending_model_list": {"id": ID}}),
+        ),
+        call("p", Op::Poll, T + 30, 200, record("running", T, T + 20)),
+        call(
+            "d",
+            Op::Report(done()),
+            T + 40,
+            200,
+            json!({"status": "ok"}),
+        ),
+        call(
+            "d",
+            Op::Report(done()),
+            T + 50,
+            200,
+            json!({"status": "ok"}),
+        ),
+        call(
+            "d",
+            Op::Report(json!({"status": "failed", "error": "x"})),
+            T + 55,
+            409,
+            json!({}),
+        ),
+        call("p", Op::Poll, T + 60, 200, completed_record(T + 40)),
+        call(
+            "final",
+            Op::FinalRead,
+            T + 900,
+            200,
+            completed_record(T + 40),
+        ),
+    ]
+}
+
+fn fired(history: &[Call]) -> Vec<Invariant> {
+    let mut kinds: Vec<Invariant> = check(history, LIMITS).iter().map(|v| v.invariant).collect();
+    kinds.dedup();
+    kinds
+}
+
+#[test]
+fn a_history_that_keeps_every_invariant_passes() {
+    assert_eq!(
+        check(&good(), LIMITS).len(),
+        0,
+        "{:?}",
+        check(&good(), LIMITS)
+    );
+}
+
+#[test]
+fn a_404_for_a_created_request_is_caught() {
+    let mut h = good();
+    h.push(call(
+        "final",
+        Op::FinalRead,
+        T + 901,
+        404,
+        json!({"error": "request not found"}),
+    ));
+    assert_eq!(fired(&h), vec![Invariant::Readable404]);
+}
+
+#[test]
+fn a_request_in_two_heartbeat_acks_is_caught() {
+    let mut h = good();
+    h.push(call(
+        "d",
+        Op::Heartbeat,
+        T + 25,
+        200,
+        json!({"status": "ok", "pending_model_list": {"id": ID}}),
+    ));
+    assert_eq!(fired(&h), vec![Invariant::HandedOutTwice]);
+}
+
+#[test]
+fn statuses_going_backwards_for_a_poller_are_caught() {
+    let mut h = good();
+    h.insert(4, call("p", Op::Poll, T + 35, 200, record("pending", T, T)));
+    assert!(
+        fired(&h).contains(&Invariant::WentBackwards),
+        "{:?}",
+        fired(&h)
+    );
+}
+
+#[test]
+fn a_terminal_record_that_changes_is_caught() {
+    let mut h = good();
+    let mut changed = completed_record(T + 40);
+    changed["models"] = json!([]);
+    h.push(call("final", Op::FinalRead, T + 950, 200, changed));
+    assert!(
+        fired(&h).contains(&Invariant::TerminalChanged),
+        "{:?}",
+        fired(&h)
+    );
+}
+
+#[test]
+fn a_report_answered_200_that_later_reads_do_not_show_is_caught() {
+    let mut h = good();
+    h.insert(
+        6,
+        call(
+            "d",
+            Op::Report(json!({"status": "failed", "supported": true, "error": "x"})),
+            T + 52,
+            200,
+            json!({}),
+        ),
+    );
+    assert!(
+        fired(&h).contains(&Invariant::ReportNotShown),
+        "{:?}",
+        fired(&h)
+    );
+}
+
+#[test]
+fn a_report_answered_409_that_shows_up_anyway_is_caught() {
+    let failed = json!({"status": "failed", "supported": true, "error": "x"});
+    let mut failed_record = record("failed", T, T + 45);
+    failed_record["error"] = json!("x");
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call(
+            "d",
+            Op::Heartbeat,
+            T + 20,
+            200,
+            json!({"status": "ok", "pending_model_list": {"id": ID}}),
+        ),
+        call("d", Op::Report(failed), T + 40, 409, json!({})),
+        call("final", Op::FinalRead, T + 900, 200, failed_record),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::ConflictChangedState]);
+}
+
+#[test]
+fn a_pending_read_past_the_claim_deadline_is_caught() {
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call("p", Op::Poll, T + 400, 200, record("pending", T, T)),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::DeadlineMissed]);
+    let in_time = vec![
+        h[0].clone(),
+        call("p", Op::Poll, T + 398, 200, record("pending", T, T)),
+    ];
+    assert_eq!(fired(&in_time), vec![]);
+}
+
+#[test]
+fn a_running_read_past_the_lease_is_caught() {
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call("p", Op::Poll, T + 520, 200, record("running", T, T + 20)),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::DeadlineMissed]);
+}
+
+#[test]
+fn a_pending_timeout_of_a_claimed_request_is_caught() {
+    let mut timed_out = record("timeout", T, T + 400);
+    timed_out["error"] = json!("daemon did not respond within 400 milliseconds");
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call(
+            "d",
+            Op::Heartbeat,
+            T + 20,
+            200,
+            json!({"status": "ok", "pending_model_list": {"id": ID}}),
+        ),
+        call("p", Op::Poll, T + 600, 200, timed_out),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::DeadlineMissed]);
+}
+
+#[test]
+fn a_running_timeout_before_the_renewed_lease_ends_is_caught() {
+    let mut timed_out = record("timeout", T, T + 520);
+    timed_out["error"] = json!("daemon did not finish within 500 milliseconds");
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call(
+            "d",
+            Op::Heartbeat,
+            T + 20,
+            200,
+            json!({"status": "ok", "pending_model_list": {"id": ID}}),
+        ),
+        call(
+            "d",
+            Op::Report(json!({"status": "running"})),
+            T + 300,
+            200,
+            json!({"status": "ok"}),
+        ),
+        call("p", Op::Poll, T + 900, 200, timed_out),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::DeadlineMissed]);
+}
+
+#[test]
+fn crossing_a_runtime_boundary_is_caught() {
+    let mut foreign = call("p", Op::ForeignRead, T + 5, 200, record("pending", T, T));
+    foreign.runtime = OTHER_RT.into();
+    let mut h = good();
+    h.push(foreign);
+    assert_eq!(fired(&h), vec![Invariant::CrossedBoundary]);
+
+    let mut wrong_owner = good();
+    wrong_owner[1].outcome = Ok((200, {
+        let mut r = record("pending", T, T);
+        r["runtime_id"] = json!(OTHER_RT);
+        r
+    }));
+    assert_eq!(fired(&wrong_owner), vec![Invariant::CrossedBoundary]);
+}
+
+#[test]
+fn a_5xx_other_than_runtime_offline_on_create_is_caught() {
+    let mut h = good();
+    h.push(call(
+        "p",
+        Op::Create,
+        T + 70,
+        503,
+        json!({"error": "runtime is offline"}),
+    ));
+    assert_eq!(fired(&h), vec![], "offline on create is expected");
+    h.push(call(
+        "p",
+        Op::Poll,
+        T + 80,
+        503,
+        json!({"error": "store unavailable"}),
+    ));
+    assert_eq!(fired(&h), vec![Invariant::Unexpected5xx]);
+}
+
+#[test]
+fn a_4xx_on_a_valid_call_is_caught() {
+    let mut h = good();
+    h.push(call(
+        "d",
+        Op::Heartbeat,
+        T + 70,
+        401,
+        json!({"error": "missing or invalid bearer token"}),
+    ));
+    assert_eq!(fired(&h), vec![Invariant::UnexpectedStatus]);
+}
