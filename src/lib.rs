@@ -16,10 +16,12 @@
 //! - [`sweeper`]: the background task that ends overdue requests and deletes old ones.
 //! - [`config`]: durations and database URLs as the command line gives them.
 //! - [`cli`]: the `model-relay` command line.
+//! - [`daemon`]: the reference daemon: heartbeats, discovery, lease renewal, reports.
 
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod http;
 pub mod ids;
 pub mod model;
