@@ -17,6 +17,7 @@
 //! - [`config`]: durations and database URLs as the command line gives them.
 //! - [`cli`]: the `model-relay` command line.
 //! - [`daemon`]: the reference daemon: heartbeats, discovery, lease renewal, reports.
+//! - [`web`]: the page at `GET /`, embedded in the binary.
 
 pub mod cli;
 pub mod clock;
@@ -27,5 +28,6 @@ pub mod ids;
 pub mod model;
 pub mod store;
 pub mod sweeper;
+pub mod web;
 
 pub use http::{App, run};
