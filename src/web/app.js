@@ -133,7 +133,6 @@ function newItem(runtime) {
   item.dataset.runtimeName = runtime.name;
   const heading = item.querySelector('.runtime-name');
   heading.textContent = runtime.name;
-  item.setAttribute('aria-label', runtime.name);
   item.querySelector('.runtime-provider').textContent = runtime.provider;
   const button = item.querySelector('.discover');
   button.setAttribute('aria-label', 'Discover models for ' + runtime.name);
