@@ -91,7 +91,7 @@ fn server_base(url: &str) -> Result<String, String> {
     if uri.scheme_str() != Some("http") || uri.host().is_none() {
         return Err(format!("{url:?}: expected http://HOST[:PORT]"));
     }
-    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
             "{url:?}: give the server's root, without a path or query"
         ));
