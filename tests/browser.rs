@@ -144,6 +144,22 @@ async fn scenario(client: Client, base: String, api: String) {
         !token_field.is_displayed().await.unwrap(),
         "signed in after reload"
     );
+    // Signing out forgets it; the demo's link (token in the fragment) signs in again,
+    // opened afresh or pasted into the open page, and leaves no token in the address bar.
+    for from in ["about:blank", "the open page"] {
+        let signout = client.find(Locator::Id("signout")).await.unwrap();
+        signout.click().await.unwrap();
+        let token_field = client.find(Locator::Id("token")).await.unwrap();
+        assert!(token_field.is_displayed().await.unwrap(), "signed out");
+        if from == "about:blank" {
+            client.goto(from).await.unwrap();
+        }
+        client.goto(&format!("{base}/#token={api}")).await.unwrap();
+        let badge = format!("{} .badge", runtime("empty-box"));
+        wait_for_text(&client, &badge, "online").await;
+        let url = client.current_url().await.unwrap();
+        assert_eq!(url.fragment(), None, "from {from}: {url}");
+    }
 
     // One by keyboard (focus, Enter), two by click.
     let alpha = client

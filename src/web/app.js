@@ -259,18 +259,27 @@ function start() {
   $('signout').addEventListener('click', () => signOut(''));
   $('refresh').addEventListener('click', refresh);
 
-  // `model-relay demo` opens the page as /#token=…: take the token, then drop it from the
-  // address bar and the history.
-  const fromUrl = new URLSearchParams(location.hash.slice(1)).get('token');
-  if (fromUrl) {
-    history.replaceState(null, '', location.pathname + location.search);
-  }
-  const saved = fromUrl || localStorage.getItem(TOKEN_KEY);
+  // A link pasted into an open page changes only the fragment: no reload, so listen.
+  window.addEventListener('hashchange', () => {
+    const fromUrl = tokenFromUrl();
+    if (fromUrl) signIn(fromUrl);
+  });
+  const saved = tokenFromUrl() || localStorage.getItem(TOKEN_KEY);
   if (saved) {
     signIn(saved);
   } else {
     $('token').focus();
   }
+}
+
+// `model-relay demo` links to the page as /#token=…: take the token, then drop it from the
+// address bar and the history.
+function tokenFromUrl() {
+  const fromUrl = new URLSearchParams(location.hash.slice(1)).get('token');
+  if (fromUrl) {
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  return fromUrl;
 }
 
 start();
