@@ -2,6 +2,7 @@
 //! SQLite in a temp dir, a workspace, three runtimes whose in-process daemons answer the
 //! three ways a discovery can end (models, none, failure), and the page's URL to open.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,12 +176,15 @@ async fn serve(
     }
     // The token goes in the fragment: browsers never send it to the server, so it stays out
     // of any log of requested URLs.
-    println!("model-relay demo is running. Open this page:");
-    println!();
-    println!("    {server_url}/#token={}", api_token.expose());
-    println!();
-    println!("Three runtimes wait there: demo-laptop finds models, empty-box finds none,");
-    println!("and broken-box fails. Press Ctrl-C to stop; the demo's data is deleted then.");
+    let banner = format!(
+        "model-relay demo is running. Open this page:\n\n    {server_url}/#token={}\n\n\
+         Three runtimes wait there: demo-laptop finds models, empty-box finds none,\n\
+         and broken-box fails. Press Ctrl-C to stop; the demo's data is deleted then.",
+        api_token.expose()
+    );
+    // Not println!: it panics when stdout is closed (`demo | head -3`), and the demo should
+    // go on serving regardless.
+    let _ = writeln!(std::io::stdout().lock(), "{banner}");
     stop_requested().await;
     let _ = stop_daemons.send(true);
     for daemon in running {

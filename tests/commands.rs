@@ -213,15 +213,17 @@ async fn demo_serves_the_page_and_three_runtimes_that_end_three_ways() {
             .stdout(Stdio::piped()),
     );
     let stdout = demo.child.stdout.take().unwrap();
-    let url = BufReader::new(stdout)
-        .lines()
-        .map(Result::unwrap)
+    let mut lines = BufReader::new(stdout).lines().map(Result::unwrap);
+    let url = lines
         .find_map(|line| {
             line.trim()
                 .starts_with("http://")
                 .then(|| line.trim().to_owned())
         })
         .expect("the demo prints the page's URL");
+    // Keep reading, as a terminal would, so the test never depends on what the demo does
+    // with a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let (base, token) = url.split_once("/#token=").expect("token in the fragment");
     let http = Http::default();
 

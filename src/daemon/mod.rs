@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 pub use client::{CallError, ReportBody};
 pub use discover::{Discovery, Source, parse_models};
@@ -111,6 +112,12 @@ pub enum DaemonError {
 /// discoveries are cancelled and reported as failed, within `stop_grace`), or until the
 /// server refuses a heartbeat with a 4xx.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    // Every line this daemon logs names its runtime: the demo runs several in one process.
+    let span = tracing::info_span!("daemon", runtime = %config.runtime_id);
+    serve(config, shutdown).instrument(span).await
+}
+
+async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let client = Arc::new(RelayClient::new(
         config.server.clone(),
@@ -123,7 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut beats = tokio::time::interval(config.heartbeat_interval);
     beats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
-    tracing::info!(server = %config.server, runtime = %config.runtime_id, "daemon started");
+    tracing::info!(server = %config.server, "daemon started");
     let outcome = loop {
         tokio::select! {
             () = &mut shutdown => break Ok(()),
@@ -142,12 +149,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match beat {
             Ok(Some(id)) => {
                 tracing::info!(request = %id, "claimed a model-list request; discovering");
-                requests.spawn(serve_request(
-                    Arc::clone(&client),
-                    Arc::clone(&config),
-                    id,
-                    stopping.clone(),
-                ));
+                requests.spawn(
+                    serve_request(
+                        Arc::clone(&client),
+                        Arc::clone(&config),
+                        id,
+                        stopping.clone(),
+                    )
+                    .in_current_span(),
+                );
             }
             Ok(None) => tracing::debug!("heartbeat"),
             Err(e) if e.is_retryable() => {
