@@ -6,6 +6,7 @@
 //! its row with `FOR UPDATE SKIP LOCKED`, so concurrent heartbeats never wait on each other
 //! and never hand out one request twice.
 
+use std::mem::ManuallyDrop;
 use std::time::Duration;
 
 use postgres::{Client, NoTls, Row, Transaction};
@@ -30,7 +31,8 @@ const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error,
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
 
 pub struct PostgresStore {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    /// Dropped only by hand, in `Drop`, on a plain thread (see there).
+    pool: ManuallyDrop<r2d2::Pool<PostgresConnectionManager<NoTls>>>,
     timeouts: Timeouts,
 }
 
@@ -53,7 +55,10 @@ impl PostgresStore {
             .min_idle(Some(1))
             .connection_timeout(CHECKOUT_TIMEOUT)
             .build(PostgresConnectionManager::new(config, NoTls))?;
-        Ok(PostgresStore { pool, timeouts })
+        Ok(PostgresStore {
+            pool: ManuallyDrop::new(pool),
+            timeouts,
+        })
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
@@ -66,7 +71,10 @@ impl Drop for PostgresStore {
         // Closing a synchronous `postgres` connection runs a small runtime of its own, which
         // panics on a tokio thread. The last store handle may well drop on one (a test's
         // end, a server task), so the pool's connections are closed on a plain thread.
-        let pool = self.pool.clone();
+        // The pool is moved there, not cloned: with a clone, whichever of the two handles
+        // dropped last closed the connections, and now and then that was this thread.
+        // SAFETY: `drop` runs once, and nothing uses `self.pool` after this line.
+        let pool = unsafe { ManuallyDrop::take(&mut self.pool) };
         let _ = std::thread::Builder::new()
             .name("model-relay-pg-close".into())
             .spawn(move || drop(pool));
