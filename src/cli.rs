@@ -1,4 +1,4 @@
-//! The `model-relay` command line: `serve` and `workspace create`.
+//! The `model-relay` command line: `serve`, `workspace create`, `daemon` and `demo`.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -35,6 +35,10 @@ enum Command {
         #[command(subcommand)]
         command: WorkspaceCommand,
     },
+    /// Run a daemon for one runtime: heartbeat, discover models, report.
+    Daemon(crate::daemon::command::DaemonArgs),
+    /// Server, workspace and simulated runtimes in one process; prints the page's URL.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -101,6 +105,8 @@ pub fn main() -> ExitCode {
                     json,
                 },
         } => create_workspace(&name, &database, json),
+        Command::Daemon(args) => crate::daemon::command::daemon(args),
+        Command::Demo(args) => crate::demo::demo(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,14 +16,20 @@
 //! - [`sweeper`]: the background task that ends overdue requests and deletes old ones.
 //! - [`config`]: durations and database URLs as the command line gives them.
 //! - [`cli`]: the `model-relay` command line.
+//! - [`daemon`]: the reference daemon: heartbeats, discovery, lease renewal, reports.
+//! - [`demo`]: `model-relay demo`, the whole flow in one process.
+//! - [`web`]: the page at `GET /`, embedded in the binary.
 
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod http;
 pub mod ids;
 pub mod model;
 pub mod store;
 pub mod sweeper;
+pub mod web;
 
 pub use http::{App, run};

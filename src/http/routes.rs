@@ -22,6 +22,9 @@ use crate::store::{Heartbeat, NewRuntime};
 /// id that cannot exist gets the same 404 as one that does not.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Route<'a> {
+    /// The web page, and its script and stylesheet.
+    Page,
+    Asset(&'a str),
     Healthz,
     Readyz,
     Runtimes,
@@ -34,12 +37,16 @@ pub enum Route<'a> {
 
 impl<'a> Route<'a> {
     pub fn resolve(path: &'a str) -> Option<Self> {
+        if path == "/" {
+            return Some(Route::Page);
+        }
         let rest = path.strip_prefix('/')?;
         let segments: Vec<&str> = rest.split('/').collect();
         if segments.iter().any(|s| s.is_empty()) {
             return None;
         }
         Some(match segments.as_slice() {
+            ["assets", name] => Route::Asset(name),
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["api", "runtimes"] => Route::Runtimes,
@@ -56,6 +63,7 @@ impl<'a> Route<'a> {
     fn allowed(self) -> &'static str {
         match self {
             Route::Healthz | Route::Readyz | Route::Model(..) => "GET",
+            Route::Page | Route::Asset(_) => "GET",
             Route::Runtimes => "GET, POST",
             Route::Runtime(_) => "DELETE",
             Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
@@ -77,6 +85,10 @@ async fn dispatch(app: &Arc<App>, parts: &Parts, body: Incoming) -> Answer {
     let route = Route::resolve(parts.uri.path()).ok_or(ApiError::NotFound("route"))?;
     let token = wire::bearer(parts.headers.get(header::AUTHORIZATION));
     match (&parts.method, route) {
+        (&Method::GET, Route::Page) => Ok(crate::web::page()),
+        (&Method::GET, Route::Asset(name)) => {
+            crate::web::asset(name).ok_or(ApiError::NotFound("asset"))
+        }
         (&Method::GET, Route::Healthz) => Ok(wire::json(StatusCode::OK, &wire::OK)),
         (&Method::GET, Route::Readyz) => {
             app.blocking(|app| Ok(app.store.ping()?)).await?;
@@ -292,6 +304,11 @@ mod tests {
     #[test]
     fn paths_resolve_to_routes_and_nothing_else_does() {
         assert_eq!(Route::resolve("/healthz"), Some(Route::Healthz));
+        assert_eq!(Route::resolve("/"), Some(Route::Page));
+        assert_eq!(
+            Route::resolve("/assets/app.js"),
+            Some(Route::Asset("app.js"))
+        );
         assert_eq!(Route::resolve("/api/runtimes"), Some(Route::Runtimes));
         assert_eq!(Route::resolve("/api/runtimes/a"), Some(Route::Runtime("a")));
         assert_eq!(
@@ -304,7 +321,6 @@ mod tests {
         );
         for none in [
             "",
-            "/",
             "healthz",
             "/healthz/",
             "/api/runtimes/",

@@ -1,0 +1,336 @@
+//! The daemon's side of the wire: a heartbeat and a report, over plain HTTP/1 with hyper's
+//! client, and the rule for which failures are worth retrying.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, Uri, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use super::discover::Discovery;
+use crate::ids::{RequestId, RuntimeId, Token};
+use crate::model::ModelEntry;
+
+/// Largest answer we read: the server's answers to a daemon are a few dozen bytes.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Why a call did not get a 200.
+#[derive(Debug)]
+pub enum CallError {
+    /// No answer: the connection failed, or the server took longer than the call timeout.
+    Network(String),
+    /// The server answered with another status; its `error` message, when it sent one.
+    Status(StatusCode, String),
+    /// A 200 whose body is not what the contract says.
+    BadAnswer(String),
+}
+
+impl CallError {
+    /// Network errors and 5xx may pass; a 4xx says the call itself is wrong and stays wrong.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CallError::Network(_) => true,
+            CallError::Status(status, _) => status.is_server_error(),
+            CallError::BadAnswer(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Network(e) => write!(f, "no answer: {e}"),
+            CallError::Status(status, message) => write!(f, "{status}: {message}"),
+            CallError::BadAnswer(e) => write!(f, "unexpected answer: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// A report body, as DESIGN.md's result route takes it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ReportBody {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<ModelEntry>,
+    supported: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl ReportBody {
+    /// Still working: renews the lease.
+    pub fn running() -> Self {
+        ReportBody {
+            status: "running",
+            models: Vec::new(),
+            supported: true,
+            error: None,
+        }
+    }
+
+    pub fn failed(error: String) -> Self {
+        ReportBody {
+            status: "failed",
+            error: Some(error),
+            ..ReportBody::running()
+        }
+    }
+
+    pub fn ended(discovery: Discovery) -> Self {
+        match discovery {
+            Discovery::Found { models, supported } => ReportBody {
+                status: "completed",
+                models,
+                supported,
+                error: None,
+            },
+            Discovery::Failed(error) => ReportBody::failed(error),
+        }
+    }
+}
+
+/// Talks to one relay server as one runtime.
+pub struct RelayClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    /// `http://host:port` with no trailing slash; paths are appended.
+    base: String,
+    runtime_id: RuntimeId,
+    token: Token,
+    /// A call that takes longer counts as a network error: a hung connection must not stall
+    /// the heartbeats.
+    call_timeout: Duration,
+}
+
+impl RelayClient {
+    pub fn new(base: String, runtime_id: RuntimeId, token: Token, call_timeout: Duration) -> Self {
+        RelayClient {
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            base,
+            runtime_id,
+            token,
+            call_timeout,
+        }
+    }
+
+    /// One heartbeat; the request it claimed, if any.
+    pub async fn heartbeat(&self) -> Result<Option<RequestId>, CallError> {
+        #[derive(Deserialize)]
+        struct Ack {
+            pending_model_list: Option<Pending>,
+        }
+        #[derive(Deserialize)]
+        struct Pending {
+            id: String,
+        }
+        let body = serde_json::json!({"runtime_id": self.runtime_id.to_string()});
+        let answer = self.post("/api/daemon/heartbeat", body.to_string()).await?;
+        let ack: Ack = serde_json::from_slice(&answer)
+            .map_err(|e| CallError::BadAnswer(format!("heartbeat answer: {e}")))?;
+        match ack.pending_model_list {
+            None => Ok(None),
+            Some(Pending { id }) => RequestId::parse(&id)
+                .map(Some)
+                .ok_or_else(|| CallError::BadAnswer(format!("claimed request id {id:?}"))),
+        }
+    }
+
+    /// One report about request `id`.
+    pub async fn report(&self, id: RequestId, body: &ReportBody) -> Result<(), CallError> {
+        let path = format!(
+            "/api/daemon/runtimes/{}/models/{id}/result",
+            self.runtime_id
+        );
+        // Serializing strings and booleans cannot fail; an empty body would be a 400.
+        let json = serde_json::to_string(body).unwrap_or_default();
+        self.post(&path, json).await.map(drop)
+    }
+
+    async fn post(&self, path: &str, json: String) -> Result<Bytes, CallError> {
+        let uri: Uri = format!("{}{path}", self.base)
+            .parse()
+            .map_err(|e| CallError::Network(format!("bad URL: {e}")))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
+            .body(Full::new(Bytes::from(json)))
+            .map_err(|e| CallError::Network(format!("cannot build the request: {e}")))?;
+        let call = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| CallError::Network(crate::http::error_chain(&e)))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| CallError::Network(format!("reading the answer: {e}")))?
+                .to_bytes();
+            if status == StatusCode::OK {
+                Ok(body)
+            } else {
+                Err(CallError::Status(status, error_message(&body)))
+            }
+        };
+        tokio::time::timeout(self.call_timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(CallError::Network(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.call_timeout)
+                )))
+            })
+    }
+}
+
+/// The `error` of a `{"error": …}` body, or the start of whatever else came back.
+fn error_message(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => e.error,
+        Err(_) => String::from_utf8_lossy(body).chars().take(200).collect(),
+    }
+}
+
+/// Runs `call` until it succeeds, fails with an error that retrying cannot fix, or has been
+/// retried once per entry of `backoff`, waiting that entry's time before each retry.
+pub async fn with_retries<F, Fut>(backoff: &[Duration], mut call: F) -> Result<(), CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), CallError>>,
+{
+    let mut waits = backoff.iter();
+    loop {
+        let error = match call().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        match waits.next() {
+            Some(wait) if error.is_retryable() => {
+                tracing::warn!(%error, retry_in = ?wait, "report failed; retrying");
+                tokio::time::sleep(*wait).await;
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const BACKOFF: [Duration; 4] = [
+        Duration::ZERO,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+        Duration::from_secs(4),
+    ];
+
+    /// Runs `with_retries` with a call that fails with `error` every time; the offsets from
+    /// the start at which it was attempted.
+    async fn attempts_when_failing_with(error: fn() -> CallError) -> Vec<Duration> {
+        let start = Instant::now();
+        let seen = Mutex::new(Vec::new());
+        let result = with_retries(&BACKOFF, || {
+            seen.lock().unwrap().push(start.elapsed());
+            async move { Err(error()) }
+        })
+        .await;
+        assert!(result.is_err());
+        seen.into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn network_errors_and_5xx_are_retried_after_0_half_2_and_4_seconds() {
+        let ms = Duration::from_millis;
+        let expected = vec![ms(0), ms(0), ms(500), ms(2500), ms(6500)];
+        assert_eq!(
+            attempts_when_failing_with(|| CallError::Network("refused".into())).await,
+            expected
+        );
+        assert_eq!(
+            attempts_when_failing_with(|| CallError::Status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable".into()
+            ))
+            .await,
+            expected
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_4xx_is_never_retried() {
+        let refusals: [fn() -> CallError; 4] = [
+            || CallError::Status(StatusCode::BAD_REQUEST, "bad body".into()),
+            || CallError::Status(StatusCode::NOT_FOUND, "request not found".into()),
+            || CallError::Status(StatusCode::CONFLICT, "request is timeout".into()),
+            || CallError::BadAnswer("not JSON".into()),
+        ];
+        for refusal in refusals {
+            let attempts = attempts_when_failing_with(refusal).await;
+            assert_eq!(attempts, vec![Duration::ZERO], "{}", refusal());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_succeeds_stops_retrying() {
+        let calls = Mutex::new(0);
+        let result = with_retries(&BACKOFF, || {
+            let n = {
+                let mut calls = calls.lock().unwrap();
+                *calls += 1;
+                *calls
+            };
+            async move {
+                if n < 3 {
+                    Err(CallError::Network("reset".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(result.is_ok());
+        assert_eq!(*calls.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn report_bodies_have_the_result_route_shape() {
+        let json = |b: ReportBody| serde_json::to_value(b).unwrap();
+        assert_eq!(
+            json(ReportBody::running()),
+            serde_json::json!({"status": "running", "supported": true})
+        );
+        assert_eq!(
+            json(ReportBody::ended(Discovery::Failed("boom".into()))),
+            serde_json::json!({"status": "failed", "supported": true, "error": "boom"})
+        );
+        assert_eq!(
+            json(ReportBody::ended(Discovery::Found {
+                models: vec![],
+                supported: false
+            })),
+            serde_json::json!({"status": "completed", "supported": false})
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! The reference daemon against a real server on `127.0.0.1:0`: discovery from a file and a
+//! command, failure reports, lease renewal while discovery runs, retries, and stopping.
+//!
+//! Nothing here sleeps and hopes: each wait is for a condition the server can show (a
+//! status, a counter in the store), with a generous deadline that only a broken daemon hits.
+
+mod support;
+#[path = "daemon/watched.rs"]
+mod watched;
+#[path = "daemon/world.rs"]
+mod world;
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use model_relay::daemon::{self, Discovery, Source};
+use serde_json::json;
+use world::{Gate, Relay, eventually, is_gone};
+
+#[tokio::test]
+async fn models_file_is_read_afresh_for_every_request() {
+    let relay = Relay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.json");
+    std::fs::write(&file, r#"[{"id":"a","label":"A","default":true}]"#).unwrap();
+    let (rt, daemon) = relay.daemon("file", Source::ModelsFile(file.clone())).await;
+
+    let first = relay.discover(&rt).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert_eq!(
+        first["models"],
+        json!([{"id": "a", "label": "A", "default": true}])
+    );
+
+    std::fs::write(
+        &file,
+        r#"{"models":[{"id":"b","label":"B"}],"supported":true}"#,
+    )
+    .unwrap();
+    let second = relay.discover(&rt).await;
+    assert_eq!(second["models"], json!([{"id": "b", "label": "B"}]));
+
+    std::fs::remove_file(&file).unwrap();
+    let gone = relay.discover(&rt).await;
+    assert_eq!(gone["status"], "failed");
+    assert!(
+        gone["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read models file"),
+        "{gone}"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn discover_cmd_stdout_is_the_models_document() {
+    let relay = Relay::start().await;
+    let cmd = r#"echo '{"models":[],"supported":false}'"#;
+    let (rt, daemon) = relay.daemon("cmd", Source::Command(cmd.into())).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(ended["supported"], false);
+    assert!(ended.get("models").is_none(), "{ended}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_discover_cmd_is_reported_with_its_exit_status_and_stderr_tail() {
+    let relay = Relay::start().await;
+    let cmd = "echo 'starting' >&2; echo 'fatal: no credentials' >&2; exit 3";
+    let (rt, daemon) = relay.daemon("cmd", Source::Command(cmd.into())).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let error = ended["error"].as_str().unwrap();
+    assert!(error.contains("exit status 3"), "{error}");
+    assert!(error.ends_with("fatal: no credentials"), "{error}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_discover_cmd_printing_bad_json_is_reported_failed() {
+    let relay = Relay::start().await;
+    let cmd = r#"echo 'Models: a, b'; echo 'warning: old config' >&2"#;
+    let (rt, daemon) = relay.daemon("cmd", Source::Command(cmd.into())).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let error = ended["error"].as_str().unwrap();
+    assert!(error.contains("invalid JSON"), "{error}");
+    assert!(error.contains("exit status 0"), "{error}");
+    assert!(error.contains("warning: old config"), "{error}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_discover_cmd_past_its_timeout_is_killed_with_its_children_and_reported_failed() {
+    let relay = Relay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("sleeper.pid");
+    // A grandchild that would outlive the shell if only the shell were killed.
+    let cmd = format!(
+        "echo 'looking…' >&2; sleep 60 & echo $! > {}; wait",
+        pid_file.display()
+    );
+    let (rt, token) = relay.runtime("slow").await;
+    let mut config = relay.config(&rt, &token, Source::Command(cmd));
+    config.discover_timeout = Duration::from_millis(300);
+    let daemon = relay.run(config, &rt).await;
+
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let error = ended["error"].as_str().unwrap();
+    assert!(error.contains("timed out after 300ms"), "{error}");
+    assert!(error.contains("looking…"), "{error}");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    eventually("the grandchild is killed", || async { is_gone(pid.trim()) }).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn heartbeats_go_on_and_the_lease_is_renewed_while_discovery_runs() {
+    let relay = Relay::start().await;
+    let gate = Gate::new();
+    let (rt, daemon) = relay.daemon("slow", gate.source()).await;
+    let id = relay.request(&rt).await;
+    eventually("the daemon claims the request", || async {
+        relay.poll(&rt, &id).await["status"] == "running"
+    })
+    .await;
+    let beats_at_claim = relay.knobs.heartbeats.load(SeqCst);
+
+    // Three renewals, 40 s of server time after each: 120 s in all, twice the 60 s lease.
+    for _ in 0..3 {
+        let before = relay.knobs.renewals.load(SeqCst);
+        eventually("a lease renewal", || async {
+            relay.knobs.renewals.load(SeqCst) > before
+        })
+        .await;
+        relay.clock.advance(Duration::from_secs(40));
+    }
+    assert_eq!(relay.poll(&rt, &id).await["status"], "running", "renewed");
+    eventually("heartbeats while discovering", || async {
+        relay.knobs.heartbeats.load(SeqCst) >= beats_at_claim + 2
+    })
+    .await;
+
+    gate.open(r#"[{"id":"slow-model","label":"Slow"}]"#).await;
+    let ended = relay.wait_ended(&rt, &id).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(
+        ended["models"],
+        json!([{"id": "slow-model", "label": "Slow"}])
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_report_answered_503_is_retried_until_it_is_delivered() {
+    let relay = Relay::start().await;
+    relay.knobs.fail_final_reports.store(2, SeqCst);
+    let (rt, daemon) = relay.daemon("flaky", found("m")).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(ended["models"], json!([{"id": "m", "label": "M"}]));
+    assert_eq!(
+        relay.knobs.final_reports.load(SeqCst),
+        3,
+        "two 503s, then 200"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_report_answered_409_is_not_retried() {
+    let relay = Relay::start().await;
+    relay.knobs.expire_before_final_report.store(true, SeqCst);
+    let (rt, daemon) = relay.daemon("late", found("m")).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "timeout", "{ended}");
+    // `stop` returns once the request's task has finished, retries included: every report
+    // the daemon was going to send has reached the store by then.
+    daemon.stop().await.unwrap();
+    assert_eq!(relay.knobs.final_reports.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn heartbeats_answered_503_do_not_stop_the_daemon() {
+    let relay = Relay::start().await;
+    relay.knobs.fail_heartbeats.store(3, SeqCst);
+    let (rt, daemon) = relay.daemon("patient", found("m")).await;
+    // `daemon` waited for the runtime to come online: past the three failures.
+    assert_eq!(relay.knobs.fail_heartbeats.load(SeqCst), 0);
+    assert_eq!(relay.discover(&rt).await["status"], "completed");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_heartbeat_answered_401_stops_the_daemon_with_an_error() {
+    let relay = Relay::start().await;
+    let (rt, _) = relay.runtime("wrong token").await;
+    let config = relay.config(&rt, "mrd_not-the-token", found("m"));
+    let never = std::future::pending::<()>();
+    let error = tokio::time::timeout(Duration::from_secs(10), daemon::run(config, never))
+        .await
+        .expect("the daemon stops by itself")
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("401"), "{message}");
+    assert!(
+        message.contains("missing or invalid bearer token"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn stopping_kills_a_running_discovery_and_reports_it_failed() {
+    let relay = Relay::start().await;
+    let gate = Gate::new();
+    let (rt, daemon) = relay.daemon("stopping", gate.source()).await;
+    let id = relay.request(&rt).await;
+    eventually("the command is running", || async { gate.pid().is_some() }).await;
+    let pid = gate.pid().unwrap();
+
+    daemon.stop().await.unwrap();
+    let ended = relay.poll(&rt, &id).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(
+        ended["error"],
+        "the daemon stopped before discovery finished"
+    );
+    eventually("the discovery command is killed", || async {
+        is_gone(&pid)
+    })
+    .await;
+}
+
+fn found(id: &str) -> Source {
+    Source::Fixed(Discovery::Found {
+        models: vec![model_relay::model::ModelEntry {
+            id: id.to_owned(),
+            label: id.to_uppercase(),
+            provider: None,
+            default: None,
+        }],
+        supported: true,
+    })
+}

@@ -1,0 +1,138 @@
+//! A store that counts what the daemon made the server do, and can be told to fail: the
+//! server around it is real, so the daemon sees real 503s and 409s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use model_relay::clock::Millis;
+use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use model_relay::model::{ModelRequest, Report, Runtime, Timeouts};
+use model_relay::store::memory::MemoryStore;
+use model_relay::store::{NewRuntime, Result, StoreError, Storer};
+
+#[derive(Default)]
+pub struct Knobs {
+    /// Heartbeats that reached the store.
+    pub heartbeats: AtomicU32,
+    /// `{"status":"running"}` reports that reached the store.
+    pub renewals: AtomicU32,
+    /// Final (completed or failed) reports that reached the store.
+    pub final_reports: AtomicU32,
+    /// The next this-many heartbeats fail as a store outage (the server answers 503).
+    pub fail_heartbeats: AtomicU32,
+    /// The next this-many final reports fail as a store outage (503).
+    pub fail_final_reports: AtomicU32,
+    /// Every final report finds its request already timed out (the server answers 409).
+    pub expire_before_final_report: AtomicBool,
+}
+
+pub struct WatchedStore {
+    inner: MemoryStore,
+    pub knobs: Arc<Knobs>,
+}
+
+impl WatchedStore {
+    pub fn new() -> (Arc<Self>, Arc<Knobs>) {
+        let knobs = Arc::new(Knobs::default());
+        let store = Arc::new(WatchedStore {
+            inner: MemoryStore::new(Timeouts::default()),
+            knobs: Arc::clone(&knobs),
+        });
+        (store, knobs)
+    }
+}
+
+fn take_one(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn outage<T>() -> Result<T> {
+    Err(StoreError::Corrupt("injected outage".into()))
+}
+
+impl Storer for WatchedStore {
+    fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
+        if take_one(&self.knobs.fail_heartbeats) {
+            return outage();
+        }
+        self.knobs.heartbeats.fetch_add(1, Ordering::SeqCst);
+        self.inner.touch_runtime(id, now)
+    }
+
+    fn apply_report(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<bool> {
+        if *report == Report::Running {
+            self.knobs.renewals.fetch_add(1, Ordering::SeqCst);
+            return self.inner.apply_report(runtime, id, report, now);
+        }
+        self.knobs.final_reports.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.knobs.fail_final_reports) {
+            return outage();
+        }
+        if self.knobs.expire_before_final_report.load(Ordering::SeqCst) {
+            // As if the lease had run out just before the report arrived.
+            self.inner.expire_request(id, Millis::MAX)?;
+        }
+        self.inner.apply_report(runtime, id, report, now)
+    }
+
+    // ---- the rest only delegates ----
+
+    fn ping(&self) -> Result<()> {
+        self.inner.ping()
+    }
+    fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts()
+    }
+    fn create_workspace(&self, id: WorkspaceId, n: &str, t: &TokenHash, now: Millis) -> Result<()> {
+        self.inner.create_workspace(id, n, t, now)
+    }
+    fn workspace_by_api_token(&self, t: &TokenHash) -> Result<Option<WorkspaceId>> {
+        self.inner.workspace_by_api_token(t)
+    }
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.inner.create_runtime(new, now)
+    }
+    fn list_runtimes(&self, w: WorkspaceId) -> Result<Vec<Runtime>> {
+        self.inner.list_runtimes(w)
+    }
+    fn find_runtime(&self, w: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
+        self.inner.find_runtime(w, id)
+    }
+    fn delete_runtime(&self, w: WorkspaceId, id: RuntimeId) -> Result<bool> {
+        self.inner.delete_runtime(w, id)
+    }
+    fn runtime_by_daemon_token(&self, t: &TokenHash) -> Result<Option<RuntimeId>> {
+        self.inner.runtime_by_daemon_token(t)
+    }
+    fn find_request(&self, rt: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+        self.inner.find_request(rt, id)
+    }
+    fn create_or_coalesce(
+        &self,
+        rt: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        self.inner.create_or_coalesce(rt, id, now)
+    }
+    fn claim_next_pending(&self, rt: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+        self.inner.claim_next_pending(rt, now)
+    }
+    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+        self.inner.expire_request(id, now)
+    }
+    fn expire_overdue(&self, now: Millis) -> Result<u64> {
+        self.inner.expire_overdue(now)
+    }
+    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+        self.inner.delete_ended_before(cutoff, limit)
+    }
+}

@@ -1,0 +1,227 @@
+//! A server for daemon tests (memory store behind [`WatchedStore`], fake clock), the
+//! daemons running against it, and a discovery command the test opens when it chooses.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use model_relay::clock::FakeClock;
+use model_relay::daemon::{self, Config, DaemonError, Source};
+use model_relay::ids::{RuntimeId, Token};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::support::server::{Http, Instance, T0, settings, workspace};
+use super::watched::{Knobs, WatchedStore};
+
+/// Long enough for any healthy wait on a loaded 2-core machine; only a broken daemon hits it.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits until `condition` holds; fails the test, naming `what`, past [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < DEADLINE, "gave up waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether process `pid` has ended (gone, or a zombie waiting to be reaped).
+pub fn is_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name: `123 (sleep) S …`.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+pub struct Relay {
+    pub http: Http,
+    pub clock: Arc<FakeClock>,
+    pub knobs: Arc<Knobs>,
+    instance: Instance,
+    api: String,
+}
+
+impl Relay {
+    pub async fn start() -> Self {
+        let (store, knobs) = WatchedStore::new();
+        let (_, api) = workspace(store.as_ref(), T0);
+        let clock = Arc::new(FakeClock::new(T0));
+        let instance = Instance::start(store, clock.clone(), settings()).await;
+        Relay {
+            http: Http::default(),
+            clock,
+            knobs,
+            instance,
+            api,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.instance.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.instance.base)
+    }
+
+    /// A runtime made over the API: its id and daemon token.
+    pub async fn runtime(&self, name: &str) -> (String, String) {
+        let body = json!({"name": name, "provider": "test"});
+        let created = self
+            .http
+            .post(&self.url("/api/runtimes"), &self.api, body)
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.json);
+        let field = |name: &str| created.json[name].as_str().unwrap().to_owned();
+        (field("id"), field("daemon_token"))
+    }
+
+    /// A daemon config with test timings: quick heartbeats and retries, a long stop grace.
+    pub fn config(&self, rt: &str, token: &str, source: Source) -> Config {
+        let rt = RuntimeId::parse(rt).unwrap();
+        let mut config = Config::new(self.base(), rt, Token::from_header(token), source).unwrap();
+        config.heartbeat_interval = Duration::from_millis(50);
+        config.report_backoff = vec![
+            Duration::ZERO,
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ];
+        config.call_timeout = Duration::from_secs(5);
+        config.stop_grace = Duration::from_secs(10);
+        config
+    }
+
+    /// Starts a daemon for runtime `rt` and waits until the runtime is online.
+    pub async fn run(&self, config: Config, rt: &str) -> RunningDaemon {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon::run(config, async {
+            let _ = stopped.await;
+        }));
+        eventually("the runtime comes online", || async {
+            let list = self.http.get(&self.url("/api/runtimes"), &self.api).await;
+            list.json["runtimes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == rt && r["status"] == "online")
+        })
+        .await;
+        RunningDaemon { stop, task }
+    }
+
+    /// A new runtime with a running daemon that discovers from `source`.
+    pub async fn daemon(&self, name: &str, source: Source) -> (String, RunningDaemon) {
+        let (rt, token) = self.runtime(name).await;
+        let config = self.config(&rt, &token, source);
+        let daemon = self.run(config, &rt).await;
+        (rt, daemon)
+    }
+
+    /// Creates a model-list request: its id.
+    pub async fn request(&self, rt: &str) -> String {
+        let url = self.url(&format!("/api/runtimes/{rt}/models"));
+        let created = self.http.post_empty(&url, &self.api).await;
+        assert_eq!(created.status, StatusCode::OK, "{}", created.json);
+        created.json["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn poll(&self, rt: &str, id: &str) -> Value {
+        let url = self.url(&format!("/api/runtimes/{rt}/models/{id}"));
+        let answer = self.http.get(&url, &self.api).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        answer.json
+    }
+
+    /// Polls until the request has ended; its record.
+    pub async fn wait_ended(&self, rt: &str, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let last = self.poll(rt, id).await;
+            if !matches!(last["status"].as_str(), Some("pending" | "running")) {
+                return last;
+            }
+            assert!(start.elapsed() < DEADLINE, "request never ended: {last}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks runtime `rt` for its models, as the page does; the ended request.
+    pub async fn discover(&self, rt: &str) -> Value {
+        let id = self.request(rt).await;
+        self.wait_ended(rt, &id).await
+    }
+}
+
+pub struct RunningDaemon {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl RunningDaemon {
+    /// Completes the daemon's shutdown future and waits for `run` to return.
+    pub async fn stop(self) -> Result<(), DaemonError> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+/// A discovery command that blocks until the test opens the gate: `cat` on a FIFO, whose
+/// output is whatever the test writes into it.
+pub struct Gate {
+    _dir: tempfile::TempDir,
+    fifo: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("gate");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo");
+        let pid_file = dir.path().join("pid");
+        Gate {
+            _dir: dir,
+            fifo,
+            pid_file,
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        Source::Command(format!(
+            "echo $$ > {}; exec cat {}",
+            self.pid_file.display(),
+            self.fifo.display()
+        ))
+    }
+
+    /// The command's pid, once it has started.
+    pub fn pid(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.pid_file).ok()?;
+        text.ends_with('\n').then(|| text.trim().to_owned())
+    }
+
+    /// Lets the command print `output` and exit.
+    pub async fn open(&self, output: &str) {
+        let fifo = self.fifo.clone();
+        let output = output.to_owned();
+        // Opening a FIFO for writing blocks until its reader (the command) has it open.
+        tokio::task::spawn_blocking(move || std::fs::write(fifo, output))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
