@@ -41,11 +41,7 @@ impl Instance {
     pub async fn start(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = Arc::new(App {
-            store,
-            clock,
-            settings,
-        });
+        let app = Arc::new(App::new(store, clock, settings));
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(run(listener, app, async {
             let _ = stopped.await;
