@@ -201,8 +201,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("server failed: {e}"))
     });
     // The runtime goes first, so the store's last handle drops here, off the runtime, and
-    // its pool closes its connections before the process exits.
-    drop(runtime);
+    // its pool closes its connections before the process exits. A store call still running
+    // (a request past the drain bound) ends within the store's own timeout; the runtime
+    // waits that long for it, not forever.
+    runtime.shutdown_timeout(args.store_timeout);
     drop(app);
     tracing::info!("model-relay stopped");
     served

@@ -69,8 +69,6 @@ impl App {
 /// How long a client may take to send its request headers (stops idle connections from
 /// holding sockets forever).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for in-flight requests before it drops them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets
 /// in-flight requests finish (up to a bound), and stops this instance's sweeper.
@@ -117,12 +115,13 @@ pub async fn run(
     }
     drop(listener);
     drop(stop_sweeper);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(app.settings.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown: in-flight requests did not finish in time");
     }
     let _ = sweeper.await;
+    tracing::debug!("shutdown: drained, sweeper stopped");
     Ok(())
 }

@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod prom;
 pub mod server;

@@ -53,11 +53,23 @@ impl Instance {
         }
     }
 
-    /// Stops the instance through its shutdown future and waits until `run` has returned.
-    pub async fn stop(mut self) {
+    /// Completes the instance's shutdown future; `run` starts shutting down.
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Whether `run` has returned.
+    pub fn has_stopped(&self) -> bool {
+        self.served
+            .as_ref()
+            .is_none_or(|served| served.is_finished())
+    }
+
+    /// Stops the instance through its shutdown future and waits until `run` has returned.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(served) = self.served.take() {
             served.await.unwrap().unwrap();
         }
@@ -72,6 +84,28 @@ pub fn workspace(store: &dyn Storer, now: i64) -> (WorkspaceId, String) {
         .create_workspace(id, "ws", &token.hash(), now)
         .unwrap();
     (id, token.expose().to_owned())
+}
+
+impl RawAnswer {
+    pub fn into_json(self) -> Answer {
+        let json = if self.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+                panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body))
+            })
+        };
+        Answer {
+            status: self.status,
+            allow: self.allow,
+            content_type: self.content_type,
+            json,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.to_vec()).unwrap()
+    }
 }
 
 #[derive(Clone)]
@@ -95,14 +129,23 @@ impl Default for Http {
     }
 }
 
+/// An answer as it came: status, content type, body text.
+pub struct RawAnswer {
+    pub status: StatusCode,
+    pub allow: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
 impl Http {
-    pub async fn call(
+    /// One call; `Err` when no answer came (refused, reset, closed early).
+    pub async fn try_raw(
         &self,
         method: Method,
         url: &str,
         token: Option<&str>,
         body: Option<Vec<u8>>,
-    ) -> Answer {
+    ) -> Result<RawAnswer, String> {
         let mut request = Request::builder().method(method).uri(url);
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -110,7 +153,11 @@ impl Http {
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .unwrap();
-        let response = self.client.request(request).await.unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let status = response.status();
         let text_header = |name| {
             response
@@ -120,19 +167,35 @@ impl Http {
         };
         let allow = text_header(header::ALLOW);
         let content_type = text_header(header::CONTENT_TYPE);
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))
-        };
-        Answer {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok(RawAnswer {
             status,
             allow,
             content_type,
-            json,
-        }
+            body,
+        })
+    }
+
+    /// One call whose answer is JSON (or empty); panics when no answer comes.
+    pub async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Answer {
+        let raw = self.try_raw(method, url, token, body).await.unwrap();
+        raw.into_json()
+    }
+
+    /// `GET` of a text answer (the metrics).
+    pub async fn get_text(&self, url: &str) -> RawAnswer {
+        self.try_raw(Method::GET, url, None, None).await.unwrap()
     }
 
     pub async fn get(&self, url: &str, token: &str) -> Answer {
