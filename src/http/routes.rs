@@ -114,7 +114,8 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
     let status = response.status().as_u16();
     app.metrics.observe_http(route, method, status, took);
     // The template, not the path or the query: nothing a caller sends verbatim is logged.
-    tracing::debug!(method, route, status, micros = took.as_micros(), "request");
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    tracing::debug!(method, route, status, micros, "request");
     response
 }
 
