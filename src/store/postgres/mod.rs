@@ -39,7 +39,8 @@ const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error,
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
 
 pub struct PostgresStore {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    /// Always there until `drop` takes it, to close it on a thread of its own.
+    pool: Option<r2d2::Pool<PostgresConnectionManager<NoTls>>>,
     timeouts: Timeouts,
 }
 
@@ -81,28 +82,39 @@ impl PostgresStore {
             }))
             .error_handler(Box::new(LogConnectErrors))
             .build(PostgresConnectionManager::new(config, NoTls))?;
-        Ok(PostgresStore { pool, timeouts })
+        Ok(PostgresStore {
+            pool: Some(pool),
+            timeouts,
+        })
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
-        Ok(self.pool.get()?)
+        match &self.pool {
+            Some(pool) => Ok(pool.get()?),
+            None => Err(StoreError::Corrupt("the store is closed".into())),
+        }
     }
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Closing a synchronous `postgres` connection runs a small runtime of its own, which
-        // panics on a tokio thread. The last store handle may well drop on one (a test's
-        // end, a server task), so there the pool's connections are closed on a plain
-        // thread. Off any runtime (`serve` drops its store after its runtime) they are
-        // closed here, before the process exits.
-        if tokio::runtime::Handle::try_current().is_err() {
+        // panics on a thread that drives a tokio runtime — also while that runtime is being
+        // torn down, where no handle says so. The last store handle may well drop there (a
+        // test's end, a server task), so the pool's connections are always closed on a
+        // plain thread. Off any runtime (`serve` drops its store after its runtime) that
+        // thread is waited for, so they are closed before the process exits.
+        let Some(pool) = self.pool.take() else {
             return;
-        }
-        let pool = self.pool.clone();
-        let _ = std::thread::Builder::new()
+        };
+        let closing = std::thread::Builder::new()
             .name("model-relay-pg-close".into())
             .spawn(move || drop(pool));
+        if let Ok(closing) = closing
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            let _ = closing.join();
+        }
     }
 }
 
