@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{DatabaseUrl, Settings, parse_duration, redact};
@@ -91,6 +91,22 @@ struct ServeArgs {
     /// A runtime with no heartbeat for this long is offline.
     #[arg(long, value_parser = parse_duration, default_value = "45s")]
     offline_after: Duration,
+    /// How often this instance's sweeper runs.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    sweep_every: Duration,
+    /// The longest a store call waits for a connection, a lock or a statement; past it the
+    /// caller gets 503 store unavailable.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    store_timeout: Duration,
+    /// Log lines as text or as one JSON object each. The level comes from RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 pub fn main() -> ExitCode {
@@ -146,15 +162,21 @@ fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<()
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    tracing_subscriber::fmt()
+/// Logs to stderr, at the level `RUST_LOG` names (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log_format);
     let settings = Settings {
         timeouts: Timeouts {
             pending: args.pending_timeout,
@@ -162,16 +184,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         },
         retention: args.retention,
         offline_after: args.offline_after,
+        sweep_every: args.sweep_every,
         ..Settings::default()
     };
     let url = args.database.resolve()?;
     // Opened before the async runtime starts: the PostgreSQL client must not block on one.
-    let store = open_store(&url, settings.timeouts)?;
-    let app = Arc::new(App {
-        store,
-        clock: Arc::new(SystemClock),
-        settings,
-    });
+    let store = store::open_with(&url, settings.timeouts, args.store_timeout)
+        .map_err(|e| format!("cannot open {}: {}", shown_url(&url), error_chain(&e)))?;
+    let app = Arc::new(App::new(store, Arc::new(SystemClock), settings));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,8 +206,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("server failed: {e}"))
     });
-    // The runtime goes first, so the store's last handle drops here, off the runtime.
-    drop(runtime);
+    // The runtime goes first, so the store's last handle drops here, off the runtime, and
+    // its pool closes its connections before the process exits. A store call still running
+    // (a request past the drain bound) ends within the store's own timeout; the runtime
+    // waits that long for it, not forever.
+    runtime.shutdown_timeout(args.store_timeout);
     drop(app);
     tracing::info!("model-relay stopped");
     served

@@ -87,6 +87,8 @@ pub struct Settings {
     pub offline_after: Duration,
     /// How often the sweeper runs.
     pub sweep_every: Duration,
+    /// On shutdown, how long in-flight requests may take to finish before they are dropped.
+    pub drain_timeout: Duration,
     /// Largest request body accepted; past it the answer is 413.
     pub body_limit: usize,
 }
@@ -98,6 +100,7 @@ impl Default for Settings {
             retention: Duration::from_secs(600),
             offline_after: Duration::from_secs(45),
             sweep_every: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
             body_limit: 1024 * 1024,
         }
     }

@@ -89,11 +89,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {}", path.display(), error_chain(&e)))?;
     tracing::info!(database = %path.display(), "demo data (deleted when the demo stops)");
     let (api_token, daemons) = seed(store.as_ref()).map_err(|e| format!("cannot set up: {e}"))?;
-    let app = Arc::new(App {
-        store,
-        clock: Arc::new(SystemClock),
-        settings,
-    });
+    let app = Arc::new(App::new(store, Arc::new(SystemClock), settings));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

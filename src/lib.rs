@@ -14,6 +14,7 @@
 //! - [`http`]: the hyper server: `run(listener, app, shutdown)`, routing, JSON wire shapes,
 //!   the mapping of outcomes to status codes.
 //! - [`sweeper`]: the background task that ends overdue requests and deletes old ones.
+//! - [`metrics`]: the Prometheus registry of an instance and its text rendering.
 //! - [`config`]: durations and database URLs as the command line gives them.
 //! - [`cli`]: the `model-relay` command line.
 //! - [`daemon`]: the reference daemon: heartbeats, discovery, lease renewal, reports.
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod store;
 pub mod sweeper;

@@ -1,9 +1,14 @@
 //! The sweeper: every instance runs one. It ends active requests whose deadline passed, so a
-//! request nobody polls still ends, and deletes ended requests past retention in bounded
-//! batches, off the request path. Several sweepers at once are safe: expiry is a
-//! compare-and-set, and deleting a row twice deletes it once.
+//! request nobody polls still ends, and deletes ended requests past retention, in bounded
+//! batches, off the request path; then it lets the engine do its housekeeping (on SQLite, a
+//! checkpoint that keeps the write-ahead log small).
+//!
+//! Several sweepers at once are safe: each expiry is a compare-and-set whose row count says
+//! what it ended, a deleted row is deleted once, and on PostgreSQL concurrent batches skip
+//! each other's rows instead of waiting for them.
 
 use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -12,8 +17,17 @@ use crate::clock::{Millis, millis};
 use crate::http::{App, error_chain};
 use crate::store::{Result, Storer};
 
-/// Rows deleted per statement: small enough that one batch holds the write lock briefly.
-pub const DELETE_BATCH: u32 = 500;
+/// Rows ended or deleted per statement: small enough that one batch holds SQLite's write
+/// lock only briefly.
+pub const BATCH: u32 = 500;
+/// The most batches of each kind in one sweep. A backlog larger than that (after a long
+/// outage) is worked off over the next sweeps, so one sweep — and a shutdown waiting for
+/// it — stays short.
+pub const MAX_BATCHES: u32 = 100;
+/// The sweeper steps aside this long between two batches. SQLite's busy handler polls for
+/// the write lock with sleeps; with no gap between batches a waiting writer could keep
+/// missing the moment the lock is free, and time out behind the sweeper.
+const PAUSE: Duration = Duration::from_millis(5);
 
 /// What one sweep did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -24,16 +38,26 @@ pub struct Swept {
 
 /// One pass: expire what is overdue, then delete what ended more than `retention` ago.
 pub fn sweep_once(store: &dyn Storer, now: Millis, retention: Duration) -> Result<Swept> {
-    let expired = store.expire_overdue(now)?;
+    let expired = in_batches(|| Ok(store.expire_overdue(now, BATCH)?.total()))?;
     let cutoff = now.saturating_sub(millis(retention));
-    let mut deleted = 0;
-    loop {
-        let n = store.delete_ended_before(cutoff, DELETE_BATCH)?;
-        deleted += n;
-        if n < u64::from(DELETE_BATCH) {
-            return Ok(Swept { expired, deleted });
+    let deleted = in_batches(|| store.delete_ended_before(cutoff, BATCH))?;
+    Ok(Swept { expired, deleted })
+}
+
+/// Runs `batch` until it does less than a full batch, or `MAX_BATCHES` times.
+fn in_batches(mut batch: impl FnMut() -> Result<u64>) -> Result<u64> {
+    let mut total = 0;
+    for i in 0..MAX_BATCHES {
+        if i > 0 {
+            thread::sleep(PAUSE);
+        }
+        let n = batch()?;
+        total += n;
+        if n < u64::from(BATCH) {
+            break;
         }
     }
+    Ok(total)
 }
 
 /// Sweeps every `settings.sweep_every` until `stop`'s sender is dropped.
@@ -46,17 +70,27 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<()>) {
             _ = stop.changed() => return,
         }
         let app = Arc::clone(&app);
-        let swept = tokio::task::spawn_blocking(move || {
-            sweep_once(app.store.as_ref(), app.clock.now(), app.settings.retention)
+        let done = tokio::task::spawn_blocking(move || {
+            let swept = sweep_once(app.store.as_ref(), app.clock.now(), app.settings.retention);
+            (swept, app.store.checkpoint())
         })
         .await;
+        let (swept, checkpointed) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "sweep panicked");
+                continue;
+            }
+        };
         match swept {
-            Ok(Ok(swept)) if swept != Swept::default() => {
+            Ok(swept) if swept != Swept::default() => {
                 tracing::info!(swept.expired, swept.deleted, "sweep");
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "sweep failed"),
-            Err(e) => tracing::error!(error = %e, "sweep panicked"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %error_chain(&e), "sweep failed"),
+        }
+        if let Err(e) = checkpointed {
+            tracing::warn!(error = %error_chain(&e), "checkpoint failed");
         }
     }
 }

@@ -5,7 +5,7 @@ mod support;
 use std::process::Command;
 
 use hyper::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::process::{BIN, Serve, workspace_create};
 use support::server::Http;
 
@@ -128,4 +128,105 @@ async fn two_serve_processes_on_one_postgres_database_answer_each_others_calls()
         return;
     };
     two_processes_alternating(&schema.url()).await;
+}
+
+/// JSON logs at the most verbose level, over a whole cycle with good and bad calls: every
+/// line is one JSON object, each request has its debug line by route template, the state
+/// transitions are there at info, and no token — good, wrong or malformed — appears in any
+/// line. Ctrl-C (SIGINT) ends it with status 0.
+#[tokio::test]
+async fn json_logs_carry_requests_and_transitions_but_never_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let api = workspace_create(&db)["api_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut serve = Serve::start_with(&db, &["--log-format", "json"], "trace");
+    let url = |path: &str| format!("{}{path}", serve.base);
+    let http = Http::default();
+
+    let created = http
+        .post(
+            &url("/api/runtimes"),
+            &api,
+            json!({"name": "box", "provider": "claude"}),
+        )
+        .await;
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let daemon = created.json["daemon_token"].as_str().unwrap().to_owned();
+    let beat = json!({"runtime_id": rt});
+    http.post(&url("/api/daemon/heartbeat"), &daemon, beat.clone())
+        .await;
+    let id = http
+        .post_empty(&url(&format!("/api/runtimes/{rt}/models")), &api)
+        .await
+        .json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http.post(&url("/api/daemon/heartbeat"), &daemon, beat.clone())
+        .await;
+    let result = format!("/api/daemon/runtimes/{rt}/models/{id}/result");
+    let report = json!({"status": "completed", "models": [{"id": "m", "label": "M"}]});
+    assert_eq!(
+        http.post(&url(&result), &daemon, report).await.status,
+        StatusCode::OK
+    );
+    // Wrong, foreign and malformed tokens; a bad body.
+    let wrong = "mra_0123456789abcdef0123456789abcdef0123456789abcdef";
+    let garbage = "not-a-token-but-secret-looking-xyzzy";
+    for token in [wrong, garbage, daemon.as_str()] {
+        let answer = http.get(&url("/api/runtimes"), token).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
+    let bad = http
+        .call(
+            hyper::Method::POST,
+            &url("/api/daemon/heartbeat"),
+            Some(&daemon),
+            Some(b"{not json".to_vec()),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+
+    assert!(
+        serve.signal("INT").success(),
+        "Ctrl-C ends serve with status 0"
+    );
+    let logs = serve.all_logs();
+    let lines: Vec<Value> = logs
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let message = |v: &Value| v["fields"]["message"].as_str().unwrap_or("").to_owned();
+    let at = |level: &str, what: &str| {
+        lines
+            .iter()
+            .filter(|v| v["level"] == level && message(v) == what)
+            .count()
+    };
+    assert_eq!(at("INFO", "request created"), 1, "{logs:#?}");
+    assert_eq!(at("INFO", "request claimed"), 1, "{logs:#?}");
+    assert_eq!(at("INFO", "report accepted"), 1, "{logs:#?}");
+    assert!(
+        lines.iter().any(|v| message(v) == "request"
+            && v["level"] == "DEBUG"
+            && v["fields"]["route"]
+                == "/api/daemon/runtimes/{runtimeId}/models/{requestId}/result"
+            && v["fields"]["status"] == 200),
+        "{logs:#?}"
+    );
+    assert_eq!(at("DEBUG", "request"), 9, "one line per request: {logs:#?}");
+    for secret in [api.as_str(), daemon.as_str(), wrong, garbage] {
+        for line in &logs {
+            assert!(!line.contains(secret), "a token in the log: {line}");
+        }
+    }
+    for line in &logs {
+        assert!(
+            !line.contains("mra_") && !line.contains("mrd_"),
+            "a token in the log: {line}"
+        );
+    }
 }

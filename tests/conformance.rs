@@ -136,4 +136,9 @@ conformance!(
     retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches,
     sweep_expires_then_deletes_after_retention,
     heartbeat_of_a_missing_runtime_is_unknown,
+    expire_request_ends_only_the_phase_it_names,
+    expire_overdue_works_in_bounded_batches_oldest_deadline_first,
+    count_requests_counts_each_status_and_the_oldest_pending,
+    concurrent_sweeps_from_two_handles_end_and_delete_each_request_once,
+    checkpoint_keeps_every_request,
 );

@@ -9,10 +9,12 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use model_relay::clock::{Clock, FakeClock, Millis};
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use model_relay::model::{ModelRequest, Report, Runtime, Timeouts};
+use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
-use model_relay::store::{NewRuntime, Result as StoreResult, StoreError, Storer};
+use model_relay::store::{
+    Claim, Created, Expired, NewRuntime, RequestCounts, Result as StoreResult, StoreError, Storer,
+};
 use serde_json::{Value, json};
 use support::server::{Http, Instance, T0, clock, settings, workspace};
 
@@ -663,22 +665,28 @@ impl Storer for DownStore {
         _: RuntimeId,
         _: RequestId,
         _: Millis,
-    ) -> StoreResult<Option<ModelRequest>> {
+    ) -> StoreResult<Option<Created>> {
         down()
     }
-    fn claim_next_pending(&self, _: RuntimeId, _: Millis) -> StoreResult<Option<RequestId>> {
+    fn claim_next_pending(&self, _: RuntimeId, _: Millis) -> StoreResult<Claim> {
         down()
     }
     fn apply_report(&self, _: RuntimeId, _: RequestId, _: &Report, _: Millis) -> StoreResult<bool> {
         down()
     }
-    fn expire_request(&self, _: RequestId, _: Millis) -> StoreResult<bool> {
+    fn expire_request(&self, _: RequestId, _: Status, _: Millis) -> StoreResult<bool> {
         down()
     }
-    fn expire_overdue(&self, _: Millis) -> StoreResult<u64> {
+    fn expire_overdue(&self, _: Millis, _: u32) -> StoreResult<Expired> {
         down()
     }
     fn delete_ended_before(&self, _: Millis, _: u32) -> StoreResult<u64> {
+        down()
+    }
+    fn count_requests(&self) -> StoreResult<RequestCounts> {
+        down()
+    }
+    fn checkpoint(&self) -> StoreResult<()> {
         down()
     }
 }

@@ -18,7 +18,7 @@ use model_relay::model::{
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::postgres::PostgresStore;
 use model_relay::store::sqlite::SqliteStore;
-use model_relay::store::{Heartbeat, NewRuntime, Storer};
+use model_relay::store::{Created, Expired, Heartbeat, NewRuntime, Storer};
 use model_relay::sweeper::{Swept, sweep_once};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -128,16 +128,26 @@ impl Model {
         true
     }
 
-    fn create(&mut self, rt: usize, id: RequestId, runtime: RuntimeId) -> Option<ModelRequest> {
+    fn create(&mut self, rt: usize, id: RequestId, runtime: RuntimeId) -> Option<Created> {
         if !self.alive[rt] {
             return None;
         }
         let now = self.now;
+        let mut expired = Expired::default();
         for (slot, r) in &mut self.requests {
             if *slot == rt {
-                Self::expire(r, now);
+                let phase = r.status;
+                if Self::expire(r, now) {
+                    match phase {
+                        Status::Pending => expired.pending += 1,
+                        _ => expired.running += 1,
+                    }
+                }
                 if !r.status.is_terminal() {
-                    return Some(r.clone());
+                    return Some(Created {
+                        request: r.clone(),
+                        expired,
+                    });
                 }
             }
         }
@@ -154,7 +164,10 @@ impl Model {
             ended_at: None,
         };
         self.requests.push((rt, r.clone()));
-        Some(r)
+        Some(Created {
+            request: r,
+            expired,
+        })
     }
 
     fn find(&mut self, rt: usize, id: RequestId) -> Option<&mut ModelRequest> {
@@ -280,7 +293,7 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
                 let got = store.create_or_coalesce(runtimes[*rt], id, now).unwrap();
                 let want = model.create(*rt, id, runtimes[*rt]);
                 prop_assert_eq!(&got, &want, "step {}: {:?}", step, op);
-                if got.as_ref().is_some_and(|r| r.id == id) {
+                if got.as_ref().is_some_and(|c| c.request.id == id) {
                     ids.push(id);
                 }
             }

@@ -24,18 +24,34 @@ pub use error::{ApiError, error_chain};
 
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::store::Storer;
+use crate::store::metered::MeteredStore;
 use crate::sweeper;
 
 /// Everything a request handler needs: shared by every connection of one instance.
 pub struct App {
+    /// The engine, wrapped so that every call is recorded in `metrics`.
     pub store: Arc<dyn Storer>,
     /// The one clock: every `now` a handler passes to the store comes from here.
     pub clock: Arc<dyn Clock>,
     pub settings: Settings,
+    /// This instance's metrics, served at `GET /metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
+    /// An instance over `store`, with metrics of its own that every store call records in.
+    pub fn new(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        App {
+            store: Arc::new(MeteredStore::new(store, Arc::clone(&metrics))),
+            clock,
+            settings,
+            metrics,
+        }
+    }
+
     /// Runs store work on the blocking pool: the engines are synchronous, and the
     /// PostgreSQL client panics on an async worker thread.
     async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
@@ -53,8 +69,6 @@ impl App {
 /// How long a client may take to send its request headers (stops idle connections from
 /// holding sockets forever).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for in-flight requests before it drops them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets
 /// in-flight requests finish (up to a bound), and stops this instance's sweeper.
@@ -101,12 +115,13 @@ pub async fn run(
     }
     drop(listener);
     drop(stop_sweeper);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(app.settings.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown: in-flight requests did not finish in time");
     }
     let _ = sweeper.await;
+    tracing::debug!("shutdown: drained, sweeper stopped");
     Ok(())
 }

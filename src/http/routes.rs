@@ -5,6 +5,7 @@
 //! the operation together, one trip to the blocking pool per request.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -15,6 +16,7 @@ use super::App;
 use super::error::ApiError;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
 use crate::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use crate::metrics;
 use crate::model::ReportOutcome;
 use crate::store::{Heartbeat, NewRuntime};
 
@@ -27,6 +29,7 @@ pub enum Route<'a> {
     Asset(&'a str),
     Healthz,
     Readyz,
+    Metrics,
     Runtimes,
     Runtime(&'a str),
     Models(&'a str),
@@ -49,6 +52,7 @@ impl<'a> Route<'a> {
             ["assets", name] => Route::Asset(name),
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
+            ["metrics"] => Route::Metrics,
             ["api", "runtimes"] => Route::Runtimes,
             ["api", "runtimes", rt] => Route::Runtime(rt),
             ["api", "runtimes", rt, "models"] => Route::Models(rt),
@@ -62,21 +66,67 @@ impl<'a> Route<'a> {
     /// The methods this path answers, for the `Allow` header of a 405.
     fn allowed(self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Model(..) => "GET",
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Model(..) => "GET",
             Route::Page | Route::Asset(_) => "GET",
             Route::Runtimes => "GET, POST",
             Route::Runtime(_) => "DELETE",
             Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
         }
     }
+
+    /// The path as a template, for metric labels and logs: never the ids themselves, so
+    /// the number of label values stays fixed.
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::Page => "/",
+            Route::Asset(_) => "/assets/{name}",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Runtimes => "/api/runtimes",
+            Route::Runtime(_) => "/api/runtimes/{runtimeId}",
+            Route::Models(_) => "/api/runtimes/{runtimeId}/models",
+            Route::Model(..) => "/api/runtimes/{runtimeId}/models/{requestId}",
+            Route::Heartbeat => "/api/daemon/heartbeat",
+            Route::Result(..) => "/api/daemon/runtimes/{runtimeId}/models/{requestId}/result",
+        }
+    }
+}
+
+/// The route label of a path that matches no route.
+const UNMATCHED: &str = "unmatched";
+
+/// The method as a label: anything but the common ones is `other`, so that made-up methods
+/// cannot add label values without end.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let (parts, body) = request.into_parts();
-    match dispatch(&app, &parts, body).await {
+    let response = match dispatch(&app, &parts, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
-    }
+    };
+    let took = started.elapsed();
+    let route = Route::resolve(parts.uri.path()).map_or(UNMATCHED, Route::template);
+    let method = method_label(&parts.method);
+    let status = response.status().as_u16();
+    app.metrics.observe_http(route, method, status, took);
+    // The template, not the path or the query: nothing a caller sends verbatim is logged.
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    tracing::debug!(method, route, status, micros, "request");
+    response
 }
 
 type Answer = Result<Response<Full<Bytes>>, ApiError>;
@@ -94,6 +144,7 @@ async fn dispatch(app: &Arc<App>, parts: &Parts, body: Incoming) -> Answer {
             app.blocking(|app| Ok(app.store.ping()?)).await?;
             Ok(wire::json(StatusCode::OK, &wire::OK))
         }
+        (&Method::GET, Route::Metrics) => metrics(app).await,
         (&Method::POST, Route::Runtimes) => {
             let body = read_body(app, body).await?;
             create_runtime(app, token, body).await
@@ -226,6 +277,7 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answe
             }
             app.store
                 .create_or_coalesce(rt, id, now)?
+                .map(|created| created.request)
                 .ok_or(ApiError::NotFound("runtime"))
         })
         .await?;
@@ -297,6 +349,30 @@ async fn report(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str, body: 
     }
 }
 
+/// `GET /metrics`. Open like `/healthz`: it tells counts and timings, nothing of anyone's
+/// data. The store is asked for its counts first; when it cannot answer, the rest is still
+/// served (it is what explains the outage) and the store's gauges are left out.
+async fn metrics(app: &Arc<App>) -> Answer {
+    let counts = match app.blocking(|app| Ok(app.store.count_requests()?)).await {
+        Ok(counts) => Some(counts),
+        Err(ApiError::StoreUnavailable(e)) => {
+            tracing::warn!(error = %super::error_chain(&e), "metrics: cannot count requests");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let text = app
+        .metrics
+        .render(counts.as_ref(), app.clock.now())
+        .map_err(ApiError::Internal)?;
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    Ok(response)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Route;
@@ -309,6 +385,7 @@ mod tests {
             Route::resolve("/assets/app.js"),
             Some(Route::Asset("app.js"))
         );
+        assert_eq!(Route::resolve("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::resolve("/api/runtimes"), Some(Route::Runtimes));
         assert_eq!(Route::resolve("/api/runtimes/a"), Some(Route::Runtime("a")));
         assert_eq!(

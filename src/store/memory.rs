@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{NewRuntime, Result, Storer};
+use super::{Claim, Created, Expired, NewRuntime, RequestCounts, Result, Storer};
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
@@ -42,16 +42,18 @@ impl MemoryStore {
     }
 }
 
-/// Ends `request` as `timeout` if it is overdue. The one place the memory engine expires.
-fn expire(timeouts: &Timeouts, request: &mut ModelRequest, now: Millis) -> bool {
+/// Ends `request` as `timeout` if it is overdue: what it ended, if anything. The one place
+/// the memory engine expires.
+fn expire(timeouts: &Timeouts, request: &mut ModelRequest, now: Millis) -> Expired {
     if !request.is_overdue(now) {
-        return false;
+        return Expired::default();
     }
-    request.error = Some(timeouts.error_for(request.status));
+    let phase = request.status;
+    request.error = Some(timeouts.error_for(phase));
     request.status = Status::Timeout;
     request.updated_at = request.deadline_at;
     request.ended_at = Some(request.deadline_at);
-    true
+    Expired::one(phase)
 }
 
 impl Storer for MemoryStore {
@@ -159,23 +161,24 @@ impl Storer for MemoryStore {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Option<Created>> {
         let mut state = self.state();
         if !state.runtimes.contains_key(&runtime) {
             return Ok(None);
         }
         let timeouts = self.timeouts;
         let mut active = None;
+        let mut expired = Expired::default();
         for request in state.requests.values_mut() {
             if request.runtime_id == runtime && !request.status.is_terminal() {
-                expire(&timeouts, request, now);
+                expired += expire(&timeouts, request, now);
                 if !request.status.is_terminal() {
                     active = Some(request.clone());
                 }
             }
         }
-        if active.is_some() {
-            return Ok(active);
+        if let Some(request) = active {
+            return Ok(Some(Created { request, expired }));
         }
         let request = ModelRequest {
             id,
@@ -190,18 +193,21 @@ impl Storer for MemoryStore {
             ended_at: None,
         };
         state.requests.insert(id, request.clone());
-        Ok(Some(request))
+        Ok(Some(Created { request, expired }))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
         let mut state = self.state();
         let timeouts = self.timeouts;
         let mut next: Option<&mut ModelRequest> = None;
+        let mut expired = Expired::default();
         for request in state.requests.values_mut() {
             if request.runtime_id != runtime || request.status != Status::Pending {
                 continue;
             }
-            if expire(&timeouts, request, now) {
+            let ended = expire(&timeouts, request, now);
+            if ended.total() > 0 {
+                expired += ended;
                 continue;
             }
             if next
@@ -211,12 +217,13 @@ impl Storer for MemoryStore {
                 next = Some(request);
             }
         }
-        Ok(next.map(|request| {
+        let claimed = next.map(|request| {
             request.status = Status::Running;
             request.deadline_at = timeouts.running_deadline(now);
             request.updated_at = now;
             request.id
-        }))
+        });
+        Ok(Claim { claimed, expired })
     }
 
     fn apply_report(
@@ -250,23 +257,35 @@ impl Storer for MemoryStore {
         Ok(true)
     }
 
-    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
         let mut state = self.state();
         Ok(state
             .requests
             .get_mut(&id)
-            .is_some_and(|r| expire(&self.timeouts, r, now)))
+            .filter(|r| r.status == phase)
+            .is_some_and(|r| expire(&self.timeouts, r, now).total() == 1))
     }
 
-    fn expire_overdue(&self, now: Millis) -> Result<u64> {
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
         let mut state = self.state();
-        let mut n = 0;
-        for request in state.requests.values_mut() {
-            if expire(&self.timeouts, request, now) {
-                n += 1;
+        let timeouts = self.timeouts;
+        let mut expired = Expired::default();
+        // As the SQL engines do: pending first, each phase oldest deadline first.
+        for phase in [Status::Pending, Status::Running] {
+            let mut overdue: Vec<&mut ModelRequest> = state
+                .requests
+                .values_mut()
+                .filter(|r| r.status == phase && r.is_overdue(now))
+                .collect();
+            overdue.sort_by_key(|r| (r.deadline_at, r.id));
+            for request in overdue {
+                if expired.total() >= u64::from(limit) {
+                    return Ok(expired);
+                }
+                expired += expire(&timeouts, request, now);
             }
         }
-        Ok(n)
+        Ok(expired)
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
@@ -282,5 +301,31 @@ impl Storer for MemoryStore {
             state.requests.remove(id);
         }
         Ok(doomed.len() as u64)
+    }
+
+    fn count_requests(&self) -> Result<RequestCounts> {
+        let state = self.state();
+        let mut counts = RequestCounts::default();
+        for request in state.requests.values() {
+            match request.status {
+                Status::Pending => {
+                    counts.pending += 1;
+                    counts.oldest_pending_created_at = Some(
+                        counts
+                            .oldest_pending_created_at
+                            .map_or(request.created_at, |t| t.min(request.created_at)),
+                    );
+                }
+                Status::Running => counts.running += 1,
+                Status::Completed => counts.completed += 1,
+                Status::Failed => counts.failed += 1,
+                Status::Timeout => counts.timeout += 1,
+            }
+        }
+        Ok(counts)
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        Ok(())
     }
 }

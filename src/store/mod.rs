@@ -9,10 +9,12 @@
 //! [`postgres`] (several machines). Only these modules know SQL.
 
 pub mod memory;
+pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::config::DatabaseUrl;
@@ -43,7 +45,11 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The schema every engine applies at start-up (idempotent), and its version.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// How long a store call waits, by default, for a pooled connection, for SQLite's write
+/// lock, or for a PostgreSQL statement, before it fails (and its caller gets 503).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 
 /// A runtime about to be created.
 #[derive(Clone, Debug)]
@@ -62,6 +68,81 @@ pub enum Heartbeat {
     UnknownRuntime,
     /// Recorded; the request this heartbeat claimed, if any.
     Alive(Option<RequestId>),
+}
+
+/// Requests that one call ended as `timeout`, by the phase whose deadline they missed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Expired {
+    pub pending: u64,
+    pub running: u64,
+}
+
+impl Expired {
+    pub fn total(self) -> u64 {
+        self.pending + self.running
+    }
+
+    /// One request, ended in `phase`.
+    pub fn one(phase: Status) -> Self {
+        Expired::default().plus(phase, 1)
+    }
+
+    pub fn plus(mut self, phase: Status, n: u64) -> Self {
+        match phase {
+            Status::Pending => self.pending += n,
+            Status::Running => self.running += n,
+            // Only an active request can miss a deadline.
+            Status::Completed | Status::Failed | Status::Timeout => {}
+        }
+        self
+    }
+}
+
+impl std::ops::AddAssign for Expired {
+    fn add_assign(&mut self, other: Expired) {
+        self.pending += other.pending;
+        self.running += other.running;
+    }
+}
+
+/// What `create_or_coalesce` did: the request to answer with (new, or the runtime's active
+/// one), and the overdue request it ended on the way, if any.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Created {
+    pub request: ModelRequest,
+    pub expired: Expired,
+}
+
+/// What `claim_next_pending` did: the request it claimed, and the overdue pending ones it
+/// ended instead of claiming.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Claim {
+    pub claimed: Option<RequestId>,
+    pub expired: Expired,
+}
+
+/// Requests per stored status, and when the oldest pending one was created. As stored: a
+/// request past its deadline that nobody has looked at yet still counts as active.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct RequestCounts {
+    pub pending: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub timeout: u64,
+    pub oldest_pending_created_at: Option<Millis>,
+}
+
+impl RequestCounts {
+    pub fn of(&self, status: Status) -> u64 {
+        match status {
+            Status::Pending => self.pending,
+            Status::Running => self.running,
+            Status::Completed => self.completed,
+            Status::Failed => self.failed,
+            Status::Timeout => self.timeout,
+        }
+    }
 }
 
 pub trait Storer: Send + Sync {
@@ -111,11 +192,11 @@ pub trait Storer: Send + Sync {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>>;
+    ) -> Result<Option<Created>>;
 
     /// Moves the runtime's oldest claimable pending request to running, with a fresh lease.
-    /// A pending request past its deadline is never claimed.
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>>;
+    /// A pending request past its deadline is never claimed: it is ended as `timeout`.
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim>;
 
     /// Compare-and-set: applies `report` if the request is running, its lease unexpired.
     /// False if it changed nothing.
@@ -127,14 +208,24 @@ pub trait Storer: Send + Sync {
         now: Millis,
     ) -> Result<bool>;
 
-    /// Compare-and-set: ends one active request whose deadline has passed, as `timeout`.
-    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool>;
+    /// Compare-and-set: ends the request as `timeout` if it is still in `phase` (pending or
+    /// running) and its deadline has passed.
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool>;
 
-    /// Ends every active request whose deadline has passed. Returns how many.
-    fn expire_overdue(&self, now: Millis) -> Result<u64>;
+    /// Ends at most `limit` active requests whose deadline has passed, oldest deadline
+    /// first, each with a compare-and-set. Fewer than `limit` means none are left.
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired>;
 
     /// Deletes at most `limit` requests that ended before `cutoff`. Returns how many.
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64>;
+
+    /// Requests per status, from indexes: cheap enough to run on every metrics scrape.
+    fn count_requests(&self) -> Result<RequestCounts>;
+
+    /// Housekeeping the engine needs besides the sweep. SQLite: checkpoints the write-ahead
+    /// log and truncates it, so that the file stays small under a steady write load. The
+    /// other engines have nothing to do.
+    fn checkpoint(&self) -> Result<()>;
 
     // ---- composites: written once, on the primitives ----
 
@@ -149,7 +240,7 @@ pub trait Storer: Send + Sync {
         let found = self.find_request(runtime, id)?;
         match found {
             Some(request) if request.is_overdue(now) => {
-                self.expire_request(id, now)?;
+                self.expire_request(id, request.status, now)?;
                 self.find_request(runtime, id)
             }
             other => Ok(other),
@@ -182,19 +273,34 @@ pub trait Storer: Send + Sync {
         if !self.touch_runtime(runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
-        Ok(Heartbeat::Alive(self.claim_next_pending(runtime, now)?))
+        Ok(Heartbeat::Alive(
+            self.claim_next_pending(runtime, now)?.claimed,
+        ))
     }
 }
 
 /// Opens the store a database URL names, creating or upgrading its schema.
 pub fn open(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>> {
+    open_with(url, timeouts, DEFAULT_WAIT)
+}
+
+/// [`open`], with `wait` as the longest a store call waits for a connection, a lock or a
+/// statement before it fails.
+pub fn open_with(url: &DatabaseUrl, timeouts: Timeouts, wait: Duration) -> Result<Arc<dyn Storer>> {
     Ok(match url {
         DatabaseUrl::Sqlite { path, synchronous } => Arc::new(sqlite::SqliteStore::open_with(
             path,
             timeouts,
-            *synchronous,
+            sqlite::Options {
+                synchronous: *synchronous,
+                wait,
+            },
         )?),
-        DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, timeouts)?),
+        DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open_with(
+            url.parse()?,
+            timeouts,
+            wait,
+        )?),
     })
 }
 

@@ -9,8 +9,8 @@ use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
     ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
 };
-use model_relay::store::{Heartbeat, NewRuntime, Storer};
-use model_relay::sweeper::{DELETE_BATCH, sweep_once};
+use model_relay::store::{Claim, Expired, Heartbeat, NewRuntime, RequestCounts, Storer};
+use model_relay::sweeper::{BATCH, sweep_once};
 
 use super::Engine;
 
@@ -73,6 +73,7 @@ fn create(store: &dyn Storer, runtime: RuntimeId, now: i64) -> ModelRequest {
         .create_or_coalesce(runtime, new_id(), now)
         .unwrap()
         .expect("runtime exists")
+        .request
 }
 
 fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> ModelRequest {
@@ -85,7 +86,10 @@ fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> Model
 /// A request that is running: created at `now`, claimed at `now`.
 fn running(store: &dyn Storer, runtime: RuntimeId, now: i64) -> RequestId {
     let id = create(store, runtime, now).id;
-    assert_eq!(store.claim_next_pending(runtime, now).unwrap(), Some(id));
+    assert_eq!(
+        store.claim_next_pending(runtime, now).unwrap().claimed,
+        Some(id)
+    );
     id
 }
 
@@ -232,10 +236,12 @@ pub fn create_makes_a_pending_request_with_a_claim_deadline(engine: &dyn Engine)
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = new_id();
-    let r = store
+    let created = store
         .create_or_coalesce(t.runtime, id, T0)
         .unwrap()
         .unwrap();
+    assert_eq!(created.expired, Expired::default());
+    let r = created.request;
     assert_eq!(r.id, id);
     assert_eq!(r.runtime_id, t.runtime);
     assert_eq!(r.status, Status::Pending);
@@ -289,7 +295,16 @@ pub fn create_expires_an_overdue_active_request_and_makes_a_new_one(engine: &dyn
     let t = tenant(store.as_ref());
     let stale = create(store.as_ref(), t.runtime, T0).id;
     let later = T0 + PENDING_MS;
-    let fresh = create(store.as_ref(), t.runtime, later);
+    let created = store
+        .create_or_coalesce(t.runtime, new_id(), later)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        created.expired,
+        Expired::one(Status::Pending),
+        "it says what it ended"
+    );
+    let fresh = created.request;
     assert_ne!(fresh.id, stale);
     let old = store.find_request(t.runtime, stale).unwrap().unwrap();
     assert_eq!(old.status, Status::Timeout);
@@ -325,7 +340,7 @@ pub fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn 
         // End it, so the next round races to create a new one.
         let store = handles[0].as_ref();
         assert_eq!(
-            store.claim_next_pending(t.runtime, now).unwrap(),
+            store.claim_next_pending(t.runtime, now).unwrap().claimed,
             Some(ids[0])
         );
         assert_eq!(
@@ -342,7 +357,10 @@ pub fn claim_moves_the_pending_request_to_running_with_a_lease(engine: &dyn Engi
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
     let at = T0 + 5_000;
-    assert_eq!(store.claim_next_pending(t.runtime, at).unwrap(), Some(id));
+    assert_eq!(
+        store.claim_next_pending(t.runtime, at).unwrap().claimed,
+        Some(id)
+    );
     let r = get(store.as_ref(), t.runtime, id, at);
     assert_eq!(r.status, Status::Running);
     assert_eq!(r.deadline_at, at + RUNNING_MS);
@@ -362,7 +380,10 @@ pub fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
         store.heartbeat(t.runtime, T0 + 1).unwrap(),
         Heartbeat::Alive(None)
     );
-    assert_eq!(store.claim_next_pending(t.runtime, T0 + 2).unwrap(), None);
+    assert_eq!(
+        store.claim_next_pending(t.runtime, T0 + 2).unwrap().claimed,
+        None
+    );
 }
 
 pub fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Engine) {
@@ -379,7 +400,7 @@ pub fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn
                     let barrier = barrier.clone();
                     s.spawn(move || {
                         barrier.wait();
-                        store.claim_next_pending(t.runtime, now).unwrap()
+                        store.claim_next_pending(t.runtime, now).unwrap().claimed
                     })
                 })
                 .collect();
@@ -398,8 +419,14 @@ pub fn claim_only_sees_its_own_runtime(engine: &dyn Engine) {
     let a = tenant(store.as_ref());
     let b = tenant(store.as_ref());
     let id = create(store.as_ref(), a.runtime, T0).id;
-    assert_eq!(store.claim_next_pending(b.runtime, T0).unwrap(), None);
-    assert_eq!(store.claim_next_pending(a.runtime, T0).unwrap(), Some(id));
+    assert_eq!(
+        store.claim_next_pending(b.runtime, T0).unwrap().claimed,
+        None
+    );
+    assert_eq!(
+        store.claim_next_pending(a.runtime, T0).unwrap().claimed,
+        Some(id)
+    );
 }
 
 pub fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn Engine) {
@@ -407,7 +434,14 @@ pub fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
     let deadline = T0 + PENDING_MS;
-    assert_eq!(store.claim_next_pending(t.runtime, deadline).unwrap(), None);
+    assert_eq!(
+        store.claim_next_pending(t.runtime, deadline).unwrap(),
+        Claim {
+            claimed: None,
+            expired: Expired::one(Status::Pending)
+        },
+        "it says what it ended"
+    );
     let r = store.find_request(t.runtime, id).unwrap().unwrap();
     assert_eq!(r.status, Status::Timeout, "the claim ended it");
     assert_eq!(
@@ -738,7 +772,11 @@ pub fn terminal_status_is_final(engine: &dyn Engine) {
         },
         {
             let id = create(store.as_ref(), t.runtime, T0).id;
-            store.expire_request(id, T0 + PENDING_MS).unwrap();
+            assert!(
+                store
+                    .expire_request(id, Status::Pending, T0 + PENDING_MS)
+                    .unwrap()
+            );
             id
         },
     ];
@@ -748,13 +786,18 @@ pub fn terminal_status_is_final(engine: &dyn Engine) {
         .collect();
     let later = T0 + 10 * RUNNING_MS;
     for &id in &ended {
-        assert!(!store.expire_request(id, later).unwrap());
+        for phase in [Status::Pending, Status::Running, Status::Timeout] {
+            assert!(!store.expire_request(id, phase, later).unwrap());
+        }
         for report in [completed(), failed("y"), Report::Running] {
             store.report(t.runtime, id, &report, later).unwrap();
         }
     }
     store.claim_next_pending(t.runtime, later).unwrap();
-    store.expire_overdue(later).unwrap();
+    assert_eq!(
+        store.expire_overdue(later, 100).unwrap(),
+        Expired::default()
+    );
     let after: Vec<ModelRequest> = ended
         .iter()
         .map(|&id| get(store.as_ref(), t.runtime, id, later))
@@ -776,15 +819,21 @@ pub fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
     let done = running(store.as_ref(), d.runtime, T0);
     store.report(d.runtime, done, &completed(), T0 + 1).unwrap();
 
-    assert_eq!(store.expire_overdue(T0 + RUNNING_MS).unwrap(), 2);
+    assert_eq!(
+        store.expire_overdue(T0 + RUNNING_MS, 100).unwrap(),
+        Expired {
+            pending: 1,
+            running: 1
+        }
+    );
     let status = |rt, id| store.find_request(rt, id).unwrap().unwrap().status;
     assert_eq!(status(a.runtime, old_pending), Status::Timeout);
     assert_eq!(status(b.runtime, old_running), Status::Timeout);
     assert_eq!(status(c.runtime, fresh_pending), Status::Pending);
     assert_eq!(status(d.runtime, done), Status::Completed);
     assert_eq!(
-        store.expire_overdue(T0 + RUNNING_MS).unwrap(),
-        0,
+        store.expire_overdue(T0 + RUNNING_MS, 100).unwrap(),
+        Expired::default(),
         "once only"
     );
     let pending_error = store
@@ -829,7 +878,7 @@ pub fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
     let retention = Duration::from_secs(600);
     let many = tenant(store.as_ref());
     // More than one delete batch of ended requests.
-    let batch = i64::from(DELETE_BATCH);
+    let batch = i64::from(BATCH);
     for i in 0..batch + 3 {
         let id = running(store.as_ref(), many.runtime, T0);
         store
@@ -874,4 +923,226 @@ pub fn heartbeat_of_a_missing_runtime_is_unknown(engine: &dyn Engine) {
         store.heartbeat(RuntimeId::random().unwrap(), T0).unwrap(),
         Heartbeat::UnknownRuntime
     );
+}
+
+// ---- sweeping, counting, housekeeping ----
+
+pub fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let late = T0 + RUNNING_MS;
+    assert!(
+        !store.expire_request(id, Status::Pending, late).unwrap(),
+        "it is running, not pending: the compare-and-set misses"
+    );
+    assert_eq!(
+        get_raw(store.as_ref(), t.runtime, id).status,
+        Status::Running
+    );
+    assert!(
+        !store.expire_request(id, Status::Running, late - 1).unwrap(),
+        "not yet overdue"
+    );
+    assert!(store.expire_request(id, Status::Running, late).unwrap());
+    let r = get_raw(store.as_ref(), t.runtime, id);
+    assert_eq!(r.status, Status::Timeout);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("daemon did not finish within 60 seconds")
+    );
+    assert_eq!(r.ended_at, Some(late));
+}
+
+/// The request as stored, no expiry applied.
+fn get_raw(store: &dyn Storer, runtime: RuntimeId, id: RequestId) -> ModelRequest {
+    store
+        .find_request(runtime, id)
+        .unwrap()
+        .expect("request exists")
+}
+
+pub fn expire_overdue_works_in_bounded_batches_oldest_deadline_first(engine: &dyn Engine) {
+    let store = engine.open();
+    // Five overdue pending requests with deadlines one millisecond apart, oldest first,
+    // and two overdue running ones.
+    let pending: Vec<(RuntimeId, RequestId)> = (0..5)
+        .map(|i| {
+            let t = tenant(store.as_ref());
+            (t.runtime, create(store.as_ref(), t.runtime, T0 + i).id)
+        })
+        .collect();
+    let running_ones: Vec<(RuntimeId, RequestId)> = (0..2)
+        .map(|_| {
+            let t = tenant(store.as_ref());
+            (t.runtime, running(store.as_ref(), t.runtime, T0))
+        })
+        .collect();
+    let now = T0 + RUNNING_MS + 10;
+    let status = |(rt, id): (RuntimeId, RequestId)| get_raw(store.as_ref(), rt, id).status;
+
+    assert_eq!(
+        store.expire_overdue(now, 3).unwrap(),
+        Expired {
+            pending: 3,
+            running: 0
+        },
+        "pending first, at most the limit"
+    );
+    let ended: Vec<Status> = pending.iter().map(|&p| status(p)).collect();
+    assert_eq!(
+        ended,
+        [
+            Status::Timeout,
+            Status::Timeout,
+            Status::Timeout,
+            Status::Pending,
+            Status::Pending
+        ],
+        "the oldest deadlines first"
+    );
+    assert_eq!(
+        store.expire_overdue(now, 3).unwrap(),
+        Expired {
+            pending: 2,
+            running: 1
+        }
+    );
+    assert_eq!(
+        store.expire_overdue(now, 3).unwrap(),
+        Expired {
+            pending: 0,
+            running: 1
+        },
+        "fewer than the limit: nothing is left"
+    );
+    assert_eq!(store.expire_overdue(now, 3).unwrap(), Expired::default());
+    assert!(
+        pending
+            .iter()
+            .chain(&running_ones)
+            .all(|&r| status(r) == Status::Timeout)
+    );
+}
+
+pub fn count_requests_counts_each_status_and_the_oldest_pending(engine: &dyn Engine) {
+    let store = engine.open();
+    assert_eq!(store.count_requests().unwrap(), RequestCounts::default());
+
+    let t: Vec<Tenant> = (0..6).map(|_| tenant(store.as_ref())).collect();
+    create(store.as_ref(), t[0].runtime, T0 + 20);
+    create(store.as_ref(), t[1].runtime, T0 + 10);
+    running(store.as_ref(), t[2].runtime, T0 + 5);
+    let done = running(store.as_ref(), t[3].runtime, T0);
+    store.report(t[3].runtime, done, &completed(), T0).unwrap();
+    let broken = running(store.as_ref(), t[4].runtime, T0);
+    store
+        .report(t[4].runtime, broken, &failed("x"), T0)
+        .unwrap();
+    // Created first of all, but it timed out: no longer the oldest pending request.
+    let stale = create(store.as_ref(), t[5].runtime, T0).id;
+    assert!(
+        store
+            .expire_request(stale, Status::Pending, T0 + PENDING_MS)
+            .unwrap()
+    );
+
+    let counts = store.count_requests().unwrap();
+    assert_eq!(
+        counts,
+        RequestCounts {
+            pending: 2,
+            running: 1,
+            completed: 1,
+            failed: 1,
+            timeout: 1,
+            oldest_pending_created_at: Some(T0 + 10),
+        }
+    );
+    assert_eq!(counts.of(Status::Failed), 1);
+
+    assert!(
+        store
+            .claim_next_pending(t[1].runtime, T0 + 30)
+            .unwrap()
+            .claimed
+            .is_some()
+    );
+    let counts = store.count_requests().unwrap();
+    assert_eq!((counts.pending, counts.running), (1, 2));
+    assert_eq!(counts.oldest_pending_created_at, Some(T0 + 20));
+}
+
+/// Several instances sweep at once: between them every overdue request is ended once and
+/// every old one deleted once, and the counts they report add up to exactly that.
+pub fn concurrent_sweeps_from_two_handles_end_and_delete_each_request_once(engine: &dyn Engine) {
+    let handles = [engine.open(), engine.open()];
+    let store = handles[0].as_ref();
+    let overdue = i64::from(BATCH) + 7;
+    let old = i64::from(BATCH) + 11;
+    let t = tenant(store);
+    // Old ended requests: ended at T0.
+    for _ in 0..old {
+        let id = running(store, t.runtime, T0);
+        store.report(t.runtime, id, &completed(), T0).unwrap();
+    }
+    // Overdue pending requests, one per runtime (a runtime has one active request).
+    for _ in 0..overdue {
+        let other = tenant(store);
+        create(store, other.runtime, T0);
+    }
+    let retention = Duration::from_secs(60);
+    // Past retention for the old ones, not for requests that time out now (they end at
+    // their deadline, T0 + 30 s).
+    let now = T0 + RUNNING_MS + 1;
+    let barrier = Arc::new(Barrier::new(2));
+    let swept: Vec<(u64, u64)> = thread::scope(|s| {
+        let workers: Vec<_> = handles
+            .iter()
+            .map(|store| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    barrier.wait();
+                    let swept = sweep_once(store.as_ref(), now, retention).unwrap();
+                    (swept.expired, swept.deleted)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let expired: u64 = swept.iter().map(|s| s.0).sum();
+    let deleted: u64 = swept.iter().map(|s| s.1).sum();
+    assert_eq!(
+        expired, overdue as u64,
+        "each overdue request ended once: {swept:?}"
+    );
+    assert_eq!(
+        deleted, old as u64,
+        "each old request deleted once: {swept:?}"
+    );
+    let counts = store.count_requests().unwrap();
+    assert_eq!(
+        (counts.pending, counts.completed, counts.timeout),
+        (0, 0, overdue as u64)
+    );
+}
+
+pub fn checkpoint_keeps_every_request(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let ids: Vec<RequestId> = (0..20)
+        .map(|i| {
+            let id = running(store.as_ref(), t.runtime, T0 + i);
+            store.report(t.runtime, id, &completed(), T0 + i).unwrap();
+            id
+        })
+        .collect();
+    store.checkpoint().unwrap();
+    let other = engine.open();
+    for id in ids {
+        assert_eq!(
+            get_raw(other.as_ref(), t.runtime, id).status,
+            Status::Completed
+        );
+    }
 }

@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use model_relay::clock::Millis;
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use model_relay::model::{ModelRequest, Report, Runtime, Timeouts};
+use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
-use model_relay::store::{NewRuntime, Result, StoreError, Storer};
+use model_relay::store::{
+    Claim, Created, Expired, NewRuntime, RequestCounts, Result, StoreError, Storer,
+};
 
 #[derive(Default)]
 pub struct Knobs {
@@ -78,7 +80,8 @@ impl Storer for WatchedStore {
         }
         if self.knobs.expire_before_final_report.load(Ordering::SeqCst) {
             // As if the lease had run out just before the report arrived.
-            self.inner.expire_request(id, Millis::MAX)?;
+            self.inner
+                .expire_request(id, Status::Running, Millis::MAX)?;
         }
         self.inner.apply_report(runtime, id, report, now)
     }
@@ -120,17 +123,23 @@ impl Storer for WatchedStore {
         rt: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Option<Created>> {
         self.inner.create_or_coalesce(rt, id, now)
     }
-    fn claim_next_pending(&self, rt: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+    fn claim_next_pending(&self, rt: RuntimeId, now: Millis) -> Result<Claim> {
         self.inner.claim_next_pending(rt, now)
     }
-    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
-        self.inner.expire_request(id, now)
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
+        self.inner.expire_request(id, phase, now)
     }
-    fn expire_overdue(&self, now: Millis) -> Result<u64> {
-        self.inner.expire_overdue(now)
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+        self.inner.expire_overdue(now, limit)
+    }
+    fn count_requests(&self) -> Result<RequestCounts> {
+        self.inner.count_requests()
+    }
+    fn checkpoint(&self) -> Result<()> {
+        self.inner.checkpoint()
     }
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
         self.inner.delete_ended_before(cutoff, limit)

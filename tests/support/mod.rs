@@ -5,4 +5,5 @@
 pub mod harness;
 pub mod postgres;
 pub mod process;
+pub mod prom;
 pub mod server;

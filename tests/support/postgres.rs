@@ -453,6 +453,48 @@ pub mod own {
             self.server.config.clone()
         }
 
+        /// Stops the server (fast: open sessions are ended), keeping its data. The
+        /// watchdog still cleans up at the end, stopped or started again.
+        pub fn stop(&self) -> Result<(), String> {
+            self.pg_ctl("-m fast -w -t 60 stop")
+        }
+
+        /// Starts the stopped server again, on the same port, and waits until it accepts
+        /// connections.
+        pub fn start_again(&self) -> Result<(), String> {
+            let port = self.config().get_ports()[0];
+            let log = super::sh_quote(&format!("{}/server.log", self.dir_str()?));
+            self.pg_ctl(&format!("-l {log} -w -t 30 -o '-p {port}' start"))?;
+            super::wait_until_accepting(&self.config(), super::READY_DEADLINE)
+        }
+
+        fn dir_str(&self) -> Result<&str, String> {
+            self.dir
+                .to_str()
+                .ok_or_else(|| format!("{} is not UTF-8", self.dir.display()))
+        }
+
+        /// `pg_ctl -D <data> <args>`, as the user the cluster runs as.
+        fn pg_ctl(&self, args: &str) -> Result<(), String> {
+            let bin = super::find_pg_bin_dir().ok_or("no PostgreSQL binaries")?;
+            let pg_ctl = super::sh_quote(&format!("{}/pg_ctl", bin.display()));
+            let data = super::sh_quote(&format!("{}/data", self.dir_str()?));
+            let output = super::RunAs::detect()?
+                .shell(&format!("exec {pg_ctl} -D {data} {args}"))
+                .current_dir(&self.dir)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("could not run pg_ctl: {e}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "pg_ctl {args}: {}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ));
+            }
+            Ok(())
+        }
+
         /// Closes the watchdog's stdin, as the death of this process would, and waits for
         /// the watchdog to finish its clean-up.
         pub fn abandon(self) {

@@ -2,57 +2,96 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_model-relay");
 
-/// A `serve` process on a free port; killed if dropped without `terminate`.
+/// A `serve` process on a free port; killed if dropped without `terminate`. Its log lines
+/// are kept.
 pub struct Serve {
     child: Child,
     pub base: String,
+    logs: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Serve {
     /// Starts `serve --listen 127.0.0.1:0 --database DATABASE EXTRA…` and waits until it
     /// says where it listens.
     pub fn start(database: &str, extra: &[&str]) -> Self {
+        Self::start_with(database, extra, "info")
+    }
+
+    pub fn start_with(database: &str, extra: &[&str], rust_log: &str) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start model-relay serve");
-        // The log line `model-relay serving listen=ADDR` says which port it took.
+        // The log line `model-relay serving listen=ADDR` (or `"listen":"ADDR"` in JSON)
+        // says which port it took.
         let stderr = child.stderr.take().expect("stderr is piped");
         let mut lines = BufReader::new(stderr).lines();
+        let logs = Arc::new(Mutex::new(Vec::new()));
         let addr = loop {
             let line = lines
                 .next()
                 .expect("serve exited before listening")
                 .expect("read serve's log");
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest
+            logs.lock().unwrap().push(line.clone());
+            let text = line.split("listen=").nth(1).map(str::to_owned);
+            let json = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v["fields"]["listen"].as_str().map(str::to_owned));
+            if let Some(addr) = text.or(json) {
+                break addr
                     .split_whitespace()
                     .next()
                     .unwrap_or_default()
                     .to_owned();
             }
         };
-        // Keep draining the log so the process never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep reading the log so the process never blocks on a full pipe.
+        let kept = logs.clone();
+        let reader = std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
         Serve {
             child,
             base: format!("http://{addr}"),
+            logs,
+            reader: Some(reader),
         }
+    }
+
+    /// `kill -SIGNAL`, then the exit status.
+    pub fn signal(&mut self, signal: &str) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+        self.child.wait().expect("wait for serve")
     }
 
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
-        self.child.wait().expect("wait for serve")
+        self.signal("TERM")
+    }
+
+    /// Every line it logged; call once it has exited.
+    pub fn all_logs(&mut self) -> Vec<String> {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.logs.lock().unwrap().clone()
     }
 }
 

@@ -41,11 +41,7 @@ impl Instance {
     pub async fn start(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = Arc::new(App {
-            store,
-            clock,
-            settings,
-        });
+        let app = Arc::new(App::new(store, clock, settings));
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(run(listener, app, async {
             let _ = stopped.await;
@@ -57,11 +53,23 @@ impl Instance {
         }
     }
 
-    /// Stops the instance through its shutdown future and waits until `run` has returned.
-    pub async fn stop(mut self) {
+    /// Completes the instance's shutdown future; `run` starts shutting down.
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Whether `run` has returned.
+    pub fn has_stopped(&self) -> bool {
+        self.served
+            .as_ref()
+            .is_none_or(|served| served.is_finished())
+    }
+
+    /// Stops the instance through its shutdown future and waits until `run` has returned.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(served) = self.served.take() {
             served.await.unwrap().unwrap();
         }
@@ -76,6 +84,12 @@ pub fn workspace(store: &dyn Storer, now: i64) -> (WorkspaceId, String) {
         .create_workspace(id, "ws", &token.hash(), now)
         .unwrap();
     (id, token.expose().to_owned())
+}
+
+impl RawAnswer {
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.to_vec()).unwrap()
+    }
 }
 
 #[derive(Clone)]
@@ -99,27 +113,23 @@ impl Default for Http {
     }
 }
 
-impl Http {
-    pub async fn call(
-        &self,
-        method: Method,
-        url: &str,
-        token: Option<&str>,
-        body: Option<Vec<u8>>,
-    ) -> Answer {
-        self.try_call(method.clone(), url, token, body)
-            .await
-            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
-    }
+/// An answer as it came: status, content type, body text.
+pub struct RawAnswer {
+    pub status: StatusCode,
+    pub allow: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
 
-    /// The call, or why no answer came (connection refused, reset, no answer in 10 s).
-    pub async fn try_call(
+impl Http {
+    /// One call; `Err` when no answer came (refused, reset, closed early, or nothing in 10 s).
+    pub async fn try_raw(
         &self,
         method: Method,
         url: &str,
         token: Option<&str>,
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, String> {
+    ) -> Result<RawAnswer, String> {
         let mut request = Request::builder().method(method).uri(url);
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -142,28 +152,63 @@ impl Http {
             };
             let allow = text_header(header::ALLOW);
             let content_type = text_header(header::CONTENT_TYPE);
-            let bytes = response
+            let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| format!("{e:?}"))?
                 .to_bytes();
-            let json = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)))?
-            };
-            Ok(Answer {
+            Ok(RawAnswer {
                 status,
                 allow,
                 content_type,
-                json,
+                body,
             })
         };
         tokio::time::timeout(Duration::from_secs(10), exchange)
             .await
             .map_err(|_| "no answer within 10 s".to_owned())?
+    }
+
+    /// One call whose answer is JSON (or empty); `Err` when no answer came or it is not JSON.
+    pub async fn try_call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, String> {
+        let raw = self.try_raw(method, url, token, body).await?;
+        let json = if raw.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw.body)
+                .map_err(|e| format!("not JSON ({e}): {:?}", String::from_utf8_lossy(&raw.body)))?
+        };
+        Ok(Answer {
+            status: raw.status,
+            allow: raw.allow,
+            content_type: raw.content_type,
+            json,
+        })
+    }
+
+    /// One call whose answer is JSON (or empty); panics when no answer comes.
+    pub async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Answer {
+        self.try_call(method.clone(), url, token, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    }
+
+    /// `GET` of a text answer (the metrics).
+    pub async fn get_text(&self, url: &str) -> RawAnswer {
+        self.try_raw(Method::GET, url, None, None).await.unwrap()
     }
 
     pub async fn get(&self, url: &str, token: &str) -> Answer {

@@ -5,6 +5,15 @@
 //! through `spawn_blocking`. Transitions are single conditional statements; the claim takes
 //! its row with `FOR UPDATE SKIP LOCKED`, so concurrent heartbeats never wait on each other
 //! and never hand out one request twice.
+//!
+//! Every wait is bounded by the store's `wait`: the checkout of a pooled connection, the
+//! connect, and each statement (`statement_timeout`, set on every new connection). So when
+//! the server is gone or stuck, a call fails within about that long and its caller gets
+//! 503, and once the server is back the pool connects again by itself.
+//!
+//! The sweeper's statements live in [`upkeep`].
+
+mod upkeep;
 
 use std::time::Duration;
 
@@ -12,15 +21,15 @@ use postgres::{Client, NoTls, Row, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::{
-    NewRuntime, Result, SCHEMA, SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db,
-    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Claim, Created, DEFAULT_WAIT, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
+    SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
+use crate::http::error_chain;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 
-const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_SIZE: u32 = 16;
 /// Any constant works; it only has to be the same for every instance, so that instances
 /// starting together apply the schema one at a time.
@@ -30,7 +39,7 @@ const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error,
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
 
 pub struct PostgresStore {
-    /// Always `Some` until the store drops: then it moves to a plain thread (see `Drop`).
+    /// Always there until `drop` takes it, to close it on a thread of its own.
     pool: Option<r2d2::Pool<PostgresConnectionManager<NoTls>>>,
     timeouts: Timeouts,
 }
@@ -42,9 +51,24 @@ impl PostgresStore {
 
     /// Opens with a ready connection config; tests use it to give each test its own schema
     /// (`options = -c search_path=…`).
-    pub fn open_config(mut config: postgres::Config, timeouts: Timeouts) -> Result<Self> {
+    pub fn open_config(config: postgres::Config, timeouts: Timeouts) -> Result<Self> {
+        Self::open_with(config, timeouts, DEFAULT_WAIT)
+    }
+
+    /// [`open_config`](Self::open_config), with `wait` as the bound on every wait.
+    pub fn open_with(
+        mut config: postgres::Config,
+        timeouts: Timeouts,
+        wait: Duration,
+    ) -> Result<Self> {
+        // What the URL says wins; otherwise nothing waits longer than `wait`. The user
+        // timeout also ends a query whose server stopped answering without closing the
+        // connection, where the server's own statement timeout cannot help.
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+            config.connect_timeout(wait);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(wait);
         }
         let mut client = config.connect(NoTls)?;
         migrate(&mut client)?;
@@ -52,7 +76,11 @@ impl PostgresStore {
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
-            .connection_timeout(CHECKOUT_TIMEOUT)
+            .connection_timeout(wait)
+            .connection_customizer(Box::new(SessionSettings {
+                statement_timeout: wait,
+            }))
+            .error_handler(Box::new(LogConnectErrors))
             .build(PostgresConnectionManager::new(config, NoTls))?;
         Ok(PostgresStore {
             pool: Some(pool),
@@ -68,13 +96,47 @@ impl PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Closing a synchronous `postgres` connection runs a small runtime of its own, which
-        // panics on a tokio thread. The last store handle may well drop on one (a test's
-        // end, a server task), so the pool's connections are closed on a plain thread.
-        if let Some(pool) = self.pool.take() {
-            let _ = std::thread::Builder::new()
-                .name("model-relay-pg-close".into())
-                .spawn(move || drop(pool));
+        // panics on a thread that drives a tokio runtime — also while that runtime is being
+        // torn down, where no handle says so. The last store handle may well drop there (a
+        // test's end, a server task), so the pool's connections are always closed on a
+        // plain thread. Off any runtime (`serve` drops its store after its runtime) that
+        // thread is waited for, so they are closed before the process exits.
+        let Some(pool) = self.pool.take() else {
+            return;
+        };
+        let closing = std::thread::Builder::new()
+            .name("model-relay-pg-close".into())
+            .spawn(move || drop(pool));
+        if let Ok(closing) = closing
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            let _ = closing.join();
         }
+    }
+}
+
+/// Set on every new pooled connection: the server cancels any statement (a lock wait
+/// included) that runs longer than the store's `wait`.
+#[derive(Debug)]
+struct SessionSettings {
+    statement_timeout: Duration,
+}
+
+impl r2d2::CustomizeConnection<Client, postgres::Error> for SessionSettings {
+    fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
+        let ms = self.statement_timeout.as_millis().max(1);
+        client.batch_execute(&format!("SET statement_timeout = {ms}"))
+    }
+}
+
+/// The pool connects in the background; when that fails (the server is down), say so at
+/// warn with the whole cause, like every other store error.
+#[derive(Debug)]
+struct LogConnectErrors;
+
+impl r2d2::HandleError<postgres::Error> for LogConnectErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        tracing::warn!(error = %error_chain(&error), "postgres: cannot open a pooled connection");
     }
 }
 
@@ -137,7 +199,7 @@ fn try_create_or_coalesce(
     runtime: &str,
     id: &str,
     now: Millis,
-) -> Result<Option<Option<ModelRequest>>> {
+) -> Result<Option<Option<Created>>> {
     // FOR KEY SHARE: a concurrent delete of the runtime waits until this transaction ends,
     // so the insert below cannot fail on the foreign key.
     if tx
@@ -149,19 +211,27 @@ fn try_create_or_coalesce(
     {
         return Ok(Some(None));
     }
-    tx.execute(
-        "UPDATE requests
+    // The old status comes back from the locked subquery: which phase's deadline it missed.
+    let mut expired = Expired::default();
+    for row in tx.query(
+        "UPDATE requests r
             SET status = 'timeout',
-                error = CASE status WHEN 'pending' THEN $3 ELSE $4 END,
-                updated_at = deadline_at, ended_at = deadline_at
-          WHERE runtime_id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2",
+                error = CASE old.status WHEN 'pending' THEN $3 ELSE $4 END,
+                updated_at = r.deadline_at, ended_at = r.deadline_at
+           FROM (SELECT id, status FROM requests
+                  WHERE runtime_id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2
+                  FOR UPDATE) old
+          WHERE r.id = old.id AND r.status = old.status AND r.deadline_at <= $2
+         RETURNING old.status",
         &[
             &runtime,
             &now,
             &timeouts.error_for(Status::Pending),
             &timeouts.error_for(Status::Running),
         ],
-    )?;
+    )? {
+        expired += Expired::one(status_from_db(row.try_get(0)?)?);
+    }
     // A concurrent insert of another active request makes this one wait for it, then
     // conflict on the unique index of active requests: DO NOTHING, and coalesce.
     let inserted = tx.query_opt(
@@ -174,7 +244,8 @@ fn try_create_or_coalesce(
         &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
     )?;
     if let Some(row) = inserted {
-        return Ok(Some(Some(parse_request(&row)?)));
+        let request = parse_request(&row)?;
+        return Ok(Some(Some(Created { request, expired })));
     }
     let active = tx.query_opt(
         &format!(
@@ -183,7 +254,12 @@ fn try_create_or_coalesce(
         ),
         &[&runtime],
     )?;
-    active.map(|row| parse_request(&row).map(Some)).transpose()
+    active
+        .map(|row| {
+            let request = parse_request(&row)?;
+            Ok(Some(Created { request, expired }))
+        })
+        .transpose()
 }
 
 impl Storer for PostgresStore {
@@ -305,7 +381,7 @@ impl Storer for PostgresStore {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Option<Created>> {
         let mut conn = self.conn()?;
         let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
         // Each retry means an active request ended between our conflict and our read; a
@@ -324,22 +400,25 @@ impl Storer for PostgresStore {
         )))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
         // One statement: expire the runtime's overdue pending requests, and claim the oldest
         // claimable one. The two parts touch disjoint rows (deadline passed / not passed).
-        let row = self.conn()?.query_opt(
+        let row = self.conn()?.query_one(
             "WITH expired AS (
                  UPDATE requests
                     SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
                   WHERE runtime_id = $1 AND status = 'pending' AND deadline_at <= $2
+                 RETURNING 1
+             ), claimed AS (
+                 UPDATE requests SET status = 'running', deadline_at = $3, updated_at = $2
+                  WHERE id = (SELECT id FROM requests
+                               WHERE runtime_id = $1 AND status = 'pending' AND deadline_at > $2
+                               ORDER BY created_at, id LIMIT 1
+                               FOR UPDATE SKIP LOCKED)
+                    AND status = 'pending'
+                 RETURNING id
              )
-             UPDATE requests SET status = 'running', deadline_at = $3, updated_at = $2
-              WHERE id = (SELECT id FROM requests
-                           WHERE runtime_id = $1 AND status = 'pending' AND deadline_at > $2
-                           ORDER BY created_at, id LIMIT 1
-                           FOR UPDATE SKIP LOCKED)
-                AND status = 'pending'
-             RETURNING id",
+             SELECT (SELECT count(*) FROM expired), (SELECT id FROM claimed)",
             &[
                 &runtime.to_string(),
                 &now,
@@ -347,8 +426,12 @@ impl Storer for PostgresStore {
                 &self.timeouts.error_for(Status::Pending),
             ],
         )?;
-        row.map(|row| request_id_from_db(row.try_get(0)?))
-            .transpose()
+        let expired: i64 = row.try_get(0)?;
+        let claimed: Option<&str> = row.try_get(1)?;
+        Ok(Claim {
+            claimed: claimed.map(request_id_from_db).transpose()?,
+            expired: Expired::default().plus(Status::Pending, upkeep::count_from_db(expired)?),
+        })
     }
 
     fn apply_report(
@@ -385,45 +468,36 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
-    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
         let changed = self.conn()?.execute(
             "UPDATE requests
-                SET status = 'timeout',
-                    error = CASE status WHEN 'pending' THEN $3 ELSE $4 END,
-                    updated_at = deadline_at, ended_at = deadline_at
-              WHERE id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2",
+                SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
+              WHERE id = $1 AND status = $2 AND status IN ('pending', 'running')
+                AND deadline_at <= $3",
             &[
                 &id.to_string(),
+                &phase.as_str(),
                 &now,
-                &self.timeouts.error_for(Status::Pending),
-                &self.timeouts.error_for(Status::Running),
+                &self.timeouts.error_for(phase),
             ],
         )?;
         Ok(changed == 1)
     }
 
-    fn expire_overdue(&self, now: Millis) -> Result<u64> {
-        Ok(self.conn()?.execute(
-            "UPDATE requests
-                SET status = 'timeout',
-                    error = CASE status WHEN 'pending' THEN $2 ELSE $3 END,
-                    updated_at = deadline_at, ended_at = deadline_at
-              WHERE status IN ('pending', 'running') AND deadline_at <= $1",
-            &[
-                &now,
-                &self.timeouts.error_for(Status::Pending),
-                &self.timeouts.error_for(Status::Running),
-            ],
-        )?)
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+        upkeep::expire_overdue(&mut *self.conn()?, &self.timeouts, now, limit)
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        // SKIP LOCKED: sweepers of several instances share the work instead of queueing.
-        Ok(self.conn()?.execute(
-            "DELETE FROM requests WHERE id = ANY(ARRAY(
-                 SELECT id FROM requests WHERE ended_at < $1
-                  ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
-            &[&cutoff, &i64::from(limit)],
-        )?)
+        upkeep::delete_ended_before(&mut *self.conn()?, cutoff, limit)
+    }
+
+    fn count_requests(&self) -> Result<RequestCounts> {
+        upkeep::count_requests(&mut *self.conn()?)
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        // Autovacuum keeps PostgreSQL's tables and log in shape; nothing to do here.
+        Ok(())
     }
 }

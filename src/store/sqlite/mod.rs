@@ -5,26 +5,34 @@
 //! first and upgrades later can fail with `SQLITE_BUSY` without waiting, and a read-then-write
 //! without the lock is how a concurrent change gets lost. `busy_timeout` makes a writer wait
 //! for the lock instead of failing at once.
+//!
+//! The sweeper's statements and the WAL checkpoint live in [`upkeep`].
 
-use std::path::Path;
+mod rows;
+mod upkeep;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
-    NewRuntime, Result, SCHEMA, SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db,
-    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Claim, Created, DEFAULT_WAIT, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
+    SCHEMA_VERSION, StoreError, Storer, models_to_db, request_id_from_db, runtime_id_from_db,
+    status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 
-/// How long a writer waits for the write lock before the store reports itself unavailable.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a call waits for a free pooled connection.
-const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_SIZE: u32 = 8;
+/// After a checkpoint resets the write-ahead log, the file is cut back to this size. Twice
+/// what SQLite's automatic checkpoint lets it grow to (1000 pages of 4 KiB), so the file is
+/// not cut and regrown on every reset.
+const JOURNAL_SIZE_LIMIT: i64 = 8 * 1024 * 1024;
 
 /// `synchronous` setting: NORMAL is durable against a crash of the process and, in WAL mode,
 /// keeps the database consistent after power loss; FULL also keeps the last commits.
@@ -44,23 +52,44 @@ impl Synchronous {
     }
 }
 
+/// How an SQLite store is opened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Options {
+    pub synchronous: Synchronous,
+    /// How long a call waits for a pooled connection, and a writer for the write lock
+    /// (`busy_timeout`), before the store reports itself unavailable.
+    pub wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            synchronous: Synchronous::default(),
+            wait: DEFAULT_WAIT,
+        }
+    }
+}
+
 pub struct SqliteStore {
     pool: r2d2::Pool<SqliteConnectionManager>,
     timeouts: Timeouts,
+    /// The file, for the checkpoint's connection of its own.
+    path: PathBuf,
 }
 
 const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
 
 impl SqliteStore {
     pub fn open(path: &Path, timeouts: Timeouts) -> Result<Self> {
-        Self::open_with(path, timeouts, Synchronous::default())
+        Self::open_with(path, timeouts, Options::default())
     }
 
-    pub fn open_with(path: &Path, timeouts: Timeouts, synchronous: Synchronous) -> Result<Self> {
+    pub fn open_with(path: &Path, timeouts: Timeouts, options: Options) -> Result<Self> {
+        let Options { synchronous, wait } = options;
         // WAL is a property of the file: set it once, on one connection, before the pool
         // opens more. `journal_mode` answers with a row, so it is read, not executed.
         let mut conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.busy_timeout(wait)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -72,16 +101,22 @@ impl SqliteStore {
         drop(conn);
 
         let manager = SqliteConnectionManager::file(path).with_init(move |c| {
-            c.busy_timeout(BUSY_TIMEOUT)?;
+            c.busy_timeout(wait)?;
             c.pragma_update(None, "foreign_keys", "ON")?;
-            c.pragma_update(None, "synchronous", synchronous.pragma_value())
+            c.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+            // Per connection: whichever connection resets the log cuts the file back.
+            c.pragma_update_and_check(None, "journal_size_limit", JOURNAL_SIZE_LIMIT, |_| Ok(()))
         });
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
-            .connection_timeout(CHECKOUT_TIMEOUT)
+            .connection_timeout(wait)
             .build(manager)?;
-        Ok(SqliteStore { pool, timeouts })
+        Ok(SqliteStore {
+            pool,
+            timeouts,
+            path: path.to_owned(),
+        })
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
@@ -108,88 +143,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-/// A request row as SQLite returns it, before its text columns are parsed.
-struct RawRequest {
-    id: String,
-    runtime_id: String,
-    status: String,
-    models: Option<String>,
-    supported: bool,
-    error: Option<String>,
-    created_at: Millis,
-    updated_at: Millis,
-    deadline_at: Millis,
-    ended_at: Option<Millis>,
-}
-
-impl RawRequest {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(RawRequest {
-            id: row.get(0)?,
-            runtime_id: row.get(1)?,
-            status: row.get(2)?,
-            models: row.get(3)?,
-            supported: row.get(4)?,
-            error: row.get(5)?,
-            created_at: row.get(6)?,
-            updated_at: row.get(7)?,
-            deadline_at: row.get(8)?,
-            ended_at: row.get(9)?,
-        })
-    }
-
-    fn parse(self) -> Result<ModelRequest> {
-        Ok(ModelRequest {
-            id: request_id_from_db(&self.id)?,
-            runtime_id: runtime_id_from_db(&self.runtime_id)?,
-            status: status_from_db(&self.status)?,
-            models: models_from_db(self.models.as_deref())?,
-            supported: self.supported,
-            error: self.error,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            deadline_at: self.deadline_at,
-            ended_at: self.ended_at,
-        })
-    }
-}
-
-/// A runtime row as SQLite returns it, before its ids are parsed.
-struct RawRuntime {
-    id: String,
-    workspace_id: String,
-    name: String,
-    provider: String,
-    last_seen_at: Option<Millis>,
-    created_at: Millis,
-}
-
-const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
-
-impl RawRuntime {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(RawRuntime {
-            id: row.get(0)?,
-            workspace_id: row.get(1)?,
-            name: row.get(2)?,
-            provider: row.get(3)?,
-            last_seen_at: row.get(4)?,
-            created_at: row.get(5)?,
-        })
-    }
-
-    fn parse(self) -> Result<Runtime> {
-        Ok(Runtime {
-            id: runtime_id_from_db(&self.id)?,
-            workspace_id: workspace_id_from_db(&self.workspace_id)?,
-            name: self.name,
-            provider: self.provider,
-            last_seen_at: self.last_seen_at,
-            created_at: self.created_at,
-        })
-    }
-}
-
 fn find_request_in(
     conn: &Connection,
     runtime: RuntimeId,
@@ -207,9 +160,35 @@ fn find_request_in(
     .transpose()
 }
 
+/// Ends the request as `timeout` if it is still in `phase` and overdue; one compare-and-set.
+/// Works on a pooled connection or inside a transaction. A terminal `phase` matches
+/// nothing: terminal is final.
+fn expire_in(
+    conn: &Connection,
+    timeouts: &Timeouts,
+    id: &str,
+    phase: Status,
+    now: Millis,
+) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE requests
+                SET status = 'timeout', error = ?4, updated_at = deadline_at, ended_at = deadline_at
+              WHERE id = ?1 AND status = ?2 AND status IN ('pending', 'running')
+                AND deadline_at <= ?3",
+        )?
+        .execute(params![id, phase.as_str(), now, timeouts.error_for(phase)])?;
+    Ok(changed == 1)
+}
+
 impl Storer for SqliteStore {
     fn ping(&self) -> Result<()> {
-        self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
+        // Ready means writable: every route but the reads needs the one write lock, and a
+        // lock that another process holds for longer than `wait` is the outage SQLite has.
+        // Take it (waiting as long as any writer would) and give it back, writing nothing.
+        let mut conn = self.conn()?;
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)?
+            .rollback()?;
         Ok(())
     }
 
@@ -332,7 +311,7 @@ impl Storer for SqliteStore {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Option<Created>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let runtime_text = runtime.to_string();
@@ -342,19 +321,24 @@ impl Storer for SqliteStore {
         if !exists {
             return Ok(None);
         }
-        tx.prepare_cached(
-            "UPDATE requests
-                SET status = 'timeout',
-                    error = CASE status WHEN 'pending' THEN ?3 ELSE ?4 END,
-                    updated_at = deadline_at, ended_at = deadline_at
-              WHERE runtime_id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
-        )?
-        .execute(params![
-            runtime_text,
-            now,
-            self.timeouts.error_for(Status::Pending),
-            self.timeouts.error_for(Status::Running)
-        ])?;
+        // The write lock is ours until commit, so what this reads is what the expiry below
+        // finds; the expiry still names the status and deadline it expects.
+        let overdue: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT id, status FROM requests
+                  WHERE runtime_id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
+            )?
+            .query_row(params![runtime_text, now], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let mut expired = Expired::default();
+        if let Some((overdue_id, phase)) = overdue {
+            let phase = status_from_db(&phase)?;
+            if expire_in(&tx, &self.timeouts, &overdue_id, phase, now)? {
+                expired = Expired::one(phase);
+            }
+        }
         // The unique index on active requests per runtime turns a second active request
         // into a conflict, which DO NOTHING turns into "coalesce".
         let inserted = tx
@@ -383,14 +367,14 @@ impl Storer for SqliteStore {
         };
         tx.commit()?;
         match request {
-            Some(request) => Ok(Some(request)),
+            Some(request) => Ok(Some(Created { request, expired })),
             None => Err(StoreError::Corrupt(format!(
                 "runtime {runtime}: insert coalesced but no active request exists"
             ))),
         }
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Option<RequestId>> {
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
         let mut conn = self.conn()?;
         let runtime_text = runtime.to_string();
         // Most heartbeats find nothing to claim: answer those with a read, without taking
@@ -401,19 +385,20 @@ impl Storer for SqliteStore {
             )?
             .exists([&runtime_text])?;
         if !any_pending {
-            return Ok(None);
+            return Ok(Claim::default());
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.prepare_cached(
-            "UPDATE requests
+        let expired = tx
+            .prepare_cached(
+                "UPDATE requests
                 SET status = 'timeout', error = ?3, updated_at = deadline_at, ended_at = deadline_at
               WHERE runtime_id = ?1 AND status = 'pending' AND deadline_at <= ?2",
-        )?
-        .execute(params![
-            runtime_text,
-            now,
-            self.timeouts.error_for(Status::Pending)
-        ])?;
+            )?
+            .execute(params![
+                runtime_text,
+                now,
+                self.timeouts.error_for(Status::Pending)
+            ])?;
         let claimed: Option<String> = tx
             .prepare_cached(
                 "UPDATE requests SET status = 'running', deadline_at = ?3, updated_at = ?2
@@ -429,7 +414,10 @@ impl Storer for SqliteStore {
             )
             .optional()?;
         tx.commit()?;
-        claimed.as_deref().map(request_id_from_db).transpose()
+        Ok(Claim {
+            claimed: claimed.as_deref().map(request_id_from_db).transpose()?,
+            expired: Expired::default().plus(Status::Pending, expired as u64),
+        })
     }
 
     fn apply_report(
@@ -472,51 +460,23 @@ impl Storer for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn expire_request(&self, id: RequestId, now: Millis) -> Result<bool> {
-        let changed = self
-            .conn()?
-            .prepare_cached(
-                "UPDATE requests
-                    SET status = 'timeout',
-                        error = CASE status WHEN 'pending' THEN ?3 ELSE ?4 END,
-                        updated_at = deadline_at, ended_at = deadline_at
-                  WHERE id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
-            )?
-            .execute(params![
-                id.to_string(),
-                now,
-                self.timeouts.error_for(Status::Pending),
-                self.timeouts.error_for(Status::Running)
-            ])?;
-        Ok(changed == 1)
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
+        expire_in(&*self.conn()?, &self.timeouts, &id.to_string(), phase, now)
     }
 
-    fn expire_overdue(&self, now: Millis) -> Result<u64> {
-        let changed = self
-            .conn()?
-            .prepare_cached(
-                "UPDATE requests
-                    SET status = 'timeout',
-                        error = CASE status WHEN 'pending' THEN ?2 ELSE ?3 END,
-                        updated_at = deadline_at, ended_at = deadline_at
-                  WHERE status IN ('pending', 'running') AND deadline_at <= ?1",
-            )?
-            .execute(params![
-                now,
-                self.timeouts.error_for(Status::Pending),
-                self.timeouts.error_for(Status::Running)
-            ])?;
-        Ok(changed as u64)
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+        upkeep::expire_overdue(&*self.conn()?, &self.timeouts, now, limit)
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        let deleted = self
-            .conn()?
-            .prepare_cached(
-                "DELETE FROM requests WHERE id IN
-                   (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
-            )?
-            .execute(params![cutoff, limit])?;
-        Ok(deleted as u64)
+        upkeep::delete_ended_before(&*self.conn()?, cutoff, limit)
+    }
+
+    fn count_requests(&self) -> Result<RequestCounts> {
+        upkeep::count_requests(&*self.conn()?)
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        upkeep::checkpoint(&self.path)
     }
 }

@@ -1,0 +1,210 @@
+//! The service's Prometheus metrics: one registry per instance (so that several instances
+//! in one test process keep apart), rendered in the text format by the `prometheus` crate.
+//!
+//! Counters and histograms are recorded as things happen: HTTP answers in the router,
+//! store calls, claims and timeouts in [`MeteredStore`](crate::store::metered::MeteredStore).
+//! The gauges of stored requests are read from the store at scrape time.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::clock::Millis;
+use crate::model::Status;
+use crate::store::{Expired, RequestCounts};
+
+/// Seconds; from a tenth of a millisecond (an SQLite read) to the store's longest wait.
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+const STATUSES: [Status; 5] = [
+    Status::Pending,
+    Status::Running,
+    Status::Completed,
+    Status::Failed,
+    Status::Timeout,
+];
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Answers by route template, method and status code.
+    http_requests: IntCounterVec,
+    /// Time from request head to response, by route template.
+    http_duration: HistogramVec,
+    /// Time of each store primitive, by operation, failures included.
+    store_duration: HistogramVec,
+    /// Store primitives that failed, by operation: the 503s' cause.
+    store_errors: IntCounterVec,
+    /// Requests handed to a daemon.
+    claims: IntCounter,
+    /// Requests ended as `timeout`, by the phase whose deadline they missed.
+    timeouts: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "model_relay_http_requests_total",
+                "HTTP requests answered, by route template, method and status code.",
+            ),
+            &["route", "method", "status"],
+        );
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "model_relay_http_request_duration_seconds",
+                "Time to answer an HTTP request, by route template.",
+            ),
+            &["route"],
+        );
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "model_relay_store_operation_duration_seconds",
+                "Time of one store operation, by operation.",
+            )
+            .buckets(STORE_BUCKETS.to_vec()),
+            &["op"],
+        );
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "model_relay_store_errors_total",
+                "Store operations that failed, by operation.",
+            ),
+            &["op"],
+        );
+        let claims = IntCounter::new(
+            "model_relay_claims_total",
+            "Requests handed to a daemon by a heartbeat.",
+        );
+        let timeouts = IntCounterVec::new(
+            Opts::new(
+                "model_relay_timeouts_total",
+                "Requests ended as timeout, by phase (pending: never claimed; running: no report in time).",
+            ),
+            &["phase"],
+        );
+        // The names and labels above are constants; they are valid and distinct, so
+        // neither making nor registering them can fail (the tests render every family).
+        let metrics = Metrics {
+            http_requests: http_requests.expect("valid metric"),
+            http_duration: http_duration.expect("valid metric"),
+            store_duration: store_duration.expect("valid metric"),
+            store_errors: store_errors.expect("valid metric"),
+            claims: claims.expect("valid metric"),
+            timeouts: timeouts.expect("valid metric"),
+            registry,
+        };
+        for collector in [
+            Box::new(metrics.http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.http_duration.clone()),
+            Box::new(metrics.store_duration.clone()),
+            Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.claims.clone()),
+            Box::new(metrics.timeouts.clone()),
+        ] {
+            metrics
+                .registry
+                .register(collector)
+                .expect("distinct metric names");
+        }
+        // Both phases from the start, so a dashboard sees 0 rather than no series.
+        for phase in [Status::Pending, Status::Running] {
+            metrics.timeouts.with_label_values(&[phase.as_str()]);
+        }
+        metrics
+    }
+
+    pub fn observe_http(&self, route: &str, method: &str, status: u16, took: Duration) {
+        self.http_requests
+            .with_label_values(&[route, method, &status.to_string()])
+            .inc();
+        self.http_duration
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_store(&self, op: &str, took: Duration, ok: bool) {
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.store_errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    pub fn claimed(&self) {
+        self.claims.inc();
+    }
+
+    pub fn expired(&self, expired: Expired) {
+        for (phase, n) in [
+            (Status::Pending, expired.pending),
+            (Status::Running, expired.running),
+        ] {
+            if n > 0 {
+                self.timeouts.with_label_values(&[phase.as_str()]).inc_by(n);
+            }
+        }
+    }
+
+    /// Every family in the text format. The gauges of stored requests are there only when
+    /// `counts` is: when the store could not be read, they are left out rather than shown
+    /// stale or as zero, and the rest still helps explain the outage.
+    pub fn render(&self, counts: Option<&RequestCounts>, now: Millis) -> Result<String, String> {
+        let mut families = self.registry.gather();
+        if let Some(counts) = counts {
+            families.extend(gauges(counts, now).map_err(|e| e.to_string())?);
+        }
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+/// The scrape-time gauges, in a registry of their own made for this scrape.
+fn gauges(
+    counts: &RequestCounts,
+    now: Millis,
+) -> prometheus::Result<Vec<prometheus::proto::MetricFamily>> {
+    let registry = Registry::new();
+    let requests = IntGaugeVec::new(
+        Opts::new(
+            "model_relay_requests",
+            "Stored requests by status (the same figure on every instance of one store).",
+        ),
+        &["status"],
+    )?;
+    for status in STATUSES {
+        let n = i64::try_from(counts.of(status)).unwrap_or(i64::MAX);
+        requests.with_label_values(&[status.as_str()]).set(n);
+    }
+    let oldest = Gauge::new(
+        "model_relay_oldest_pending_age_seconds",
+        "Age of the oldest pending request; 0 when none is pending.",
+    )?;
+    let age = counts
+        .oldest_pending_created_at
+        .map_or(0, |created| now.saturating_sub(created).max(0));
+    oldest.set(Duration::from_millis(age.unsigned_abs()).as_secs_f64());
+    registry.register(Box::new(requests))?;
+    registry.register(Box::new(oldest))?;
+    Ok(registry.gather())
+}

@@ -1,0 +1,165 @@
+//! `MeteredStore`: any engine, with each primitive timed and counted into the instance's
+//! [`Metrics`], and the transitions the store makes on its own (claims, timeouts) counted
+//! and logged. It knows no SQL and changes no answer.
+//!
+//! Only the primitives are wrapped. The composites are the trait's default methods, so
+//! they run here on the wrapped primitives and every store call they make is measured.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Claim, Created, Expired, NewRuntime, RequestCounts, Result, Storer};
+use crate::clock::Millis;
+use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::metrics::Metrics;
+use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+
+pub struct MeteredStore {
+    inner: Arc<dyn Storer>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Storer>, metrics: Arc<Metrics>) -> Self {
+        MeteredStore { inner, metrics }
+    }
+
+    /// Runs one primitive of the engine, timing it under `op`.
+    fn timed<T>(&self, op: &'static str, call: impl FnOnce(&dyn Storer) -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        let result = call(self.inner.as_ref());
+        self.metrics
+            .observe_store(op, started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// Counts and logs requests that a call ended as `timeout` on the way.
+    fn expired_on_the_way(&self, runtime: RuntimeId, expired: Expired) {
+        if expired.total() > 0 {
+            self.metrics.expired(expired);
+            tracing::info!(%runtime, expired.pending, expired.running, "request timed out");
+        }
+    }
+}
+
+impl Storer for MeteredStore {
+    fn ping(&self) -> Result<()> {
+        self.timed("ping", |s| s.ping())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts()
+    }
+
+    fn create_workspace(
+        &self,
+        id: WorkspaceId,
+        name: &str,
+        api_token: &TokenHash,
+        now: Millis,
+    ) -> Result<()> {
+        self.timed("create_workspace", |s| {
+            s.create_workspace(id, name, api_token, now)
+        })
+    }
+
+    fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
+        self.timed("workspace_by_api_token", |s| {
+            s.workspace_by_api_token(token)
+        })
+    }
+
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.timed("create_runtime", |s| s.create_runtime(new, now))
+    }
+
+    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+        self.timed("list_runtimes", |s| s.list_runtimes(workspace))
+    }
+
+    fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
+        self.timed("find_runtime", |s| s.find_runtime(workspace, id))
+    }
+
+    fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
+        self.timed("delete_runtime", |s| s.delete_runtime(workspace, id))
+    }
+
+    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+        self.timed("runtime_by_daemon_token", |s| {
+            s.runtime_by_daemon_token(token)
+        })
+    }
+
+    fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
+        self.timed("touch_runtime", |s| s.touch_runtime(id, now))
+    }
+
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+        self.timed("find_request", |s| s.find_request(runtime, id))
+    }
+
+    fn create_or_coalesce(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Option<Created>> {
+        let created = self.timed("create_or_coalesce", |s| {
+            s.create_or_coalesce(runtime, id, now)
+        })?;
+        if let Some(created) = &created {
+            self.expired_on_the_way(runtime, created.expired);
+        }
+        Ok(created)
+    }
+
+    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
+        let claim = self.timed("claim_next_pending", |s| s.claim_next_pending(runtime, now))?;
+        self.expired_on_the_way(runtime, claim.expired);
+        if claim.claimed.is_some() {
+            self.metrics.claimed();
+        }
+        Ok(claim)
+    }
+
+    fn apply_report(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<bool> {
+        self.timed("apply_report", |s| s.apply_report(runtime, id, report, now))
+    }
+
+    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
+        let ended = self.timed("expire_request", |s| s.expire_request(id, phase, now))?;
+        if ended {
+            self.metrics.expired(Expired::one(phase));
+            tracing::info!(request = %id, phase = phase.as_str(), "request timed out");
+        }
+        Ok(ended)
+    }
+
+    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+        // The sweeper logs what a whole sweep did; here it is only counted.
+        let expired = self.timed("expire_overdue", |s| s.expire_overdue(now, limit))?;
+        self.metrics.expired(expired);
+        Ok(expired)
+    }
+
+    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+        self.timed("delete_ended_before", |s| {
+            s.delete_ended_before(cutoff, limit)
+        })
+    }
+
+    fn count_requests(&self) -> Result<RequestCounts> {
+        self.timed("count_requests", |s| s.count_requests())
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        self.timed("checkpoint", |s| s.checkpoint())
+    }
+}

@@ -1,0 +1,84 @@
+//! The PostgreSQL statements behind the sweeper and the metrics: batched expiry and
+//! deletion, and counts per status.
+//!
+//! The batches lock their rows with `FOR UPDATE SKIP LOCKED`: sweepers of several instances
+//! share the work instead of queueing behind each other, and no row is ended or deleted
+//! twice.
+
+use postgres::Client;
+
+use super::super::{Expired, RequestCounts, Result, StoreError};
+use crate::clock::Millis;
+use crate::model::{Status, Timeouts};
+
+/// Expires up to `limit` overdue requests, pending ones first, then running ones; each
+/// phase in deadline order along `requests_by_status`.
+pub(super) fn expire_overdue(
+    client: &mut Client,
+    timeouts: &Timeouts,
+    now: Millis,
+    limit: u32,
+) -> Result<Expired> {
+    let mut expired = Expired::default();
+    for phase in [Status::Pending, Status::Running] {
+        let left = u64::from(limit).saturating_sub(expired.total());
+        if left == 0 {
+            break;
+        }
+        // The outer conditions repeat the inner ones: the row count of this compare-and-set
+        // is what was ended, whatever else ran.
+        let n = client.execute(
+            "UPDATE requests
+                SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
+              WHERE id = ANY(ARRAY(
+                      SELECT id FROM requests WHERE status = $1 AND deadline_at <= $2
+                       ORDER BY deadline_at LIMIT $3 FOR UPDATE SKIP LOCKED))
+                AND status = $1 AND deadline_at <= $2",
+            &[
+                &phase.as_str(),
+                &now,
+                &i64::try_from(left).unwrap_or(i64::MAX),
+                &timeouts.error_for(phase),
+            ],
+        )?;
+        expired = expired.plus(phase, n);
+    }
+    Ok(expired)
+}
+
+pub(super) fn delete_ended_before(client: &mut Client, cutoff: Millis, limit: u32) -> Result<u64> {
+    Ok(client.execute(
+        "DELETE FROM requests WHERE id = ANY(ARRAY(
+             SELECT id FROM requests WHERE ended_at < $1
+              ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+        &[&cutoff, &i64::from(limit)],
+    )?)
+}
+
+/// One statement, so one snapshot; each count is a range of `requests_by_status`, and the
+/// oldest pending request comes from the partial index of pending requests.
+pub(super) fn count_requests(client: &mut Client) -> Result<RequestCounts> {
+    let row = client.query_one(
+        "SELECT
+            (SELECT count(*) FROM requests WHERE status = 'pending'),
+            (SELECT count(*) FROM requests WHERE status = 'running'),
+            (SELECT count(*) FROM requests WHERE status = 'completed'),
+            (SELECT count(*) FROM requests WHERE status = 'failed'),
+            (SELECT count(*) FROM requests WHERE status = 'timeout'),
+            (SELECT min(created_at) FROM requests WHERE status = 'pending')",
+        &[],
+    )?;
+    Ok(RequestCounts {
+        pending: count_from_db(row.try_get(0)?)?,
+        running: count_from_db(row.try_get(1)?)?,
+        completed: count_from_db(row.try_get(2)?)?,
+        failed: count_from_db(row.try_get(3)?)?,
+        timeout: count_from_db(row.try_get(4)?)?,
+        oldest_pending_created_at: row.try_get(5)?,
+    })
+}
+
+/// `count(*)` is a `bigint`; a negative one would be a broken server.
+pub(super) fn count_from_db(n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a count of {n}")))
+}

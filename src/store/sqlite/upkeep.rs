@@ -1,0 +1,183 @@
+//! The SQLite statements behind the sweeper and the metrics: batched expiry and deletion,
+//! counts per status, and the checkpoint that keeps the write-ahead log small.
+//!
+//! Each batch is one autocommit statement, so the write lock is held for one batch at a
+//! time and other writers get their turn between batches.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+
+use super::super::{Expired, RequestCounts, Result, StoreError};
+use crate::clock::Millis;
+use crate::model::{Status, Timeouts};
+
+/// How long a checkpoint waits for writers to finish and readers to leave the log. It holds
+/// the write lock while it waits for readers, so it must give up long before a writer's
+/// `busy_timeout` runs out; what it could not do, the next sweep does.
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(200);
+
+/// Expires up to `limit` overdue requests, pending ones first, then running ones; each
+/// phase in deadline order along `requests_by_status`.
+pub(super) fn expire_overdue(
+    conn: &Connection,
+    timeouts: &Timeouts,
+    now: Millis,
+    limit: u32,
+) -> Result<Expired> {
+    let mut expired = Expired::default();
+    for phase in [Status::Pending, Status::Running] {
+        let left =
+            i64::from(limit).saturating_sub(i64::try_from(expired.total()).unwrap_or(i64::MAX));
+        if left <= 0 {
+            break;
+        }
+        // The outer conditions repeat the inner ones: the row count of this compare-and-set
+        // is what was ended, whatever else ran.
+        let n = conn
+            .prepare_cached(
+                "UPDATE requests
+                    SET status = 'timeout', error = ?4,
+                        updated_at = deadline_at, ended_at = deadline_at
+                  WHERE id IN (SELECT id FROM requests
+                                WHERE status = ?1 AND deadline_at <= ?2
+                                ORDER BY deadline_at LIMIT ?3)
+                    AND status = ?1 AND deadline_at <= ?2",
+            )?
+            .execute(params![
+                phase.as_str(),
+                now,
+                left,
+                timeouts.error_for(phase)
+            ])?;
+        expired = expired.plus(phase, n as u64);
+    }
+    Ok(expired)
+}
+
+pub(super) fn delete_ended_before(conn: &Connection, cutoff: Millis, limit: u32) -> Result<u64> {
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM requests WHERE id IN
+               (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
+        )?
+        .execute(params![cutoff, limit])?;
+    Ok(deleted as u64)
+}
+
+/// One statement, so one snapshot. Each count is a range of `requests_by_status` (a
+/// covering index: the table is not read), and the oldest pending request comes from the
+/// partial index of pending requests, which holds at most one row per runtime.
+const COUNT_REQUESTS: &str = "SELECT
+    (SELECT COUNT(*) FROM requests WHERE status = 'pending'),
+    (SELECT COUNT(*) FROM requests WHERE status = 'running'),
+    (SELECT COUNT(*) FROM requests WHERE status = 'completed'),
+    (SELECT COUNT(*) FROM requests WHERE status = 'failed'),
+    (SELECT COUNT(*) FROM requests WHERE status = 'timeout'),
+    (SELECT MIN(created_at) FROM requests WHERE status = 'pending')";
+
+pub(super) fn count_requests(conn: &Connection) -> Result<RequestCounts> {
+    let raw: ([i64; 5], Option<Millis>) =
+        conn.prepare_cached(COUNT_REQUESTS)?.query_row([], |row| {
+            Ok((
+                [
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ],
+                row.get(5)?,
+            ))
+        })?;
+    let count = |i: usize| {
+        u64::try_from(raw.0[i]).map_err(|_| StoreError::Corrupt(format!("count {}", raw.0[i])))
+    };
+    Ok(RequestCounts {
+        pending: count(0)?,
+        running: count(1)?,
+        completed: count(2)?,
+        failed: count(3)?,
+        timeout: count(4)?,
+        oldest_pending_created_at: raw.1,
+    })
+}
+
+/// Copies the log into the database and truncates it to zero bytes.
+///
+/// SQLite checkpoints on its own after every 1000 pages written, but that checkpoint never
+/// waits: under a steady load some reader is always on the log, it can never start over
+/// from the beginning, and the file grows. TRUNCATE waits (briefly) for those readers.
+///
+/// A connection of its own, so that the short wait applies to this statement only.
+pub(super) fn checkpoint(path: &Path) -> Result<()> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(CHECKPOINT_WAIT)?;
+    // Answers (busy, log pages, checkpointed pages). Busy means readers or writers kept it
+    // from finishing within the wait; the next sweep tries again, so it is no error.
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map([], |row| row.get::<_, String>(3)).unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// "Never a full-table scan per scrape": SQLite's own plan for the counts reads
+    /// indexes only.
+    #[test]
+    fn counting_requests_reads_indexes_not_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        SqliteStore::open(&path, Timeouts::default()).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let plan = plan(&conn, COUNT_REQUESTS);
+        assert!(
+            !plan.lines().any(|step| step.trim() == "SCAN requests"),
+            "{plan}"
+        );
+        assert_eq!(
+            plan.matches("USING COVERING INDEX requests_by_status (status=?)")
+                .count(),
+            5,
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_truncates_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path, Timeouts::default()).unwrap();
+        let wal = dir.path().join("relay.db-wal");
+        {
+            let conn = store.conn().unwrap();
+            conn.execute_batch("CREATE TABLE filler (x BLOB)").unwrap();
+            for _ in 0..200 {
+                conn.execute("INSERT INTO filler VALUES (randomblob(4096))", [])
+                    .unwrap();
+            }
+        }
+        let before = std::fs::metadata(&wal).unwrap().len();
+        assert!(before > 200 * 4096, "the log holds the writes: {before}");
+        crate::store::Storer::checkpoint(&store).unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        assert_eq!(
+            store
+                .conn()
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM filler", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            200,
+            "and the data is in the database"
+        );
+    }
+}
