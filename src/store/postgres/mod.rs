@@ -373,6 +373,14 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        let row = self.conn()?.query_opt(
+            "SELECT 1 FROM runtimes WHERE id = $1 AND last_seen_at >= $2",
+            &[&id.to_string(), &since],
+        )?;
+        Ok(row.is_some())
+    }
+
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         let row = self.conn()?.query_opt(
             &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND runtime_id = $2"),
