@@ -105,6 +105,7 @@ conformance!(
     tokens_resolve_to_their_owner_only,
     runtimes_are_scoped_to_their_workspace,
     touch_records_last_seen_and_never_moves_it_back,
+    heartbeat_writes_last_seen_only_when_older_than_refresh_after,
     deleting_a_runtime_deletes_its_requests,
     create_makes_a_pending_request_with_a_claim_deadline,
     create_for_a_missing_runtime_is_none,

@@ -303,7 +303,7 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, model.get(*rt, id), "step {}: {:?}", step, op);
             }
             Op::Heartbeat { rt } => {
-                let got = store.heartbeat(runtimes[*rt], now).unwrap();
+                let got = store.heartbeat(runtimes[*rt], now, 0).unwrap();
                 prop_assert_eq!(got, model.heartbeat(*rt), "step {}: {:?}", step, op);
             }
             Op::Report { rt, req, report } => {

@@ -312,7 +312,10 @@ async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer 
             if rt != own {
                 return Err(ApiError::NotFound("runtime"));
             }
-            match app.store.heartbeat(rt, app.clock.now())? {
+            // Only a tenth of offline_after of staleness: a runtime still goes offline
+            // between 0.9 and 1 × offline_after after its last heartbeat.
+            let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
+            match app.store.heartbeat(rt, app.clock.now(), refresh_after)? {
                 Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
                 Heartbeat::Alive(claimed) => Ok((rt, claimed)),
             }

@@ -147,6 +147,15 @@ impl Storer for MemoryStore {
         })
     }
 
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        Ok(self
+            .state()
+            .runtimes
+            .get(&id)
+            .and_then(|runtime| runtime.last_seen_at)
+            .is_some_and(|seen| seen >= since))
+    }
+
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         Ok(self
             .state()

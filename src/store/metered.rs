@@ -95,6 +95,10 @@ impl Storer for MeteredStore {
         self.timed("touch_runtime", |s| s.touch_runtime(id, now))
     }
 
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        self.timed("seen_since", |s| s.seen_since(id, since))
+    }
+
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         self.timed("find_request", |s| s.find_request(runtime, id))
     }

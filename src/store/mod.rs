@@ -181,6 +181,14 @@ pub trait Storer: Send + Sync {
     /// Records that the runtime's daemon is alive. False if the runtime does not exist.
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool>;
 
+    /// Whether the runtime exists and its `last_seen_at` is at or after `since`: a read, so
+    /// that a heartbeat can skip a write that would change nothing that matters. Every
+    /// engine answers it; the default (always false, so always write) is for test doubles.
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        let _ = (id, since);
+        Ok(false)
+    }
+
     /// The request as stored, if it belongs to `runtime`; no expiry applied.
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>>;
 
@@ -269,8 +277,20 @@ pub trait Storer: Send + Sync {
     }
 
     /// A daemon's heartbeat: marks the runtime alive and claims at most one request.
-    fn heartbeat(&self, runtime: RuntimeId, now: Millis) -> Result<Heartbeat> {
-        if !self.touch_runtime(runtime, now)? {
+    ///
+    /// `last_seen_at` is written only when the stored one is older than `refresh_after`, so
+    /// that the common heartbeat (nothing pending, seen a moment ago) is all reads: on
+    /// SQLite it never queues for the one write lock. The stored time then lags the last
+    /// heartbeat by less than `refresh_after`; the HTTP layer passes a tenth of
+    /// `offline_after`. Zero writes on every heartbeat.
+    fn heartbeat(
+        &self,
+        runtime: RuntimeId,
+        now: Millis,
+        refresh_after: Millis,
+    ) -> Result<Heartbeat> {
+        let fresh = refresh_after > 0 && self.seen_since(runtime, now - refresh_after)?;
+        if !fresh && !self.touch_runtime(runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
         Ok(Heartbeat::Alive(

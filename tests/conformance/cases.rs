@@ -373,11 +373,11 @@ pub fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
     assert_eq!(
-        store.heartbeat(t.runtime, T0).unwrap(),
+        store.heartbeat(t.runtime, T0, 0).unwrap(),
         Heartbeat::Alive(Some(id))
     );
     assert_eq!(
-        store.heartbeat(t.runtime, T0 + 1).unwrap(),
+        store.heartbeat(t.runtime, T0 + 1, 0).unwrap(),
         Heartbeat::Alive(None)
     );
     assert_eq!(
@@ -917,10 +917,51 @@ pub fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
     );
 }
 
+pub fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let seen = |s: &dyn Storer| {
+        s.find_runtime(t.workspace, t.runtime)
+            .unwrap()
+            .unwrap()
+            .last_seen_at
+    };
+    assert!(!store.seen_since(t.runtime, T0).unwrap(), "never seen");
+    assert_eq!(
+        store.heartbeat(t.runtime, T0, 1000).unwrap(),
+        Heartbeat::Alive(None)
+    );
+    assert_eq!(seen(store.as_ref()), Some(T0), "first heartbeat is written");
+    assert!(store.seen_since(t.runtime, T0).unwrap());
+    assert!(!store.seen_since(t.runtime, T0 + 1).unwrap());
+    store.heartbeat(t.runtime, T0 + 1000, 1000).unwrap();
+    assert_eq!(
+        seen(store.as_ref()),
+        Some(T0),
+        "seen within refresh_after: not rewritten"
+    );
+    store.heartbeat(t.runtime, T0 + 1001, 1000).unwrap();
+    assert_eq!(
+        seen(store.as_ref()),
+        Some(T0 + 1001),
+        "older than refresh_after: written"
+    );
+    // A skipped write still claims what is pending.
+    let id = create(store.as_ref(), t.runtime, T0 + 1002).id;
+    assert_eq!(
+        store.heartbeat(t.runtime, T0 + 1003, 1000).unwrap(),
+        Heartbeat::Alive(Some(id))
+    );
+    assert_eq!(seen(store.as_ref()), Some(T0 + 1001));
+    assert!(!store.seen_since(RuntimeId::random().unwrap(), T0).unwrap());
+}
+
 pub fn heartbeat_of_a_missing_runtime_is_unknown(engine: &dyn Engine) {
     let store = engine.open();
     assert_eq!(
-        store.heartbeat(RuntimeId::random().unwrap(), T0).unwrap(),
+        store
+            .heartbeat(RuntimeId::random().unwrap(), T0, 1000)
+            .unwrap(),
         Heartbeat::UnknownRuntime
     );
 }

@@ -13,12 +13,15 @@
 //!
 //! The sweeper's statements live in [`upkeep`].
 
+mod cached;
 mod upkeep;
 
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::{Client, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
+
+use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
     Claim, Created, DEFAULT_WAIT, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
@@ -40,7 +43,7 @@ const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, c
 
 pub struct PostgresStore {
     /// Always there until `drop` takes it, to close it on a thread of its own.
-    pool: Option<r2d2::Pool<PostgresConnectionManager<NoTls>>>,
+    pool: Option<r2d2::Pool<CachingManager>>,
     timeouts: Timeouts,
 }
 
@@ -81,14 +84,16 @@ impl PostgresStore {
                 statement_timeout: wait,
             }))
             .error_handler(Box::new(LogConnectErrors))
-            .build(PostgresConnectionManager::new(config, NoTls))?;
+            .build(CachingManager(PostgresConnectionManager::new(
+                config, NoTls,
+            )))?;
         Ok(PostgresStore {
             pool: Some(pool),
             timeouts,
         })
     }
 
-    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
+    fn conn(&self) -> Result<r2d2::PooledConnection<CachingManager>> {
         Ok(self.pool.as_ref().ok_or(StoreError::Closed)?.get()?)
     }
 }
@@ -122,8 +127,8 @@ struct SessionSettings {
     statement_timeout: Duration,
 }
 
-impl r2d2::CustomizeConnection<Client, postgres::Error> for SessionSettings {
-    fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
+impl r2d2::CustomizeConnection<CachedClient, postgres::Error> for SessionSettings {
+    fn on_acquire(&self, client: &mut CachedClient) -> Result<(), postgres::Error> {
         let ms = self.statement_timeout.as_millis().max(1);
         client.batch_execute(&format!("SET statement_timeout = {ms}"))
     }
@@ -194,7 +199,7 @@ fn parse_runtime(row: &Row) -> Result<Runtime> {
 /// One attempt at create-or-coalesce, in its own transaction. `Ok(None)` means the active
 /// request that blocked the insert ended before it could be read: try again.
 fn try_create_or_coalesce(
-    tx: &mut Transaction<'_>,
+    tx: &mut CachedTransaction<'_>,
     timeouts: &Timeouts,
     runtime: &str,
     id: &str,
@@ -366,6 +371,14 @@ impl Storer for PostgresStore {
             &[&id.to_string(), &now],
         )?;
         Ok(changed == 1)
+    }
+
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        let row = self.conn()?.query_opt(
+            "SELECT 1 FROM runtimes WHERE id = $1 AND last_seen_at >= $2",
+            &[&id.to_string(), &since],
+        )?;
+        Ok(row.is_some())
     }
 
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {

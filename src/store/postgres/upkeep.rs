@@ -5,7 +5,7 @@
 //! share the work instead of queueing behind each other, and no row is ended or deleted
 //! twice.
 
-use postgres::Client;
+use super::cached::CachedClient;
 
 use super::super::{Expired, RequestCounts, Result, StoreError};
 use crate::clock::Millis;
@@ -14,7 +14,7 @@ use crate::model::{Status, Timeouts};
 /// Expires up to `limit` overdue requests, pending ones first, then running ones; each
 /// phase in deadline order along `requests_by_status`.
 pub(super) fn expire_overdue(
-    client: &mut Client,
+    client: &mut CachedClient,
     timeouts: &Timeouts,
     now: Millis,
     limit: u32,
@@ -46,7 +46,11 @@ pub(super) fn expire_overdue(
     Ok(expired)
 }
 
-pub(super) fn delete_ended_before(client: &mut Client, cutoff: Millis, limit: u32) -> Result<u64> {
+pub(super) fn delete_ended_before(
+    client: &mut CachedClient,
+    cutoff: Millis,
+    limit: u32,
+) -> Result<u64> {
     Ok(client.execute(
         "DELETE FROM requests WHERE id = ANY(ARRAY(
              SELECT id FROM requests WHERE ended_at < $1
@@ -57,7 +61,7 @@ pub(super) fn delete_ended_before(client: &mut Client, cutoff: Millis, limit: u3
 
 /// One statement, so one snapshot; each count is a range of `requests_by_status`, and the
 /// oldest pending request comes from the partial index of pending requests.
-pub(super) fn count_requests(client: &mut Client) -> Result<RequestCounts> {
+pub(super) fn count_requests(client: &mut CachedClient) -> Result<RequestCounts> {
     let row = client.query_one(
         "SELECT
             (SELECT count(*) FROM requests WHERE status = 'pending'),

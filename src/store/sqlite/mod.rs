@@ -302,6 +302,13 @@ impl Storer for SqliteStore {
         Ok(changed == 1)
     }
 
+    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
+        let conn = self.conn()?;
+        Ok(conn
+            .prepare_cached("SELECT 1 FROM runtimes WHERE id = ?1 AND last_seen_at >= ?2")?
+            .exists(params![id.to_string(), since])?)
+    }
+
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         find_request_in(&*self.conn()?, runtime, id)
     }

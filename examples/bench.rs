@@ -1,0 +1,897 @@
+//! The benchmark suite: drives real `model-relay serve` processes over HTTP and measures the
+//! engines' own ceilings in the same run, then writes BENCHMARKS.md. Run it through
+//! `scripts/bench [--quick]`, which builds the release binaries first.
+//!
+//! ```sh
+//! cargo run --release --example bench -- --server target/release/model-relay [--quick]
+//! ```
+//!
+//! Per engine (SQLite, PostgreSQL) and table (empty, and with 1,000,000 retained terminal
+//! rows), a fresh server is started and driven by `--concurrency` workers, each with one
+//! keep-alive connection and one call in flight, for these routes:
+//! - `GET /healthz`: the HTTP ceiling of this server and this client;
+//! - poll: `GET` of an existing (completed) request;
+//! - idle heartbeat: heartbeats over 10,000 runtimes with nothing pending;
+//! - full cycle: create, heartbeat (claims it), report completed, poll until completed.
+//!
+//! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
+//! single-row write transactions with the service's pragmas, on the same disk; and
+//! `pgbench -b simple-update` against the same PostgreSQL. The only SQL outside
+//! `src/store` lives here: the baselines and the seeding of retained rows are not the
+//! service's.
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+const IDLE_RUNTIMES: usize = 10_000;
+const RETAINED_ROWS: u64 = 1_000_000;
+/// Cycle runtimes per worker: the cycle goes round many runtimes, never two workers on one.
+const CYCLE_RUNTIMES_PER_WORKER: usize = 8;
+/// Calls before this long into a phase are not counted: connections and caches warm up.
+const WARMUP: Duration = Duration::from_millis(300);
+
+struct Options {
+    server: PathBuf,
+    postgres: String,
+    out: PathBuf,
+    concurrency: usize,
+    phase: Duration,
+    quick: bool,
+}
+
+fn parse_options() -> Res<Options> {
+    let mut options = Options {
+        server: PathBuf::from("target/release/model-relay"),
+        postgres: std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+        out: PathBuf::from("BENCHMARKS.md"),
+        concurrency: 16,
+        phase: Duration::from_secs(10),
+        quick: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--server" => options.server = value()?.into(),
+            "--postgres" => options.postgres = value()?,
+            "--out" => options.out = value()?.into(),
+            "--concurrency" => options.concurrency = value()?.parse()?,
+            "--seconds" => options.phase = Duration::from_secs_f64(value()?.parse()?),
+            "--quick" => {
+                options.quick = true;
+                options.phase = Duration::from_secs(3);
+            }
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(options)
+}
+
+fn main() -> Res<()> {
+    let options = parse_options()?;
+    let scratch = tempfile::tempdir_in("target")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+
+    eprintln!("bench: raw SQLite write transactions");
+    let raw_sqlite = raw_sqlite_writes(&scratch.path().join("raw.db"), options.phase)?;
+    eprintln!("bench: pgbench simple-update");
+    let pgbench = pgbench_simple_update(&options)?;
+
+    let mut runs = Vec::new();
+    for engine in [Engine::Sqlite, Engine::Postgres] {
+        for retained in [0, RETAINED_ROWS] {
+            eprintln!("bench: {} with {retained} retained rows", engine.name());
+            runs.push(run_suite(
+                &options,
+                &runtime,
+                scratch.path(),
+                engine,
+                retained,
+            )?);
+        }
+    }
+    let report = render(&options, raw_sqlite, pgbench, &runs)?;
+    std::fs::write(&options.out, report)?;
+    eprintln!("bench: wrote {}", options.out.display());
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "SQLite",
+            Engine::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// Throughput and latency of one phase.
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    count: usize,
+}
+
+impl Figures {
+    fn of(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+            latencies.get(i).copied().unwrap_or_default()
+        };
+        Figures {
+            per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: latencies.last().copied().unwrap_or_default(),
+            count: latencies.len(),
+        }
+    }
+}
+
+struct Run {
+    engine: Engine,
+    retained: u64,
+    healthz: Figures,
+    poll: Figures,
+    idle: Figures,
+    cycle: Figures,
+}
+
+// ---- baselines ----
+
+/// Single-row write transactions per second, one connection (SQLite has one writer), with
+/// the pragmas the SQLite store sets: WAL, synchronous NORMAL, foreign keys, busy timeout.
+fn raw_sqlite_writes(path: &Path, seconds: Duration) -> Res<f64> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000)
+         INSERT INTO t SELECT i, 0 FROM n;",
+    )?;
+    let started = Instant::now();
+    let mut done = 0u64;
+    while started.elapsed() < seconds {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.prepare_cached("UPDATE t SET v = v + 1 WHERE id = ?1")?
+            .execute([(done % 10_000) as i64 + 1])?;
+        conn.execute_batch("COMMIT")?;
+        done += 1;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+fn pgbench_binary() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("bin/pgbench"))
+        .filter(|p| p.exists())
+        .max();
+    found.unwrap_or_else(|| PathBuf::from("pgbench"))
+}
+
+/// The URL of another database on the same server.
+fn database_url(base: &str, name: &str) -> String {
+    let (server, rest) = base.rsplit_once('/').unwrap_or((base, ""));
+    let query = rest.split_once('?').map(|(_, q)| format!("?{q}"));
+    format!("{server}/{name}{}", query.unwrap_or_default())
+}
+
+fn recreate_database(base: &str, name: &str) -> Res<String> {
+    let mut admin = postgres::Client::connect(base, postgres::NoTls)?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+    admin.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    Ok(database_url(base, name))
+}
+
+fn drop_database(base: &str, name: &str) -> Res<()> {
+    let mut admin = postgres::Client::connect(base, postgres::NoTls)?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+    Ok(())
+}
+
+/// `pgbench -b simple-update` TPS, in a database of its own that is dropped afterwards,
+/// with as many clients as the HTTP suite has workers.
+fn pgbench_simple_update(options: &Options) -> Res<f64> {
+    const DB: &str = "model_relay_pgbench";
+    let url = recreate_database(&options.postgres, DB)?;
+    let pgbench = pgbench_binary();
+    let init = Command::new(&pgbench)
+        .args(["-i", "-q", "-s", "1", &url])
+        .output()?;
+    if !init.status.success() {
+        return Err(format!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr)).into());
+    }
+    let run = Command::new(&pgbench)
+        .args(["-b", "simple-update", "-j", "2"])
+        .args(["-c", &options.concurrency.to_string()])
+        .args(["-T", &options.phase.as_secs().max(1).to_string()])
+        .arg(&url)
+        .output()?;
+    drop_database(&options.postgres, DB)?;
+    let out = String::from_utf8_lossy(&run.stdout);
+    if !run.status.success() {
+        return Err(format!("pgbench: {}", String::from_utf8_lossy(&run.stderr)).into());
+    }
+    out.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no tps in pgbench output: {out}").into())
+}
+
+// ---- the HTTP suite ----
+
+/// A `serve` process, stopped when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: a graceful stop, so PostgreSQL connections are closed properly.
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signals our own child process by its id.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(server: &Path, database: &str, log: &Path) -> Res<Server> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let child = Command::new(server)
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--database",
+            database,
+        ])
+        // Seeded rows must outlive the run; the sweeper would delete them after retention.
+        .args(["--retention", "1h"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    Ok(Server { child, addr })
+}
+
+fn create_workspace(server: &Path, database: &str) -> Res<String> {
+    let out = Command::new(server)
+        .args([
+            "workspace",
+            "create",
+            "bench",
+            "--json",
+            "--database",
+            database,
+        ])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("workspace create: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let created: Value = serde_json::from_slice(&out.stdout)?;
+    created["api_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| "workspace create: no api_token".into())
+}
+
+fn run_suite(
+    options: &Options,
+    runtime: &tokio::runtime::Runtime,
+    scratch: &Path,
+    engine: Engine,
+    retained: u64,
+) -> Res<Run> {
+    const DB: &str = "model_relay_bench";
+    let database = match engine {
+        Engine::Sqlite => {
+            let file = scratch.join(format!("relay-{retained}.db"));
+            format!("sqlite:{}", file.display())
+        }
+        Engine::Postgres => recreate_database(&options.postgres, DB)?,
+    };
+    let api_token = create_workspace(&options.server, &database)?;
+    let log = scratch.join(format!("serve-{}-{retained}.log", engine.name()));
+    let server = start_server(&options.server, &database, &log)?;
+    let setup = runtime.block_on(set_up(server.addr, api_token, options.concurrency))?;
+    if retained > 0 {
+        eprintln!("bench: seeding {retained} retained rows");
+        seed(engine, &database, retained)?;
+    }
+    let setup = Arc::new(setup);
+    let phase = |op: Op| {
+        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase))?;
+        eprintln!("bench:   {}: {figures:?}", op.name());
+        Ok::<_, BoxError>(figures)
+    };
+    let run = Run {
+        engine,
+        retained,
+        healthz: phase(Op::Healthz)?,
+        poll: phase(Op::Poll)?,
+        idle: phase(Op::IdleHeartbeat)?,
+        cycle: phase(Op::Cycle)?,
+    };
+    drop(server);
+    if engine == Engine::Postgres {
+        drop_database(&options.postgres, DB)?;
+    }
+    Ok(run)
+}
+
+/// `count` terminal requests, spread over every runtime, ended now (the server keeps them
+/// for an hour). Written straight into the database: through the API it would take hours.
+fn seed(engine: Engine, database: &str, count: u64) -> Res<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let models = r#"[{"id":"claude-sonnet-4-6","label":"Claude Sonnet 4.6","default":true}]"#;
+    match engine {
+        Engine::Sqlite => {
+            let path = database.trim_start_matches("sqlite:");
+            let mut conn = rusqlite::Connection::open(path)?;
+            conn.busy_timeout(Duration::from_secs(30))?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let runtimes: i64 = tx.query_row("SELECT count(*) FROM runtimes", [], |r| r.get(0))?;
+            tx.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1)
+                 INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
+                                       updated_at, deadline_at, ended_at)
+                 SELECT lower(hex(randomblob(16))),
+                        (SELECT id FROM runtimes WHERE rowid = 1 + n.i % ?4),
+                        'completed', ?2, TRUE, ?3 - 1000, ?3, ?3, ?3
+                   FROM n",
+                rusqlite::params![count as i64, models, now, runtimes],
+            )?;
+            tx.commit()?;
+        }
+        Engine::Postgres => {
+            let mut client = postgres::Client::connect(database, postgres::NoTls)?;
+            client.execute(
+                "INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
+                                       updated_at, deadline_at, ended_at)
+                 SELECT md5(random()::text || g::text), rts.ids[1 + g % cardinality(rts.ids)],
+                        'completed', $2, TRUE, $3::bigint - 1000, $3, $3, $3
+                   FROM generate_series(0, $1::bigint - 1) g,
+                        (SELECT array_agg(id ORDER BY id) AS ids FROM runtimes) rts",
+                &[&(count as i64), &models, &now],
+            )?;
+            // What autovacuum would have done by the time a table holds this many rows.
+            client.batch_execute("VACUUM ANALYZE requests")?;
+        }
+    }
+    Ok(())
+}
+
+/// A runtime as the bench drives it.
+struct Rt {
+    id: String,
+    daemon_token: String,
+}
+
+struct Setup {
+    addr: SocketAddr,
+    api_token: String,
+    concurrency: usize,
+    idle: Vec<Rt>,
+    cycle: Vec<Rt>,
+    /// Completed requests (runtime index into `cycle`, request id), one per worker, to poll.
+    polled: Vec<(usize, String)>,
+}
+
+/// One keep-alive HTTP/1 connection with one call in flight.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Res<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Conn { sender })
+    }
+
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Res<(StatusCode, Bytes)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "bench");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(&body)?)
+            }
+            None => Bytes::new(),
+        };
+        self.sender.ready().await?;
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(body))?)
+            .await?;
+        let status = response.status();
+        Ok((status, response.into_body().collect().await?.to_bytes()))
+    }
+
+    /// A call that must answer `want`; its body as JSON (null if empty).
+    async fn expect(
+        &mut self,
+        want: StatusCode,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Res<Value> {
+        let (status, bytes) = self.call(method, path, token, body).await?;
+        if status != want {
+            return Err(format!(
+                "{path}: {status}, wanted {want}: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+            .into());
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+async fn create_runtimes(
+    addr: SocketAddr,
+    api_token: &str,
+    count: usize,
+    workers: usize,
+) -> Res<Vec<Rt>> {
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let api_token = api_token.to_owned();
+        let mine = (w..count).step_by(workers).count();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await?;
+            let mut made = Vec::with_capacity(mine);
+            for _ in 0..mine {
+                let body = json!({"name": "bench", "provider": "claude"});
+                let rt = conn
+                    .expect(
+                        StatusCode::CREATED,
+                        Method::POST,
+                        "/api/runtimes",
+                        Some(&api_token),
+                        Some(body),
+                    )
+                    .await?;
+                let field = |k: &str| rt[k].as_str().map(str::to_owned).ok_or("no id or token");
+                made.push(Rt {
+                    id: field("id")?,
+                    daemon_token: field("daemon_token")?,
+                });
+            }
+            Ok::<_, BoxError>(made)
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+/// Runtimes and requests the phases use. Every cycle runtime heartbeats once (so it is
+/// online) and runs one cycle, whose request is what the poll phase reads.
+async fn set_up(addr: SocketAddr, api_token: String, concurrency: usize) -> Res<Setup> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        if let Ok(mut conn) = Conn::open(addr).await
+            && conn.call(Method::GET, "/healthz", None, None).await.is_ok()
+        {
+            break conn;
+        }
+        if Instant::now() > deadline {
+            return Err("the server did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let idle = create_runtimes(addr, &api_token, IDLE_RUNTIMES, concurrency).await?;
+    let cycle_count = concurrency * CYCLE_RUNTIMES_PER_WORKER;
+    let cycle = create_runtimes(addr, &api_token, cycle_count, concurrency).await?;
+    let mut setup = Setup {
+        addr,
+        api_token,
+        concurrency,
+        idle,
+        cycle,
+        polled: Vec::new(),
+    };
+    let mut polled = Vec::new();
+    for i in 0..cycle_count {
+        let request = full_cycle(&mut conn, &setup, i).await?;
+        if i < concurrency {
+            polled.push((i, request));
+        }
+    }
+    setup.polled = polled;
+    Ok(setup)
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Healthz,
+    Poll,
+    IdleHeartbeat,
+    Cycle,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Healthz => "healthz",
+            Op::Poll => "poll",
+            Op::IdleHeartbeat => "idle heartbeat",
+            Op::Cycle => "full cycle",
+        }
+    }
+}
+
+/// Create → heartbeat (which must claim it) → report completed → poll until completed.
+/// Returns the request's id.
+async fn full_cycle(conn: &mut Conn, setup: &Setup, index: usize) -> Res<String> {
+    let rt = &setup.cycle[index];
+    let created = conn
+        .expect(
+            StatusCode::OK,
+            Method::POST,
+            &format!("/api/runtimes/{}/models", rt.id),
+            Some(&setup.api_token),
+            None,
+        )
+        .await;
+    // A runtime that has never heartbeated is offline: heartbeat once, then create.
+    let created = match created {
+        Ok(created) => created,
+        Err(_) => {
+            heartbeat(conn, rt).await?;
+            conn.expect(
+                StatusCode::OK,
+                Method::POST,
+                &format!("/api/runtimes/{}/models", rt.id),
+                Some(&setup.api_token),
+                None,
+            )
+            .await?
+        }
+    };
+    let id = created["id"].as_str().ok_or("create: no id")?.to_owned();
+    let ack = heartbeat(conn, rt).await?;
+    if ack["pending_model_list"]["id"].as_str() != Some(&id) {
+        return Err(format!("heartbeat did not claim {id}: {ack}").into());
+    }
+    let report = json!({
+        "status": "completed",
+        "models": [
+            {"id": "claude-sonnet-4-6", "label": "Claude Sonnet 4.6", "provider": "anthropic", "default": true},
+            {"id": "claude-opus-4-1", "label": "Claude Opus 4.1", "provider": "anthropic"}
+        ],
+        "supported": true
+    });
+    conn.expect(
+        StatusCode::OK,
+        Method::POST,
+        &format!("/api/daemon/runtimes/{}/models/{id}/result", rt.id),
+        Some(&rt.daemon_token),
+        Some(report),
+    )
+    .await?;
+    loop {
+        let polled = conn
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                &format!("/api/runtimes/{}/models/{id}", rt.id),
+                Some(&setup.api_token),
+                None,
+            )
+            .await?;
+        match polled["status"].as_str() {
+            Some("completed") => return Ok(id),
+            Some("pending" | "running") => continue,
+            other => return Err(format!("request {id} ended as {other:?}").into()),
+        }
+    }
+}
+
+async fn heartbeat(conn: &mut Conn, rt: &Rt) -> Res<Value> {
+    conn.expect(
+        StatusCode::OK,
+        Method::POST,
+        "/api/daemon/heartbeat",
+        Some(&rt.daemon_token),
+        Some(json!({"runtime_id": rt.id})),
+    )
+    .await
+}
+
+async fn one(conn: &mut Conn, setup: &Setup, op: Op, worker: usize, i: usize) -> Res<()> {
+    let c = setup.concurrency;
+    match op {
+        Op::Healthz => {
+            conn.expect(StatusCode::OK, Method::GET, "/healthz", None, None)
+                .await?;
+        }
+        Op::Poll => {
+            let (rt, id) = &setup.polled[worker];
+            let path = format!("/api/runtimes/{}/models/{id}", setup.cycle[*rt].id);
+            conn.expect(
+                StatusCode::OK,
+                Method::GET,
+                &path,
+                Some(&setup.api_token),
+                None,
+            )
+            .await?;
+        }
+        Op::IdleHeartbeat => {
+            let rt = &setup.idle[(worker + i * c) % setup.idle.len()];
+            let ack = heartbeat(conn, rt).await?;
+            if ack.get("pending_model_list").is_some() {
+                return Err("an idle heartbeat claimed a request".into());
+            }
+        }
+        Op::Cycle => {
+            // Worker w keeps to runtimes w, w + c, w + 2c, …: never one another's.
+            full_cycle(conn, setup, (worker + i * c) % setup.cycle.len()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `concurrency` workers, each on its own connection, repeat `op` for `length`.
+async fn drive(setup: Arc<Setup>, op: Op, length: Duration) -> Res<Figures> {
+    let started = Instant::now();
+    let counted_from = started + WARMUP;
+    let end = counted_from + length;
+    let mut workers = Vec::new();
+    for worker in 0..setup.concurrency {
+        let setup = Arc::clone(&setup);
+        workers.push(tokio::spawn(async move {
+            let mut conn = Conn::open(setup.addr).await?;
+            let mut latencies = Vec::new();
+            let mut i = 0;
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                one(&mut conn, &setup, op, worker, i).await?;
+                if began >= counted_from {
+                    latencies.push(began.elapsed());
+                }
+                i += 1;
+            }
+            Ok::<_, BoxError>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    Ok(Figures::of(latencies, counted_from.elapsed()))
+}
+
+// ---- the report ----
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or("?".into(), |kib| {
+            format!("{:.1} GiB", kib as f64 / 1048576.0)
+        });
+    let kernel = command_output("uname", &["-sr"]);
+    let postgres = command_output("psql", &["--version"]);
+    format!("{cpu}, {cores} cores, {memory} RAM, {kernel}; {postgres}")
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+fn row(out: &mut String, name: &str, f: &Figures) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| {name} | {:.0} | {} | {} | {} | {} |",
+        f.per_second,
+        ms(f.p50),
+        ms(f.p99),
+        ms(f.max),
+        f.count
+    )
+}
+
+fn ratio_row(out: &mut String, what: &str, value: f64, target: f64) -> std::fmt::Result {
+    let verdict = if value >= target { "met" } else { "**missed**" };
+    writeln!(out, "| {what} | {value:.2} | ≥ {target} | {verdict} |")
+}
+
+fn render(options: &Options, raw_sqlite: f64, pgbench: f64, runs: &[Run]) -> Res<String> {
+    let mut out = String::new();
+    let now = humantime::format_rfc3339_seconds(SystemTime::now());
+    writeln!(out, "# Benchmarks\n")?;
+    writeln!(
+        out,
+        "Written by `scripts/bench{}` — do not edit by hand; rerun it. The reading of these \
+         figures (what limits each ratio, what was optimized) is in the notes at the end, \
+         which the script keeps from the previous file.\n",
+        if options.quick { " --quick" } else { "" }
+    )?;
+    writeln!(out, "- Date: {now}")?;
+    writeln!(out, "- Machine: {}", machine())?;
+    writeln!(
+        out,
+        "- Load: {} workers, each one keep-alive HTTP/1 connection with one call in flight; \
+         {} s per phase after {} ms of warm-up; client and server on the same machine.",
+        options.concurrency,
+        options.phase.as_secs_f64(),
+        WARMUP.as_millis()
+    )?;
+    writeln!(
+        out,
+        "- The machine is shared (other builds, a soak test): absolute figures move from run \
+         to run, which is why every ratio divides by a baseline measured in the same run.\n"
+    )?;
+    writeln!(out, "## Engine baselines (same run)\n")?;
+    writeln!(
+        out,
+        "- Raw rusqlite, one connection, `BEGIN IMMEDIATE; UPDATE one row; COMMIT`, WAL, \
+         synchronous NORMAL, same disk: **{raw_sqlite:.0} write transactions/s**"
+    )?;
+    writeln!(
+        out,
+        "- `pgbench -b simple-update -c {} -j 2` (scale 1), same PostgreSQL: **{pgbench:.0} TPS**\n",
+        options.concurrency
+    )?;
+    for run in runs {
+        writeln!(
+            out,
+            "## {}, {} retained terminal rows\n",
+            run.engine.name(),
+            run.retained
+        )?;
+        writeln!(
+            out,
+            "| route | per second | p50 ms | p99 ms | max ms | calls |"
+        )?;
+        writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+        row(&mut out, "`GET /healthz` (HTTP ceiling)", &run.healthz)?;
+        row(&mut out, "poll (`GET` a completed request)", &run.poll)?;
+        row(&mut out, "idle heartbeat (10,000 runtimes)", &run.idle)?;
+        row(&mut out, "full cycle (4+ calls each)", &run.cycle)?;
+        writeln!(out)?;
+    }
+    writeln!(out, "## Ratios\n")?;
+    writeln!(out, "| ratio | value | target | |")?;
+    writeln!(out, "|---|---:|---:|---|")?;
+    let find = |engine: Engine, retained: u64| {
+        runs.iter()
+            .find(|r| r.engine == engine && r.retained == retained)
+    };
+    for engine in [Engine::Sqlite, Engine::Postgres] {
+        let (Some(empty), Some(full)) = (find(engine, 0), find(engine, RETAINED_ROWS)) else {
+            continue;
+        };
+        let name = engine.name();
+        let h = empty.healthz.per_second;
+        ratio_row(
+            &mut out,
+            &format!(
+                "{name}: poll {:.0}/s ÷ healthz {h:.0}/s",
+                empty.poll.per_second
+            ),
+            empty.poll.per_second / h,
+            0.8,
+        )?;
+        ratio_row(
+            &mut out,
+            &format!(
+                "{name}: idle heartbeat {:.0}/s ÷ healthz {h:.0}/s",
+                empty.idle.per_second
+            ),
+            empty.idle.per_second / h,
+            0.8,
+        )?;
+        let c = empty.cycle.per_second;
+        match engine {
+            Engine::Sqlite => ratio_row(
+                &mut out,
+                &format!("SQLite: 3 × cycles {c:.1}/s ÷ raw write transactions {raw_sqlite:.0}/s"),
+                3.0 * c / raw_sqlite,
+                0.5,
+            )?,
+            Engine::Postgres => ratio_row(
+                &mut out,
+                &format!("PostgreSQL: cycles {c:.1}/s ÷ pgbench simple-update {pgbench:.0} TPS"),
+                c / pgbench,
+                1.0,
+            )?,
+        }
+        ratio_row(
+            &mut out,
+            &format!(
+                "{name}: cycles with 1M retained rows {:.1}/s ÷ empty {c:.1}/s",
+                full.cycle.per_second
+            ),
+            full.cycle.per_second / c,
+            0.9,
+        )?;
+    }
+    writeln!(out)?;
+    let notes = std::fs::read_to_string(&options.out)
+        .ok()
+        .and_then(|old| old.find(NOTES).map(|at| old[at..].to_owned()))
+        .unwrap_or_else(|| format!("{NOTES}\n\n(none yet)\n"));
+    out.push_str(&notes);
+    Ok(out)
+}
+
+/// The heading of the hand-written part of BENCHMARKS.md, which a rerun keeps.
+const NOTES: &str = "## Notes";
