@@ -77,3 +77,16 @@ async fn unknown_assets_are_404_and_the_page_answers_only_get() {
     assert_eq!(posted.headers["allow"], "GET");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_as_it_is_checked_in() {
+    let server = server().await;
+    let got = text::fetch(Method::GET, &format!("{}/openapi.yaml", server.base)).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        got.headers["content-type"],
+        "application/yaml; charset=utf-8"
+    );
+    assert_eq!(got.body, include_str!("../openapi.yaml"));
+    server.stop().await;
+}

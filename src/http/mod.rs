@@ -21,6 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use error::{ApiError, error_chain};
+// The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
+// and the OpenAPI agreement test reach exactly what the server runs.
+pub use routes::Route;
+pub use wire::{NewRuntimeBody, parse_heartbeat, parse_new_runtime, parse_report};
 
 use crate::clock::Clock;
 use crate::config::Settings;

@@ -27,6 +27,8 @@ pub enum Route<'a> {
     /// The web page, and its script and stylesheet.
     Page,
     Asset(&'a str),
+    /// This API's OpenAPI document.
+    OpenApi,
     Healthz,
     Readyz,
     Metrics,
@@ -50,6 +52,7 @@ impl<'a> Route<'a> {
         }
         Some(match segments.as_slice() {
             ["assets", name] => Route::Asset(name),
+            ["openapi.yaml"] => Route::OpenApi,
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
@@ -64,10 +67,10 @@ impl<'a> Route<'a> {
     }
 
     /// The methods this path answers, for the `Allow` header of a 405.
-    fn allowed(self) -> &'static str {
+    pub fn allowed(self) -> &'static str {
         match self {
             Route::Healthz | Route::Readyz | Route::Metrics | Route::Model(..) => "GET",
-            Route::Page | Route::Asset(_) => "GET",
+            Route::Page | Route::Asset(_) | Route::OpenApi => "GET",
             Route::Runtimes => "GET, POST",
             Route::Runtime(_) => "DELETE",
             Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
@@ -80,6 +83,7 @@ impl<'a> Route<'a> {
         match self {
             Route::Page => "/",
             Route::Asset(_) => "/assets/{name}",
+            Route::OpenApi => "/openapi.yaml",
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
@@ -139,6 +143,7 @@ async fn dispatch(app: &Arc<App>, parts: &Parts, body: Incoming) -> Answer {
         (&Method::GET, Route::Asset(name)) => {
             crate::web::asset(name).ok_or(ApiError::NotFound("asset"))
         }
+        (&Method::GET, Route::OpenApi) => Ok(crate::web::openapi()),
         (&Method::GET, Route::Healthz) => Ok(wire::json(StatusCode::OK, &wire::OK)),
         (&Method::GET, Route::Readyz) => {
             app.blocking(|app| Ok(app.store.ping()?)).await?;

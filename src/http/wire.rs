@@ -77,14 +77,16 @@ pub fn parse_new_runtime(body: &[u8]) -> Result<NewRuntimeBody, ApiError> {
 }
 
 fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
-    let value = value.trim();
-    if value.is_empty() {
-        return Err(ApiError::BadRequest(format!("{field} must not be empty")));
-    }
+    // The bound applies to the value as sent, before trimming: that is what the OpenAPI
+    // document's `maxLength` says, so a client that validates against it agrees with us.
     if value.chars().count() > max {
         return Err(ApiError::BadRequest(format!(
             "{field} must be at most {max} characters"
         )));
+    }
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ApiError::BadRequest(format!("{field} must not be empty")));
     }
     if value.chars().any(char::is_control) {
         return Err(ApiError::BadRequest(format!(
@@ -309,6 +311,18 @@ mod tests {
         }
         let long = format!(r#"{{"name":"{}","provider":"p"}}"#, "x".repeat(201));
         assert!(parse_new_runtime(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn name_of_200_characters_plus_a_space_is_refused_as_too_long() {
+        // 201 characters as sent, 200 once trimmed: the bound is on what was sent.
+        let padded = format!(r#"{{"name":" {}","provider":"p"}}"#, "x".repeat(200));
+        assert!(matches!(
+            parse_new_runtime(padded.as_bytes()),
+            Err(ApiError::BadRequest(m)) if m.contains("at most 200")
+        ));
+        let exact = format!(r#"{{"name":"{}","provider":"p"}}"#, "x".repeat(200));
+        assert!(parse_new_runtime(exact.as_bytes()).is_ok());
     }
 
     #[test]

@@ -10,6 +10,9 @@ use hyper::{Response, StatusCode};
 const INDEX: &str = include_str!("index.html");
 const SCRIPT: &str = include_str!("app.js");
 const STYLE: &str = include_str!("style.css");
+/// The API's description, served at `GET /openapi.yaml`: compiled in, so it is always the
+/// document of the build that serves it.
+pub const OPENAPI: &str = include_str!("../../openapi.yaml");
 
 /// Only our own files, and calls to our own API: no inline script, nothing from elsewhere.
 /// An injected `<script>` could read the token from local storage, so this matters.
@@ -29,6 +32,11 @@ pub fn asset(name: &str) -> Option<Response<Full<Bytes>>> {
         "style.css" => Some(file(STYLE, "text/css; charset=utf-8")),
         _ => None,
     }
+}
+
+/// `GET /openapi.yaml`.
+pub fn openapi() -> Response<Full<Bytes>> {
+    file(OPENAPI, "application/yaml; charset=utf-8")
 }
 
 fn file(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {

@@ -1,0 +1,26 @@
+//! Durations and database URLs as the command line and the environment give them: parsed
+//! or refused with a message, never a panic; a refused URL's message never shows a password.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use model_relay::config::{DatabaseUrl, parse_duration, redact};
+
+fuzz_target!(|s: &str| {
+    if let Ok(d) = parse_duration(s) {
+        assert!(!d.is_zero());
+    }
+    match DatabaseUrl::parse(s) {
+        Ok(DatabaseUrl::Sqlite { path, .. }) => assert!(!path.as_os_str().is_empty()),
+        Ok(DatabaseUrl::Postgres(url)) => assert_eq!(url, s),
+        Err(message) => assert!(!message.is_empty()),
+    }
+    let redacted = redact(s);
+    // A password in `scheme://user:password@host` is never shown.
+    if let (Some(scheme_end), Some(at)) = (s.find("://"), s.rfind('@')) {
+        if at > scheme_end {
+            if s[scheme_end + 3..at].contains(':') {
+                assert!(redacted.contains(":***@"), "{s:?} -> {redacted:?}");
+            }
+        }
+    }
+});

@@ -1,0 +1,158 @@
+//! Differential: one sequence of store operations, run on the memory engine and on the
+//! SQLite engine side by side, must get the same answer from both at every step, and leave
+//! the same rows behind. The clock is the `now` each call is given.
+#![no_main]
+
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use model_relay::clock::Millis;
+use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use model_relay::model::{ModelEntry, Outcome, Report, Status, Timeouts};
+use model_relay::store::memory::MemoryStore;
+use model_relay::store::sqlite::SqliteStore;
+use model_relay::store::{NewRuntime, Storer};
+use model_relay::sweeper::sweep_once;
+
+const TIMEOUTS: Timeouts = Timeouts {
+    pending: Duration::from_secs(30),
+    running: Duration::from_secs(60),
+};
+const RETENTION: Duration = Duration::from_secs(600);
+const RUNTIMES: usize = 3;
+const T0: Millis = 1_777_627_161_000;
+/// Steps around every deadline: just before, at, and past the timeouts and retention.
+const STEPS: [Millis; 8] = [1, 999, 29_999, 30_000, 59_999, 60_000, 600_000, 600_001];
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Create { rt: u8 },
+    Get { rt: u8, req: u8 },
+    Heartbeat { rt: u8 },
+    Report { rt: u8, req: u8, report: ReportKind },
+    Step { step: u8 },
+    Advance { ms: u16 },
+    Sweep,
+    DeleteRuntime { rt: u8 },
+}
+
+#[derive(Arbitrary, Debug)]
+enum ReportKind {
+    Running,
+    Completed { models: u8, supported: bool },
+    Failed { error: bool },
+}
+
+impl ReportKind {
+    fn report(&self) -> Report {
+        let entry = |id: &str, default: bool| ModelEntry {
+            id: id.into(),
+            label: id.to_uppercase(),
+            provider: default.then(|| "anthropic".to_owned()),
+            default: default.then_some(true),
+        };
+        match *self {
+            ReportKind::Running => Report::Running,
+            ReportKind::Completed { models, supported } => Report::Ended(Outcome {
+                status: Status::Completed,
+                models: [entry("sonnet", true), entry("opus", false)]
+                    .into_iter()
+                    .take(usize::from(models % 3))
+                    .collect(),
+                supported,
+                error: None,
+            }),
+            ReportKind::Failed { error } => Report::Ended(Outcome {
+                status: Status::Failed,
+                models: Vec::new(),
+                supported: true,
+                error: error.then(|| "not logged in".to_owned()),
+            }),
+        }
+    }
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    if ops.len() > 64 {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let sqlite = SqliteStore::open(&dir.path().join("fuzz.db"), TIMEOUTS).expect("sqlite store");
+    let memory = MemoryStore::new(TIMEOUTS);
+    let engines: [&dyn Storer; 2] = [&memory, &sqlite];
+
+    let workspace = WorkspaceId::random().unwrap();
+    let api = Token::new_api().unwrap().hash();
+    let runtimes: Vec<RuntimeId> = (0..RUNTIMES)
+        .map(|_| RuntimeId::random().unwrap())
+        .collect();
+    for store in engines {
+        store.create_workspace(workspace, "fuzz", &api, T0).unwrap();
+        for (i, &id) in runtimes.iter().enumerate() {
+            let new = NewRuntime {
+                id,
+                workspace_id: workspace,
+                name: format!("rt{i}"),
+                provider: "claude".into(),
+                daemon_token: Token::new_daemon().unwrap().hash(),
+            };
+            store.create_runtime(&new, T0).unwrap();
+        }
+    }
+
+    // Every id ever offered to a create, so reads and reports also name foreign, deleted
+    // and never-created ones.
+    let mut ids: Vec<RequestId> = Vec::new();
+    let pick = |ids: &[RequestId], i: u8| ids.get(usize::from(i) % ids.len().max(1)).copied();
+    let runtime = |rt: u8| runtimes[usize::from(rt) % RUNTIMES];
+    let mut now = T0;
+    for (step, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Create { rt } => {
+                let id = RequestId::random().unwrap();
+                ids.push(id);
+                let [a, b] = engines.map(|s| s.create_or_coalesce(runtime(rt), id, now).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::Get { rt, req } => {
+                let Some(id) = pick(&ids, req) else { continue };
+                let [a, b] = engines.map(|s| s.get_request(runtime(rt), id, now).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::Heartbeat { rt } => {
+                let [a, b] = engines.map(|s| s.heartbeat(runtime(rt), now).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::Report {
+                rt,
+                req,
+                ref report,
+            } => {
+                let Some(id) = pick(&ids, req) else { continue };
+                let report = report.report();
+                let [a, b] = engines.map(|s| s.report(runtime(rt), id, &report, now).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::Step { step } => now += STEPS[usize::from(step) % STEPS.len()],
+            Op::Advance { ms } => now += Millis::from(ms),
+            Op::Sweep => {
+                let [a, b] = engines.map(|s| sweep_once(s, now, RETENTION).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::DeleteRuntime { rt } => {
+                let [a, b] = engines.map(|s| s.delete_runtime(workspace, runtime(rt)).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+        }
+    }
+    // The rows left behind, as stored (no expiry applied), and the counts per status.
+    for id in &ids {
+        for &rt in &runtimes {
+            let [a, b] = engines.map(|s| s.find_request(rt, *id).unwrap());
+            assert_eq!(a, b, "end state of {id}");
+        }
+    }
+    let [a, b] = engines.map(|s| s.count_requests().unwrap());
+    assert_eq!(a, b, "counts at the end");
+});
