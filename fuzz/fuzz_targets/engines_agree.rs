@@ -3,16 +3,17 @@
 //! the same rows behind. The clock is the `now` each call is given.
 #![no_main]
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use model_relay::clock::Millis;
-use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{ModelEntry, Outcome, Report, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
-use model_relay::store::{NewRuntime, Storer};
+use model_relay::store::{NewRuntime, RequestCounts, Storer};
 use model_relay::sweeper::sweep_once;
 
 const TIMEOUTS: Timeouts = Timeouts {
@@ -76,22 +77,53 @@ impl ReportKind {
     }
 }
 
+/// One SQLite store for the whole run, and the workspace every input's runtimes live in.
+/// Opening a store per input (a file, a pool and its threads each time) made the resident
+/// set grow by gigabytes within seconds under ASan; each input instead deletes its runtimes
+/// at the end, which deletes their requests, and checks that nothing is left.
+struct Shared {
+    _dir: tempfile::TempDir,
+    sqlite: SqliteStore,
+    workspace: WorkspaceId,
+    api: TokenHash,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let sqlite =
+            SqliteStore::open(&dir.path().join("fuzz.db"), TIMEOUTS).expect("sqlite store");
+        let workspace = WorkspaceId::random().unwrap();
+        let api = Token::new_api().unwrap().hash();
+        sqlite.create_workspace(workspace, "fuzz", &api, T0).unwrap();
+        Shared {
+            _dir: dir,
+            sqlite,
+            workspace,
+            api,
+        }
+    })
+}
+
 fuzz_target!(|ops: Vec<Op>| {
     if ops.len() > 64 {
         return;
     }
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let sqlite = SqliteStore::open(&dir.path().join("fuzz.db"), TIMEOUTS).expect("sqlite store");
+    let shared = shared();
+    let workspace = shared.workspace;
     let memory = MemoryStore::new(TIMEOUTS);
-    let engines: [&dyn Storer; 2] = [&memory, &sqlite];
+    memory
+        .create_workspace(workspace, "fuzz", &shared.api, T0)
+        .unwrap();
+    let engines: [&dyn Storer; 2] = [&memory, &shared.sqlite];
+    // The store starts every input empty: what one input leaves cannot change another's.
+    assert_eq!(shared.sqlite.count_requests().unwrap(), RequestCounts::default());
 
-    let workspace = WorkspaceId::random().unwrap();
-    let api = Token::new_api().unwrap().hash();
     let runtimes: Vec<RuntimeId> = (0..RUNTIMES)
         .map(|_| RuntimeId::random().unwrap())
         .collect();
     for store in engines {
-        store.create_workspace(workspace, "fuzz", &api, T0).unwrap();
         for (i, &id) in runtimes.iter().enumerate() {
             let new = NewRuntime {
                 id,
@@ -158,4 +190,8 @@ fuzz_target!(|ops: Vec<Op>| {
     }
     let [a, b] = engines.map(|s| s.count_requests().unwrap());
     assert_eq!(a, b, "counts at the end");
+    for &rt in &runtimes {
+        let [a, b] = engines.map(|s| s.delete_runtime(workspace, rt).unwrap());
+        assert_eq!(a, b, "deleting {rt} at the end");
+    }
 });
