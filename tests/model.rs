@@ -391,13 +391,17 @@ fn sqlite_engine_matches_the_model() {
 
 #[test]
 fn postgres_engine_matches_the_model() {
-    // Finds (or skips for want of) PostgreSQL once, before proptest starts.
-    if support::postgres::fresh_schema("model_probe").is_none() {
+    // One schema and one store for the whole run, emptied before each case.
+    let Some(schema) = support::postgres::fresh_schema("model") else {
         return;
-    }
+    };
+    let store: Arc<dyn Storer> =
+        Arc::new(PostgresStore::open_config(schema.config(), TIMEOUTS).unwrap());
     run_engine("postgres", || {
-        let schema = support::postgres::fresh_schema("model").unwrap();
-        let store = PostgresStore::open_config(schema.config(), TIMEOUTS).unwrap();
-        (Arc::new(store), Box::new(schema))
+        schema.empty_tables();
+        (store.clone(), Box::new(()))
     });
+    // The store lets go of the schema before the schema goes.
+    drop(store);
+    drop(schema);
 }
