@@ -13,7 +13,8 @@ use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{
-    Claim, Created, Expired, NewRuntime, RequestCounts, Result as StoreResult, StoreError, Storer,
+    Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result as StoreResult, Scoped,
+    StoreError, Storer,
 };
 use serde_json::{Value, json};
 use support::server::{Http, Instance, T0, clock, settings, workspace};
@@ -651,7 +652,15 @@ impl Storer for DownStore {
     fn delete_runtime(&self, _: WorkspaceId, _: RuntimeId) -> StoreResult<bool> {
         down()
     }
-    fn runtime_by_daemon_token(&self, _: &TokenHash) -> StoreResult<Option<RuntimeId>> {
+    fn daemon_by_token(&self, _: &TokenHash) -> StoreResult<Option<Daemon>> {
+        down()
+    }
+    fn find_request_by_token(
+        &self,
+        _: &TokenHash,
+        _: RuntimeId,
+        _: RequestId,
+    ) -> StoreResult<Scoped<Option<ModelRequest>>> {
         down()
     }
     fn touch_runtime(&self, _: RuntimeId, _: Millis) -> StoreResult<bool> {

@@ -216,10 +216,14 @@ async fn metrics_show_every_family_labelled_by_route_template() {
             &[("op", op)],
         )
     };
-    assert_eq!(store_calls("claim_next_pending"), 5.0, "one per heartbeat");
+    assert_eq!(
+        store_calls("claim_next_pending"),
+        3.0,
+        "one per heartbeat that found a request pending"
+    );
     assert_eq!(store_calls("create_or_coalesce"), 4.0);
     assert_eq!(
-        store_calls("runtime_by_daemon_token"),
+        store_calls("daemon_by_token"),
         6.0,
         "heartbeats and the report"
     );

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model_relay::clock::Millis;
-use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
     ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
 };
@@ -262,7 +262,7 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
     store
         .create_workspace(workspace, "model", &Token::new_api().unwrap().hash(), T0)
         .unwrap();
-    let runtimes: Vec<RuntimeId> = (0..RUNTIMES)
+    let (runtimes, tokens): (Vec<RuntimeId>, Vec<TokenHash>) = (0..RUNTIMES)
         .map(|_| {
             let id = RuntimeId::random().unwrap();
             let new = NewRuntime {
@@ -273,9 +273,9 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
                 daemon_token: Token::new_daemon().unwrap().hash(),
             };
             store.create_runtime(&new, T0).unwrap();
-            id
+            (id, new.daemon_token)
         })
-        .collect();
+        .unzip();
     let mut model = Model {
         now: T0,
         alive: [true; RUNTIMES],
@@ -303,7 +303,11 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, model.get(*rt, id), "step {}: {:?}", step, op);
             }
             Op::Heartbeat { rt } => {
-                let got = store.heartbeat(runtimes[*rt], now, 0).unwrap();
+                // As the HTTP layer does it: the token first; a deleted runtime's is gone.
+                let got = match store.daemon_by_token(&tokens[*rt]).unwrap() {
+                    Some(daemon) => store.heartbeat(&daemon, now, 0).unwrap(),
+                    None => Heartbeat::UnknownRuntime,
+                };
                 prop_assert_eq!(got, model.heartbeat(*rt), "step {}: {:?}", step, op);
             }
             Op::Report { rt, req, report } => {

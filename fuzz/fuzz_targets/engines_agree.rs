@@ -123,14 +123,17 @@ fuzz_target!(|ops: Vec<Op>| {
     let runtimes: Vec<RuntimeId> = (0..RUNTIMES)
         .map(|_| RuntimeId::random().unwrap())
         .collect();
+    let tokens: Vec<TokenHash> = (0..RUNTIMES)
+        .map(|_| Token::new_daemon().unwrap().hash())
+        .collect();
     for store in engines {
-        for (i, &id) in runtimes.iter().enumerate() {
+        for (i, (&id, token)) in runtimes.iter().zip(&tokens).enumerate() {
             let new = NewRuntime {
                 id,
                 workspace_id: workspace,
                 name: format!("rt{i}"),
                 provider: "claude".into(),
-                daemon_token: Token::new_daemon().unwrap().hash(),
+                daemon_token: token.clone(),
             };
             store.create_runtime(&new, T0).unwrap();
         }
@@ -156,7 +159,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Heartbeat { rt } => {
-                let [a, b] = engines.map(|s| s.heartbeat(runtime(rt), now, REFRESH_AFTER).unwrap());
+                // As the HTTP layer does it: the token first; a deleted runtime's is gone.
+                let token = &tokens[usize::from(rt) % RUNTIMES];
+                let [a, b] = engines.map(|s| {
+                    let daemon = s.daemon_by_token(token).unwrap();
+                    let beat = daemon.map(|d| s.heartbeat(&d, now, REFRESH_AFTER).unwrap());
+                    (daemon, beat)
+                });
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Report {

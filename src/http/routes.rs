@@ -18,7 +18,7 @@ use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord}
 use crate::ids::{RequestId, RuntimeId, Token, WorkspaceId};
 use crate::metrics;
 use crate::model::ReportOutcome;
-use crate::store::{Heartbeat, NewRuntime};
+use crate::store::{Daemon, Heartbeat, NewRuntime, Scoped};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
 /// id that cannot exist gets the same 404 as one that does not.
@@ -190,10 +190,10 @@ fn workspace_of(app: &App, token: Option<&Token>) -> Result<WorkspaceId, ApiErro
         .ok_or(ApiError::Unauthorized)
 }
 
-fn runtime_of(app: &App, token: Option<&Token>) -> Result<RuntimeId, ApiError> {
+fn daemon_of(app: &App, token: Option<&Token>) -> Result<Daemon, ApiError> {
     let token = token.ok_or(ApiError::Unauthorized)?;
     app.store
-        .runtime_by_daemon_token(&token.hash())?
+        .daemon_by_token(&token.hash())?
         .ok_or(ApiError::Unauthorized)
 }
 
@@ -297,13 +297,15 @@ async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -
     let id = parse_request_id(id)?;
     let request = app
         .blocking(move |app| {
-            let workspace = workspace_of(app, token.as_ref())?;
-            app.store
-                .find_runtime(workspace, rt)?
-                .ok_or(ApiError::NotFound("runtime"))?;
-            app.store
-                .get_request(rt, id, app.clock.now())?
-                .ok_or(ApiError::NotFound("request"))
+            let token = token.ok_or(ApiError::Unauthorized)?;
+            match app
+                .store
+                .get_request_by_token(&token.hash(), rt, id, app.clock.now())?
+            {
+                Scoped::Unauthorized => Err(ApiError::Unauthorized),
+                Scoped::NoRuntime => Err(ApiError::NotFound("runtime")),
+                Scoped::Found(request) => request.ok_or(ApiError::NotFound("request")),
+            }
         })
         .await?;
     Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
@@ -312,15 +314,18 @@ async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -
 async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
     let claimed = app
         .blocking(move |app| {
-            let own = runtime_of(app, token.as_ref())?;
+            let daemon = daemon_of(app, token.as_ref())?;
             let rt = wire::parse_heartbeat(&body)?;
-            if rt != own {
+            if rt != daemon.runtime {
                 return Err(ApiError::NotFound("runtime"));
             }
             // Only a tenth of offline_after of staleness: a runtime still goes offline
             // between 0.9 and 1 × offline_after after its last heartbeat.
             let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
-            match app.store.heartbeat(rt, app.clock.now(), refresh_after)? {
+            match app
+                .store
+                .heartbeat(&daemon, app.clock.now(), refresh_after)?
+            {
                 Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
                 Heartbeat::Alive(claimed) => Ok((rt, claimed)),
             }
@@ -337,7 +342,7 @@ async fn report(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str, body: 
     let id = parse_request_id(id)?;
     let outcome = app
         .blocking(move |app| {
-            if runtime_of(app, token.as_ref())? != rt {
+            if daemon_of(app, token.as_ref())?.runtime != rt {
                 return Err(ApiError::NotFound("runtime"));
             }
             let report = wire::parse_report(&body)?;

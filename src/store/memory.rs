@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Claim, Created, Expired, NewRuntime, RequestCounts, Result, Storer};
+use super::{Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, Storer};
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
@@ -133,8 +133,23 @@ impl Storer for MemoryStore {
         Ok(true)
     }
 
-    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
-        Ok(self.state().daemon_tokens.get(token).copied())
+    fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
+        let state = self.state();
+        let Some(runtime) = state
+            .daemon_tokens
+            .get(token)
+            .and_then(|id| state.runtimes.get(id))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Daemon {
+            runtime: runtime.id,
+            last_seen_at: runtime.last_seen_at,
+            pending: state
+                .requests
+                .values()
+                .any(|r| r.runtime_id == runtime.id && r.status == Status::Pending),
+        }))
     }
 
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
@@ -147,15 +162,6 @@ impl Storer for MemoryStore {
         })
     }
 
-    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
-        Ok(self
-            .state()
-            .runtimes
-            .get(&id)
-            .and_then(|runtime| runtime.last_seen_at)
-            .is_some_and(|seen| seen >= since))
-    }
-
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         Ok(self
             .state()
@@ -163,6 +169,32 @@ impl Storer for MemoryStore {
             .get(&id)
             .filter(|r| r.runtime_id == runtime)
             .cloned())
+    }
+
+    fn find_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        let state = self.state();
+        let Some(&workspace) = state.api_tokens.get(api_token) else {
+            return Ok(Scoped::Unauthorized);
+        };
+        if state
+            .runtimes
+            .get(&runtime)
+            .is_none_or(|r| r.workspace_id != workspace)
+        {
+            return Ok(Scoped::NoRuntime);
+        }
+        Ok(Scoped::Found(
+            state
+                .requests
+                .get(&id)
+                .filter(|r| r.runtime_id == runtime)
+                .cloned(),
+        ))
     }
 
     fn create_or_coalesce(

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Claim, Created, Expired, NewRuntime, RequestCounts, Result, Storer};
+use super::{Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, Storer};
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::metrics::Metrics;
@@ -85,22 +85,27 @@ impl Storer for MeteredStore {
         self.timed("delete_runtime", |s| s.delete_runtime(workspace, id))
     }
 
-    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
-        self.timed("runtime_by_daemon_token", |s| {
-            s.runtime_by_daemon_token(token)
-        })
+    fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
+        self.timed("daemon_by_token", |s| s.daemon_by_token(token))
     }
 
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
         self.timed("touch_runtime", |s| s.touch_runtime(id, now))
     }
 
-    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
-        self.timed("seen_since", |s| s.seen_since(id, since))
-    }
-
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         self.timed("find_request", |s| s.find_request(runtime, id))
+    }
+
+    fn find_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        self.timed("find_request_by_token", |s| {
+            s.find_request_by_token(api_token, runtime, id)
+        })
     }
 
     fn create_or_coalesce(

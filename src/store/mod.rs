@@ -61,6 +61,28 @@ pub struct NewRuntime {
     pub daemon_token: TokenHash,
 }
 
+/// What a daemon token says about its runtime, read in one query so that an idle heartbeat
+/// costs one round trip: which runtime it is, when it was last seen, and whether a request
+/// waits for it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Daemon {
+    pub runtime: RuntimeId,
+    pub last_seen_at: Option<Millis>,
+    /// Whether the runtime had a pending request (overdue ones included) when this was read.
+    pub pending: bool,
+}
+
+/// What a web-UI call about one runtime's request finds, from the API token down, in one
+/// query: each level is a different answer (401, 404 runtime, then the request or not).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Scoped<T> {
+    /// No workspace has this API token.
+    Unauthorized,
+    /// The runtime does not exist in the token's workspace.
+    NoRuntime,
+    Found(T),
+}
+
 /// The answer to a heartbeat.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Heartbeat {
@@ -176,21 +198,23 @@ pub trait Storer: Send + Sync {
     /// workspace's).
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool>;
 
-    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>>;
+    /// The runtime this daemon token belongs to, with what a heartbeat reads first.
+    fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>>;
 
     /// Records that the runtime's daemon is alive. False if the runtime does not exist.
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool>;
 
-    /// Whether the runtime exists and its `last_seen_at` is at or after `since`: a read, so
-    /// that a heartbeat can skip a write that would change nothing that matters. Every
-    /// engine answers it; the default (always false, so always write) is for test doubles.
-    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
-        let _ = (id, since);
-        Ok(false)
-    }
-
     /// The request as stored, if it belongs to `runtime`; no expiry applied.
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>>;
+
+    /// [`Storer::find_request`] for a web-UI caller: the API token's workspace, its runtime
+    /// and the request, in one query (a poll is the UI's most frequent call).
+    fn find_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>>;
 
     /// Atomically: ends the runtime's overdue active request, then inserts a new pending
     /// request `id` unless the runtime still has an active one, which is returned instead.
@@ -255,6 +279,23 @@ pub trait Storer: Send + Sync {
         }
     }
 
+    /// [`Storer::get_request`] for a web-UI caller, from its API token.
+    fn get_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        match self.find_request_by_token(api_token, runtime, id)? {
+            Scoped::Found(Some(request)) if request.is_overdue(now) => {
+                self.expire_request(id, request.status, now)?;
+                Ok(Scoped::Found(self.find_request(runtime, id)?))
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Records a daemon's report. A report that finds the request not running is refused,
     /// unless it repeats exactly the report that ended it (a retry after a lost answer).
     fn report(
@@ -276,25 +317,28 @@ pub trait Storer: Send + Sync {
         })
     }
 
-    /// A daemon's heartbeat: marks the runtime alive and claims at most one request.
+    /// A daemon's heartbeat, after [`Storer::daemon_by_token`]: marks the runtime alive and
+    /// claims at most one request.
     ///
-    /// `last_seen_at` is written only when the stored one is older than `refresh_after`, so
-    /// that the common heartbeat (nothing pending, seen a moment ago) is all reads: on
-    /// SQLite it never queues for the one write lock. The stored time then lags the last
-    /// heartbeat by less than `refresh_after`; the HTTP layer passes a tenth of
-    /// `offline_after`. Zero writes on every heartbeat.
-    fn heartbeat(
-        &self,
-        runtime: RuntimeId,
-        now: Millis,
-        refresh_after: Millis,
-    ) -> Result<Heartbeat> {
-        let fresh = refresh_after > 0 && self.seen_since(runtime, now - refresh_after)?;
-        if !fresh && !self.touch_runtime(runtime, now)? {
+    /// `last_seen_at` is written only when the stored one is older than `refresh_after`, and
+    /// the claim is tried only when a request was pending, so that the common heartbeat
+    /// (nothing pending, seen a moment ago) is the one read that found the daemon: on SQLite
+    /// it never queues for the one write lock. The stored time then lags the last heartbeat
+    /// by less than `refresh_after`; the HTTP layer passes a tenth of `offline_after`. Zero
+    /// writes on every heartbeat.
+    fn heartbeat(&self, daemon: &Daemon, now: Millis, refresh_after: Millis) -> Result<Heartbeat> {
+        let fresh = refresh_after > 0
+            && daemon
+                .last_seen_at
+                .is_some_and(|seen| seen >= now - refresh_after);
+        if !fresh && !self.touch_runtime(daemon.runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
+        if !daemon.pending {
+            return Ok(Heartbeat::Alive(None));
+        }
         Ok(Heartbeat::Alive(
-            self.claim_next_pending(runtime, now)?.claimed,
+            self.claim_next_pending(daemon.runtime, now)?.claimed,
         ))
     }
 }

@@ -9,7 +9,9 @@ use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
     ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
 };
-use model_relay::store::{Claim, Expired, Heartbeat, NewRuntime, RequestCounts, Storer};
+use model_relay::store::{
+    Claim, Daemon, Expired, Heartbeat, NewRuntime, RequestCounts, Scoped, Storer,
+};
 use model_relay::sweeper::{BATCH, sweep_once};
 
 use super::Engine;
@@ -62,6 +64,25 @@ fn tenant(store: &dyn Storer) -> Tenant {
         runtime,
         daemon_token,
     }
+}
+
+/// What the store says of a tenant's daemon token.
+fn daemon(store: &dyn Storer, t: &Tenant) -> Daemon {
+    store
+        .daemon_by_token(&t.daemon_token)
+        .unwrap()
+        .expect("the tenant's daemon token")
+}
+
+fn daemon_runtime(store: &dyn Storer, token: &TokenHash) -> Option<RuntimeId> {
+    store.daemon_by_token(token).unwrap().map(|d| d.runtime)
+}
+
+/// A heartbeat as the HTTP layer makes it: the token read, then the beat.
+fn beat(store: &dyn Storer, t: &Tenant, now: i64, refresh_after: i64) -> Heartbeat {
+    store
+        .heartbeat(&daemon(store, t), now, refresh_after)
+        .unwrap()
 }
 
 fn new_id() -> RequestId {
@@ -140,7 +161,7 @@ pub fn opening_twice_keeps_the_data(engine: &dyn Engine) {
         Status::Pending
     );
     assert_eq!(
-        second.runtime_by_daemon_token(&t.daemon_token).unwrap(),
+        daemon_runtime(second.as_ref(), &t.daemon_token),
         Some(t.runtime)
     );
 }
@@ -155,9 +176,9 @@ pub fn tokens_resolve_to_their_owner_only(engine: &dyn Engine) {
     assert_eq!(store.workspace_by_api_token(&stranger).unwrap(), None);
 
     let (rt, daemon) = runtime_in(store.as_ref(), ws_a, T0);
-    assert_eq!(store.runtime_by_daemon_token(&daemon).unwrap(), Some(rt));
+    assert_eq!(daemon_runtime(store.as_ref(), &daemon), Some(rt));
     // An API token is not a daemon token, and the other way round.
-    assert_eq!(store.runtime_by_daemon_token(&token_a).unwrap(), None);
+    assert_eq!(daemon_runtime(store.as_ref(), &token_a), None);
     assert_eq!(store.workspace_by_api_token(&daemon).unwrap(), None);
 }
 
@@ -222,10 +243,7 @@ pub fn deleting_a_runtime_deletes_its_requests(engine: &dyn Engine) {
     assert!(store.delete_runtime(t.workspace, t.runtime).unwrap());
     assert_eq!(store.find_request(t.runtime, id).unwrap(), None);
     assert_eq!(store.find_runtime(t.workspace, t.runtime).unwrap(), None);
-    assert_eq!(
-        store.runtime_by_daemon_token(&t.daemon_token).unwrap(),
-        None
-    );
+    assert_eq!(daemon_runtime(store.as_ref(), &t.daemon_token), None);
     assert!(!store.delete_runtime(t.workspace, t.runtime).unwrap());
     assert!(store.find_request(keep.runtime, kept).unwrap().is_some());
 }
@@ -372,14 +390,8 @@ pub fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
-    assert_eq!(
-        store.heartbeat(t.runtime, T0, 0).unwrap(),
-        Heartbeat::Alive(Some(id))
-    );
-    assert_eq!(
-        store.heartbeat(t.runtime, T0 + 1, 0).unwrap(),
-        Heartbeat::Alive(None)
-    );
+    assert_eq!(beat(store.as_ref(), &t, T0, 0), Heartbeat::Alive(Some(id)));
+    assert_eq!(beat(store.as_ref(), &t, T0 + 1, 0), Heartbeat::Alive(None));
     assert_eq!(
         store.claim_next_pending(t.runtime, T0 + 2).unwrap().claimed,
         None
@@ -926,21 +938,17 @@ pub fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dy
             .unwrap()
             .last_seen_at
     };
-    assert!(!store.seen_since(t.runtime, T0).unwrap(), "never seen");
-    assert_eq!(
-        store.heartbeat(t.runtime, T0, 1000).unwrap(),
-        Heartbeat::Alive(None)
-    );
+    assert_eq!(daemon(store.as_ref(), &t).last_seen_at, None, "never seen");
+    assert_eq!(beat(store.as_ref(), &t, T0, 1000), Heartbeat::Alive(None));
     assert_eq!(seen(store.as_ref()), Some(T0), "first heartbeat is written");
-    assert!(store.seen_since(t.runtime, T0).unwrap());
-    assert!(!store.seen_since(t.runtime, T0 + 1).unwrap());
-    store.heartbeat(t.runtime, T0 + 1000, 1000).unwrap();
+    assert_eq!(daemon(store.as_ref(), &t).last_seen_at, Some(T0));
+    beat(store.as_ref(), &t, T0 + 1000, 1000);
     assert_eq!(
         seen(store.as_ref()),
         Some(T0),
         "seen within refresh_after: not rewritten"
     );
-    store.heartbeat(t.runtime, T0 + 1001, 1000).unwrap();
+    beat(store.as_ref(), &t, T0 + 1001, 1000);
     assert_eq!(
         seen(store.as_ref()),
         Some(T0 + 1001),
@@ -949,20 +957,107 @@ pub fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dy
     // A skipped write still claims what is pending.
     let id = create(store.as_ref(), t.runtime, T0 + 1002).id;
     assert_eq!(
-        store.heartbeat(t.runtime, T0 + 1003, 1000).unwrap(),
+        beat(store.as_ref(), &t, T0 + 1003, 1000),
         Heartbeat::Alive(Some(id))
     );
     assert_eq!(seen(store.as_ref()), Some(T0 + 1001));
-    assert!(!store.seen_since(RuntimeId::random().unwrap(), T0).unwrap());
 }
 
-pub fn heartbeat_of_a_missing_runtime_is_unknown(engine: &dyn Engine) {
+pub fn heartbeat_of_a_runtime_deleted_since_its_token_was_read_is_unknown(engine: &dyn Engine) {
     let store = engine.open();
+    let t = tenant(store.as_ref());
+    let found = daemon(store.as_ref(), &t);
+    assert!(store.delete_runtime(t.workspace, t.runtime).unwrap());
     assert_eq!(
-        store
-            .heartbeat(RuntimeId::random().unwrap(), T0, 1000)
-            .unwrap(),
+        store.heartbeat(&found, T0, 1000).unwrap(),
         Heartbeat::UnknownRuntime
+    );
+}
+
+pub fn daemon_by_token_tells_whether_a_request_is_pending(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let other = tenant(store.as_ref());
+    let pending = |s: &dyn Storer| daemon(s, &t).pending;
+    assert!(!pending(store.as_ref()), "nothing created");
+    create(store.as_ref(), other.runtime, T0);
+    assert!(!pending(store.as_ref()), "another runtime's request");
+    let id = create(store.as_ref(), t.runtime, T0).id;
+    assert!(pending(store.as_ref()));
+    assert_eq!(
+        store.claim_next_pending(t.runtime, T0 + 1).unwrap().claimed,
+        Some(id)
+    );
+    assert!(!pending(store.as_ref()), "running is not pending");
+    let stranger = Token::new_daemon().unwrap().hash();
+    assert_eq!(store.daemon_by_token(&stranger).unwrap(), None);
+}
+
+pub fn find_request_by_token_answers_each_level_in_turn(engine: &dyn Engine) {
+    let store = engine.open();
+    let (ws, api) = workspace(store.as_ref());
+    let (rt, daemon_token) = runtime_in(store.as_ref(), ws, T0);
+    let (sibling, _) = runtime_in(store.as_ref(), ws, T0);
+    let (other_ws, other_api) = workspace(store.as_ref());
+    let (foreign, _) = runtime_in(store.as_ref(), other_ws, T0);
+    let id = create(store.as_ref(), rt, T0).id;
+    let foreign_id = create(store.as_ref(), foreign, T0).id;
+    let find = |token: &TokenHash, rt: RuntimeId, id: RequestId| {
+        store.find_request_by_token(token, rt, id).unwrap()
+    };
+
+    let own = store.find_request(rt, id).unwrap();
+    assert!(own.is_some());
+    assert_eq!(find(&api, rt, id), Scoped::Found(own));
+    assert_eq!(
+        find(&api, rt, new_id()),
+        Scoped::Found(None),
+        "unknown request"
+    );
+    assert_eq!(
+        find(&api, sibling, id),
+        Scoped::Found(None),
+        "another runtime's"
+    );
+    assert_eq!(
+        find(&api, foreign, foreign_id),
+        Scoped::NoRuntime,
+        "another workspace's"
+    );
+    assert_eq!(
+        find(&api, RuntimeId::random().unwrap(), id),
+        Scoped::NoRuntime
+    );
+    assert!(matches!(
+        find(&other_api, foreign, foreign_id),
+        Scoped::Found(Some(_))
+    ));
+    let stranger = Token::new_api().unwrap().hash();
+    assert_eq!(find(&stranger, rt, id), Scoped::Unauthorized);
+    assert_eq!(
+        find(&daemon_token, rt, id),
+        Scoped::Unauthorized,
+        "a daemon token"
+    );
+}
+
+pub fn get_request_by_token_ends_an_overdue_request_first(engine: &dyn Engine) {
+    let store = engine.open();
+    let (ws, api) = workspace(store.as_ref());
+    let (rt, _) = runtime_in(store.as_ref(), ws, T0);
+    let id = create(store.as_ref(), rt, T0).id;
+    let read = |now| match store.get_request_by_token(&api, rt, id, now).unwrap() {
+        Scoped::Found(Some(request)) => request,
+        other => panic!("expected the request, got {other:?}"),
+    };
+    assert_eq!(read(T0 + PENDING_MS - 1).status, Status::Pending);
+    let ended = read(T0 + PENDING_MS);
+    assert_eq!(ended.status, Status::Timeout);
+    assert_eq!(ended.ended_at, Some(T0 + PENDING_MS));
+    assert_eq!(
+        store.find_request(rt, id).unwrap().unwrap().status,
+        Status::Timeout,
+        "the expiry is stored, not only shown"
     );
 }
 

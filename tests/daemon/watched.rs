@@ -9,7 +9,7 @@ use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Claim, Created, Expired, NewRuntime, RequestCounts, Result, StoreError, Storer,
+    Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, StoreError, Storer,
 };
 
 #[derive(Default)]
@@ -112,11 +112,19 @@ impl Storer for WatchedStore {
     fn delete_runtime(&self, w: WorkspaceId, id: RuntimeId) -> Result<bool> {
         self.inner.delete_runtime(w, id)
     }
-    fn runtime_by_daemon_token(&self, t: &TokenHash) -> Result<Option<RuntimeId>> {
-        self.inner.runtime_by_daemon_token(t)
+    fn daemon_by_token(&self, t: &TokenHash) -> Result<Option<Daemon>> {
+        self.inner.daemon_by_token(t)
     }
     fn find_request(&self, rt: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         self.inner.find_request(rt, id)
+    }
+    fn find_request_by_token(
+        &self,
+        t: &TokenHash,
+        rt: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        self.inner.find_request_by_token(t, rt, id)
     }
     fn create_or_coalesce(
         &self,

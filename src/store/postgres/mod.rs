@@ -24,8 +24,8 @@ use r2d2_postgres::PostgresConnectionManager;
 use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
-    Claim, Created, DEFAULT_WAIT, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
-    SCHEMA_VERSION, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
+    Claim, Created, DEFAULT_WAIT, Daemon, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
+    SCHEMA_VERSION, Scoped, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
     runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
@@ -354,13 +354,22 @@ impl Storer for PostgresStore {
         Ok(deleted == 1)
     }
 
-    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+    fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
         let row = self.conn()?.query_opt(
-            "SELECT id FROM runtimes WHERE daemon_token_hash = $1",
+            "SELECT id, last_seen_at,
+                    EXISTS (SELECT 1 FROM requests
+                             WHERE runtime_id = runtimes.id AND status = 'pending')
+               FROM runtimes WHERE daemon_token_hash = $1",
             &[&token.as_str()],
         )?;
-        row.map(|row| runtime_id_from_db(row.try_get(0)?))
-            .transpose()
+        row.map(|row| {
+            Ok(Daemon {
+                runtime: runtime_id_from_db(row.try_get(0)?)?,
+                last_seen_at: row.try_get(1)?,
+                pending: row.try_get(2)?,
+            })
+        })
+        .transpose()
     }
 
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
@@ -373,20 +382,42 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
-    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
-        let row = self.conn()?.query_opt(
-            "SELECT 1 FROM runtimes WHERE id = $1 AND last_seen_at >= $2",
-            &[&id.to_string(), &since],
-        )?;
-        Ok(row.is_some())
-    }
-
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         let row = self.conn()?.query_opt(
             &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND runtime_id = $2"),
             &[&id.to_string(), &runtime.to_string()],
         )?;
         row.as_ref().map(parse_request).transpose()
+    }
+
+    fn find_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        // The request's columns first, where parse_request reads them; then whether the
+        // runtime was found. No row at all: the token is nobody's.
+        let row = self.conn()?.query_opt(
+            "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
+                    r.created_at, r.updated_at, r.deadline_at, r.ended_at,
+                    rt.id IS NOT NULL
+               FROM api_tokens t
+               LEFT JOIN runtimes rt ON rt.id = $2 AND rt.workspace_id = t.workspace_id
+               LEFT JOIN requests r ON r.id = $3 AND r.runtime_id = rt.id
+              WHERE t.token_hash = $1",
+            &[&api_token.as_str(), &runtime.to_string(), &id.to_string()],
+        )?;
+        let Some(row) = row else {
+            return Ok(Scoped::Unauthorized);
+        };
+        if !row.try_get::<_, bool>(10)? {
+            return Ok(Scoped::NoRuntime);
+        }
+        Ok(Scoped::Found(match row.try_get::<_, Option<&str>>(0)? {
+            Some(_) => Some(parse_request(&row)?),
+            None => None,
+        }))
     }
 
     fn create_or_coalesce(

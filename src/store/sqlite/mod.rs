@@ -20,9 +20,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
-    Claim, Created, DEFAULT_WAIT, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
-    SCHEMA_VERSION, StoreError, Storer, models_to_db, request_id_from_db, runtime_id_from_db,
-    status_from_db, workspace_id_from_db,
+    Claim, Created, DEFAULT_WAIT, Daemon, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
+    SCHEMA_VERSION, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
@@ -281,13 +281,28 @@ impl Storer for SqliteStore {
         Ok(deleted == 1)
     }
 
-    fn runtime_by_daemon_token(&self, token: &TokenHash) -> Result<Option<RuntimeId>> {
+    fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
         let conn = self.conn()?;
-        let found: Option<String> = conn
-            .prepare_cached("SELECT id FROM runtimes WHERE daemon_token_hash = ?1")?
-            .query_row([token.as_str()], |row| row.get(0))
+        let found: Option<(String, Option<Millis>, bool)> = conn
+            .prepare_cached(
+                "SELECT id, last_seen_at,
+                        EXISTS (SELECT 1 FROM requests
+                                 WHERE runtime_id = runtimes.id AND status = 'pending')
+                   FROM runtimes WHERE daemon_token_hash = ?1",
+            )?
+            .query_row([token.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
             .optional()?;
-        found.as_deref().map(runtime_id_from_db).transpose()
+        found
+            .map(|(id, last_seen_at, pending)| {
+                Ok(Daemon {
+                    runtime: runtime_id_from_db(&id)?,
+                    last_seen_at,
+                    pending,
+                })
+            })
+            .transpose()
     }
 
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
@@ -302,15 +317,45 @@ impl Storer for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn seen_since(&self, id: RuntimeId, since: Millis) -> Result<bool> {
-        let conn = self.conn()?;
-        Ok(conn
-            .prepare_cached("SELECT 1 FROM runtimes WHERE id = ?1 AND last_seen_at >= ?2")?
-            .exists(params![id.to_string(), since])?)
-    }
-
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
         find_request_in(&*self.conn()?, runtime, id)
+    }
+
+    fn find_request_by_token(
+        &self,
+        api_token: &TokenHash,
+        runtime: RuntimeId,
+        id: RequestId,
+    ) -> Result<Scoped<Option<ModelRequest>>> {
+        let conn = self.conn()?;
+        // The request's columns first, so that RawRequest reads them where it always does;
+        // then whether the runtime was found. No row at all: the token is nobody's.
+        let found: Option<(Option<RawRequest>, bool)> = conn
+            .prepare_cached(
+                "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
+                        r.created_at, r.updated_at, r.deadline_at, r.ended_at,
+                        rt.id IS NOT NULL
+                   FROM api_tokens t
+                   LEFT JOIN runtimes rt ON rt.id = ?2 AND rt.workspace_id = t.workspace_id
+                   LEFT JOIN requests r ON r.id = ?3 AND r.runtime_id = rt.id
+                  WHERE t.token_hash = ?1",
+            )?
+            .query_row(
+                params![api_token.as_str(), runtime.to_string(), id.to_string()],
+                |row| {
+                    let request = match row.get::<_, Option<String>>(0)? {
+                        Some(_) => Some(RawRequest::from_row(row)?),
+                        None => None,
+                    };
+                    Ok((request, row.get(10)?))
+                },
+            )
+            .optional()?;
+        Ok(match found {
+            None => Scoped::Unauthorized,
+            Some((_, false)) => Scoped::NoRuntime,
+            Some((request, true)) => Scoped::Found(request.map(RawRequest::parse).transpose()?),
+        })
     }
 
     fn create_or_coalesce(
