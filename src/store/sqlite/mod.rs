@@ -11,9 +11,7 @@
 mod rows;
 mod upkeep;
 
-use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
@@ -77,27 +75,6 @@ pub struct SqliteStore {
     timeouts: Timeouts,
     /// The file, for the checkpoint's connection of its own.
     path: PathBuf,
-    /// This process's writers take turns here; see [`SqliteStore::writer`].
-    turn: Mutex<()>,
-}
-
-/// A pooled connection that holds this process's turn to write.
-struct Writer<'a> {
-    conn: r2d2::PooledConnection<SqliteConnectionManager>,
-    _turn: MutexGuard<'a, ()>,
-}
-
-impl Deref for Writer<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.conn
-    }
-}
-
-impl DerefMut for Writer<'_> {
-    fn deref_mut(&mut self) -> &mut Connection {
-        &mut self.conn
-    }
 }
 
 const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
@@ -139,30 +116,11 @@ impl SqliteStore {
             pool,
             timeouts,
             path: path.to_owned(),
-            turn: Mutex::new(()),
         })
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         Ok(self.pool.get()?)
-    }
-
-    /// A connection for a write, once it is this process's turn to write.
-    ///
-    /// SQLite has one write lock per file. A connection that finds it taken waits in the
-    /// busy handler, which sleeps 1, 2, 5, 10 … ms between tries however soon the lock is
-    /// given back; under load most of a write's time went there. Writers of one process
-    /// queue on a mutex instead and each is woken as soon as the one before it is done.
-    /// Writers in other processes still meet at the busy handler. The connection is taken
-    /// first: a writer that held the turn while waiting for a connection could wait on
-    /// writers that hold connections while they wait for the turn.
-    fn writer(&self) -> Result<Writer<'_>> {
-        let conn = self.conn()?;
-        Ok(Writer {
-            conn,
-            // The mutex guards no data, so a panic while it was held leaves nothing broken.
-            _turn: self.turn.lock().unwrap_or_else(PoisonError::into_inner),
-        })
     }
 }
 
@@ -228,7 +186,7 @@ impl Storer for SqliteStore {
         // Ready means writable: every route but the reads needs the one write lock, and a
         // lock that another process holds for longer than `wait` is the outage SQLite has.
         // Take it (waiting as long as any writer would) and give it back, writing nothing.
-        let mut conn = self.writer()?;
+        let mut conn = self.conn()?;
         conn.transaction_with_behavior(TransactionBehavior::Immediate)?
             .rollback()?;
         Ok(())
@@ -245,7 +203,7 @@ impl Storer for SqliteStore {
         api_token: &TokenHash,
         now: Millis,
     ) -> Result<()> {
-        let mut conn = self.writer()?;
+        let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO workspaces (id, name, created_at) VALUES (?1, ?2, ?3)",
@@ -269,7 +227,7 @@ impl Storer for SqliteStore {
     }
 
     fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.writer()?.execute(
+        self.conn()?.execute(
             "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -316,7 +274,7 @@ impl Storer for SqliteStore {
 
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
         // The runtime's requests go with it: ON DELETE CASCADE, foreign_keys is on.
-        let deleted = self.writer()?.execute(
+        let deleted = self.conn()?.execute(
             "DELETE FROM runtimes WHERE id = ?1 AND workspace_id = ?2",
             params![id.to_string(), workspace.to_string()],
         )?;
@@ -350,7 +308,7 @@ impl Storer for SqliteStore {
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool> {
         // MAX: instances whose clocks differ a little never move last_seen_at backwards.
         let changed = self
-            .writer()?
+            .conn()?
             .prepare_cached(
                 "UPDATE runtimes SET last_seen_at = MAX(COALESCE(last_seen_at, ?2), ?2)
                  WHERE id = ?1",
@@ -406,7 +364,7 @@ impl Storer for SqliteStore {
         id: RequestId,
         now: Millis,
     ) -> Result<Option<Created>> {
-        let mut conn = self.writer()?;
+        let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let runtime_text = runtime.to_string();
         let exists = tx
@@ -469,7 +427,7 @@ impl Storer for SqliteStore {
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
-        let conn = self.conn()?;
+        let mut conn = self.conn()?;
         let runtime_text = runtime.to_string();
         // Most heartbeats find nothing to claim: answer those with a read, without taking
         // the database's one write lock.
@@ -481,8 +439,6 @@ impl Storer for SqliteStore {
         if !any_pending {
             return Ok(Claim::default());
         }
-        drop(conn);
-        let mut conn = self.writer()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let expired = tx
             .prepare_cached(
@@ -523,7 +479,7 @@ impl Storer for SqliteStore {
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
-        let conn = self.writer()?;
+        let conn = self.conn()?;
         let changed = match report {
             Report::Running => conn
                 .prepare_cached(
@@ -557,21 +513,15 @@ impl Storer for SqliteStore {
     }
 
     fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
-        expire_in(
-            &*self.writer()?,
-            &self.timeouts,
-            &id.to_string(),
-            phase,
-            now,
-        )
+        expire_in(&*self.conn()?, &self.timeouts, &id.to_string(), phase, now)
     }
 
     fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
-        upkeep::expire_overdue(&*self.writer()?, &self.timeouts, now, limit)
+        upkeep::expire_overdue(&*self.conn()?, &self.timeouts, now, limit)
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        upkeep::delete_ended_before(&*self.writer()?, cutoff, limit)
+        upkeep::delete_ended_before(&*self.conn()?, cutoff, limit)
     }
 
     fn count_requests(&self) -> Result<RequestCounts> {
