@@ -270,13 +270,7 @@ pub trait Storer: Send + Sync {
         now: Millis,
     ) -> Result<Option<ModelRequest>> {
         let found = self.find_request(runtime, id)?;
-        match found {
-            Some(request) if request.is_overdue(now) => {
-                self.expire_request(id, request.status, now)?;
-                self.find_request(runtime, id)
-            }
-            other => Ok(other),
-        }
+        with_deadline_applied(self, runtime, found, now)
     }
 
     /// [`Storer::get_request`] for a web-UI caller, from its API token.
@@ -287,13 +281,12 @@ pub trait Storer: Send + Sync {
         id: RequestId,
         now: Millis,
     ) -> Result<Scoped<Option<ModelRequest>>> {
-        match self.find_request_by_token(api_token, runtime, id)? {
-            Scoped::Found(Some(request)) if request.is_overdue(now) => {
-                self.expire_request(id, request.status, now)?;
-                Ok(Scoped::Found(self.find_request(runtime, id)?))
+        Ok(match self.find_request_by_token(api_token, runtime, id)? {
+            Scoped::Found(found) => {
+                Scoped::Found(with_deadline_applied(self, runtime, found, now)?)
             }
-            other => Ok(other),
-        }
+            other => other,
+        })
     }
 
     /// Records a daemon's report. A report that finds the request not running is refused,
@@ -340,6 +333,23 @@ pub trait Storer: Send + Sync {
         Ok(Heartbeat::Alive(
             self.claim_next_pending(daemon.runtime, now)?.claimed,
         ))
+    }
+}
+
+/// `found`, as stored, with its deadline applied: an overdue request is ended (one
+/// compare-and-set) and read again. The one place a read ends a request.
+fn with_deadline_applied<S: Storer + ?Sized>(
+    store: &S,
+    runtime: RuntimeId,
+    found: Option<ModelRequest>,
+    now: Millis,
+) -> Result<Option<ModelRequest>> {
+    match found {
+        Some(request) if request.is_overdue(now) => {
+            store.expire_request(request.id, request.status, now)?;
+            store.find_request(runtime, request.id)
+        }
+        other => Ok(other),
     }
 }
 
