@@ -14,6 +14,10 @@
 //! - idle heartbeat: heartbeats over 10,000 runtimes with nothing pending;
 //! - full cycle: create, heartbeat (claims it), report completed, poll until completed.
 //!
+//! To look at one part (with `perf`, say): `--engine sqlite|postgres`, `--empty-only` and
+//! `--phase healthz|poll|idle|full` run only that part, print its figures and write no
+//! report.
+//!
 //! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
 //! single-row write transactions with the service's pragmas, on the same disk; and
 //! `pgbench -b simple-update` against the same PostgreSQL. The only SQL outside
@@ -52,6 +56,12 @@ struct Options {
     concurrency: usize,
     phase: Duration,
     quick: bool,
+    /// Exploring rather than reporting: one engine, or no retained rows. Prints each
+    /// phase's figures and writes no report (its ratios need every run and baseline).
+    only: Option<Engine>,
+    empty_only: bool,
+    /// Exploring one route: the other phases are skipped.
+    phase_only: Option<Op>,
 }
 
 fn parse_options() -> Res<Options> {
@@ -63,6 +73,9 @@ fn parse_options() -> Res<Options> {
         concurrency: 16,
         phase: Duration::from_secs(10),
         quick: false,
+        only: None,
+        empty_only: false,
+        phase_only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -77,6 +90,22 @@ fn parse_options() -> Res<Options> {
                 options.quick = true;
                 options.phase = Duration::from_secs(3);
             }
+            "--engine" => {
+                options.only = Some(match value()?.as_str() {
+                    "sqlite" => Engine::Sqlite,
+                    "postgres" => Engine::Postgres,
+                    other => return Err(format!("--engine sqlite|postgres, not {other}").into()),
+                })
+            }
+            "--empty-only" => options.empty_only = true,
+            "--phase" => {
+                let name = value()?;
+                let op = [Op::Healthz, Op::Poll, Op::IdleHeartbeat, Op::Cycle]
+                    .into_iter()
+                    .find(|op| op.name().starts_with(name.as_str()))
+                    .ok_or(format!("--phase healthz|poll|idle|full, not {name}"))?;
+                options.phase_only = Some(op);
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -87,6 +116,25 @@ fn main() -> Res<()> {
     let options = parse_options()?;
     let scratch = tempfile::tempdir_in("target")?;
     let runtime = tokio::runtime::Runtime::new()?;
+    let exploring = options.only.is_some() || options.empty_only || options.phase_only.is_some();
+
+    if exploring {
+        for engine in [Engine::Sqlite, Engine::Postgres] {
+            if options.only.is_some_and(|only| only != engine) {
+                continue;
+            }
+            let retained: &[u64] = if options.empty_only {
+                &[0]
+            } else {
+                &[0, RETAINED_ROWS]
+            };
+            for &retained in retained {
+                eprintln!("bench: {} with {retained} retained rows", engine.name());
+                run_suite(&options, &runtime, scratch.path(), engine, retained)?;
+            }
+        }
+        return Ok(());
+    }
 
     eprintln!("bench: raw SQLite write transactions");
     let raw_sqlite = raw_sqlite_writes(&scratch.path().join("raw.db"), options.phase)?;
@@ -128,7 +176,7 @@ impl Engine {
 }
 
 /// Throughput and latency of one phase.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Figures {
     per_second: f64,
     p50: Duration,
@@ -334,6 +382,9 @@ fn run_suite(
     }
     let setup = Arc::new(setup);
     let phase = |op: Op| {
+        if options.phase_only.is_some_and(|only| only != op) {
+            return Ok(Figures::default());
+        }
         let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase))?;
         eprintln!("bench:   {}: {figures:?}", op.name());
         Ok::<_, BoxError>(figures)
@@ -556,7 +607,7 @@ async fn set_up(addr: SocketAddr, api_token: String, concurrency: usize) -> Res<
     Ok(setup)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
     Healthz,
     Poll,

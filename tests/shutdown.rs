@@ -2,8 +2,10 @@
 //! in full, new connections are refused, and a request that outlasts the drain bound does
 //! not keep the server from stopping.
 //!
-//! Requests are held in flight deterministically: every store-backed handler reads the
-//! clock inside its store call, and this clock blocks while its gate is closed.
+//! Requests are held in flight deterministically: a handler that goes to the blocking pool
+//! reads the clock inside its store call there, and this clock blocks while its gate is
+//! closed. (Heartbeats and polls read it on the async worker first, where blocking would
+//! stall the server itself, so the calls held are lists and creates.)
 //!
 //! Each instance runs on a runtime of its own that is torn down as soon as `run` returns,
 //! as `model-relay serve` does: a request that `run` did not wait for is cut off, so a
@@ -24,6 +26,7 @@ use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
 use model_relay::{App, run};
 use serde_json::json;
+use support::prom::Scrape;
 use support::server::{Http, T0, settings, workspace};
 use tokio::sync::oneshot;
 
@@ -144,7 +147,21 @@ impl World {
         let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
         let (_, api) = workspace(store.as_ref(), T0);
         let clock = Arc::new(GatedClock::new());
-        let instance = Instance::start(App::new(store, clock.clone(), settings));
+        let app = App::new(store, clock.clone(), settings);
+        let metrics = Arc::clone(&app.metrics);
+        let instance = Instance::start(app);
+        // The sweeper's first pass, at start, reads the clock too: let it finish before a
+        // test closes the gate, or it would be one more caller held.
+        eventually("the first sweep has run", || {
+            let text = metrics.render(None, T0).unwrap();
+            Scrape::parse(&text)
+                .matching(
+                    "model_relay_store_operation_duration_seconds_count",
+                    &[("op", "expire_overdue")],
+                )
+                .any(|sample| sample.value >= 1.0)
+        })
+        .await;
         let http = Http::default();
         let created = http
             .post(
@@ -225,9 +242,11 @@ async fn shutdown_drains_in_flight_requests_under_load_with_no_failed_responses(
         }
     }
 
-    // 48 calls in flight, held inside their store call.
+    // 48 calls in flight, lists and creates, held inside their store call.
     w.clock.close();
-    let in_flight: Vec<_> = (0..48).map(|i| tokio::spawn(w.call(i))).collect();
+    let in_flight: Vec<_> = (0..48)
+        .map(|i| tokio::spawn(w.call(if i % 2 == 0 { 0 } else { 2 })))
+        .collect();
     eventually("every call is inside its store call", || {
         w.clock.held.load(Ordering::SeqCst) == in_flight.len()
     })

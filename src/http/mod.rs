@@ -56,6 +56,21 @@ impl App {
         }
     }
 
+    /// Runs store work that only reads: right here when the store's reads are quick and
+    /// local ([`Storer::reads_in_place`]), since handing them to the blocking pool costs
+    /// more than they do; on the blocking pool otherwise. `work` must not write: a write
+    /// may queue for a lock, and must not hold up an async worker while it does.
+    async fn read<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.store.reads_in_place() {
+            return work(self);
+        }
+        self.blocking(work).await
+    }
+
     /// Runs store work on the blocking pool: the engines are synchronous, and the
     /// PostgreSQL client panics on an async worker thread.
     async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>

@@ -65,6 +65,11 @@ impl Storer for MemoryStore {
         self.timeouts
     }
 
+    /// A mutex held for the length of a map lookup.
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
     fn create_workspace(
         &self,
         id: WorkspaceId,

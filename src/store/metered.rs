@@ -51,6 +51,10 @@ impl Storer for MeteredStore {
         self.inner.timeouts()
     }
 
+    fn reads_in_place(&self) -> bool {
+        self.inner.reads_in_place()
+    }
+
     fn create_workspace(
         &self,
         id: WorkspaceId,

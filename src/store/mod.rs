@@ -72,6 +72,23 @@ pub struct Daemon {
     pub pending: bool,
 }
 
+impl Daemon {
+    /// Whether the stored `last_seen_at` is recent enough that a heartbeat at `now` need
+    /// not write it again (see [`Storer::heartbeat`]).
+    fn seen_lately(&self, now: Millis, refresh_after: Millis) -> bool {
+        refresh_after > 0
+            && self
+                .last_seen_at
+                .is_some_and(|seen| seen >= now - refresh_after)
+    }
+
+    /// Whether [`Storer::heartbeat`] at `now` writes anything: `last_seen_at` is due, or a
+    /// request waits to be claimed. When not, it makes no store call at all.
+    pub fn heartbeat_writes(&self, now: Millis, refresh_after: Millis) -> bool {
+        self.pending || !self.seen_lately(now, refresh_after)
+    }
+}
+
 /// What a web-UI call about one runtime's request finds, from the API token down, in one
 /// query: each level is a different answer (401, 404 runtime, then the request or not).
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -175,6 +192,16 @@ pub trait Storer: Send + Sync {
 
     /// The deadlines this store writes and the errors it gives requests that miss them.
     fn timeouts(&self) -> Timeouts;
+
+    /// Whether the read-only primitives answer within the process in microseconds, never
+    /// waiting for a lock or a pooled connection held by a writer: then the HTTP layer runs
+    /// them on its async worker and skips the hand-off to the blocking pool, which cost
+    /// more than the read. True for SQLite (WAL readers do not wait for the writer; its
+    /// reads have a pool of their own) and the memory engine. PostgreSQL's reads are round
+    /// trips over the network, and its client must not run on an async worker: false.
+    fn reads_in_place(&self) -> bool {
+        false
+    }
 
     fn create_workspace(
         &self,
@@ -320,11 +347,7 @@ pub trait Storer: Send + Sync {
     /// by less than `refresh_after`; the HTTP layer passes a tenth of `offline_after`. Zero
     /// writes on every heartbeat.
     fn heartbeat(&self, daemon: &Daemon, now: Millis, refresh_after: Millis) -> Result<Heartbeat> {
-        let fresh = refresh_after > 0
-            && daemon
-                .last_seen_at
-                .is_some_and(|seen| seen >= now - refresh_after);
-        if !fresh && !self.touch_runtime(daemon.runtime, now)? {
+        if !daemon.seen_lately(now, refresh_after) && !self.touch_runtime(daemon.runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
         if !daemon.pending {
@@ -410,5 +433,49 @@ fn models_to_db(models: &[crate::model::ModelEntry]) -> Option<String> {
     } else {
         // Serializing plain strings and booleans cannot fail.
         serde_json::to_string(models).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::memory::MemoryStore;
+    use super::metered::MeteredStore;
+    use super::{Daemon, Storer};
+    use crate::ids::RuntimeId;
+    use crate::metrics::Metrics;
+    use crate::model::Timeouts;
+
+    /// `heartbeat_writes` is what keeps a heartbeat on the async worker, so it must be
+    /// exact: where it says no, the composite makes no store call at all; where it says
+    /// yes, it does. The runtime does not exist, so every call the composite makes shows.
+    #[test]
+    fn heartbeat_writes_says_exactly_when_the_composite_calls_the_store() {
+        let now = 1_000_000;
+        for refresh_after in [0, 100] {
+            for last_seen_at in [None, Some(now), Some(now - 100), Some(now - 101)] {
+                for pending in [false, true] {
+                    let metrics = Arc::new(Metrics::new());
+                    let engine = Arc::new(MemoryStore::new(Timeouts::default()));
+                    let store = MeteredStore::new(engine, Arc::clone(&metrics));
+                    let daemon = Daemon {
+                        runtime: RuntimeId::random().unwrap(),
+                        last_seen_at,
+                        pending,
+                    };
+                    store.heartbeat(&daemon, now, refresh_after).unwrap();
+                    let scraped = metrics.render(None, now).unwrap();
+                    let called = scraped.lines().any(|l| {
+                        l.starts_with("model_relay_store_operation_duration_seconds_count")
+                    });
+                    assert_eq!(
+                        called,
+                        daemon.heartbeat_writes(now, refresh_after),
+                        "{daemon:?}, refresh_after {refresh_after}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! with its connection, so a reconnect after an outage prepares afresh.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
 use postgres::{Client, Error, GenericClient, NoTls, Row, Statement, Transaction};
@@ -64,6 +65,8 @@ macro_rules! cached_calls {
 pub struct CachedClient {
     client: Client,
     statements: Statements,
+    /// When the pool last took this connection back: see [`CachingManager::is_valid`].
+    returned_at: Instant,
 }
 
 impl CachedClient {
@@ -110,6 +113,9 @@ impl<'a> CachedTransaction<'a> {
     }
 }
 
+/// How long a pooled connection may sit idle and still be handed out without a ping.
+const TRUSTED_IDLE: Duration = Duration::from_secs(1);
+
 /// r2d2's manager for [`CachedClient`]s: `r2d2_postgres`'s, with an empty cache per new
 /// connection.
 pub struct CachingManager(pub PostgresConnectionManager<NoTls>);
@@ -122,14 +128,25 @@ impl r2d2::ManageConnection for CachingManager {
         Ok(CachedClient {
             client: self.0.connect()?,
             statements: Statements::new(),
+            returned_at: Instant::now(),
         })
     }
 
+    /// Pings the server (an empty query) only for a connection that sat idle for a while.
+    /// The ping is a round trip: on every checkout it cost as much as the one query of a
+    /// poll. A connection in steady use has just proved itself, and if it broke since, the
+    /// call fails with a 503 and the pool drops it on return ([`Self::has_broken`]). One
+    /// that sat idle may have lost its server unnoticed (a restart in a quiet hour): the
+    /// synchronous client only reads its socket during a call, so a ping is how to know.
     fn is_valid(&self, conn: &mut CachedClient) -> Result<(), Error> {
+        if conn.returned_at.elapsed() < TRUSTED_IDLE {
+            return Ok(());
+        }
         self.0.is_valid(&mut conn.client)
     }
 
     fn has_broken(&self, conn: &mut CachedClient) -> bool {
+        conn.returned_at = Instant::now();
         self.0.has_broken(&mut conn.client)
     }
 }

@@ -71,7 +71,12 @@ impl Default for Options {
 }
 
 pub struct SqliteStore {
+    /// Connections for everything that may write.
     pool: r2d2::Pool<SqliteConnectionManager>,
+    /// Connections for the read-only primitives, which run on the HTTP layer's async
+    /// workers ([`Storer::reads_in_place`]): apart from the writers' pool, so that a read
+    /// never waits for a connection that a writer holds while it queues for the lock.
+    readers: r2d2::Pool<SqliteConnectionManager>,
     timeouts: Timeouts,
     /// The file, for the checkpoint's connection of its own.
     path: PathBuf,
@@ -100,20 +105,35 @@ impl SqliteStore {
         migrate(&mut conn)?;
         drop(conn);
 
-        let manager = SqliteConnectionManager::file(path).with_init(move |c| {
-            c.busy_timeout(wait)?;
-            c.pragma_update(None, "foreign_keys", "ON")?;
-            c.pragma_update(None, "synchronous", synchronous.pragma_value())?;
-            // Per connection: whichever connection resets the log cuts the file back.
-            c.pragma_update_and_check(None, "journal_size_limit", JOURNAL_SIZE_LIMIT, |_| Ok(()))
-        });
-        let pool = r2d2::Pool::builder()
-            .max_size(POOL_SIZE)
-            .min_idle(Some(1))
-            .connection_timeout(wait)
-            .build(manager)?;
+        let manager = || {
+            SqliteConnectionManager::file(path).with_init(move |c| {
+                c.busy_timeout(wait)?;
+                c.pragma_update(None, "foreign_keys", "ON")?;
+                c.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+                // Per connection: whichever connection resets the log cuts the file back.
+                c.pragma_update_and_check(
+                    None,
+                    "journal_size_limit",
+                    JOURNAL_SIZE_LIMIT,
+                    |_| Ok(()),
+                )
+            })
+        };
+        let pool = || {
+            r2d2::Pool::builder()
+                .max_size(POOL_SIZE)
+                .min_idle(Some(1))
+                .connection_timeout(wait)
+                // A connection to a file does not go stale the way a socket does; the check
+                // r2d2 would run on every checkout is a statement prepared and run for
+                // nothing.
+                .test_on_check_out(false)
+                .build(manager())
+        };
+        let (pool, readers) = (pool()?, pool()?);
         Ok(SqliteStore {
             pool,
+            readers,
             timeouts,
             path: path.to_owned(),
         })
@@ -121,6 +141,10 @@ impl SqliteStore {
 
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         Ok(self.pool.get()?)
+    }
+
+    fn reader(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+        Ok(self.readers.get()?)
     }
 }
 
@@ -196,6 +220,10 @@ impl Storer for SqliteStore {
         self.timeouts
     }
 
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
     fn create_workspace(
         &self,
         id: WorkspaceId,
@@ -218,7 +246,7 @@ impl Storer for SqliteStore {
     }
 
     fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let found: Option<String> = conn
             .prepare_cached("SELECT workspace_id FROM api_tokens WHERE token_hash = ?1")?
             .query_row([token.as_str()], |row| row.get(0))
@@ -250,7 +278,7 @@ impl Storer for SqliteStore {
     }
 
     fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = ?1 ORDER BY created_at, id"
         ))?;
@@ -259,7 +287,7 @@ impl Storer for SqliteStore {
     }
 
     fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         conn.prepare_cached(&format!(
             "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE id = ?1 AND workspace_id = ?2"
         ))?
@@ -282,7 +310,7 @@ impl Storer for SqliteStore {
     }
 
     fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let found: Option<(String, Option<Millis>, bool)> = conn
             .prepare_cached(
                 "SELECT id, last_seen_at,
@@ -318,7 +346,7 @@ impl Storer for SqliteStore {
     }
 
     fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
-        find_request_in(&*self.conn()?, runtime, id)
+        find_request_in(&*self.reader()?, runtime, id)
     }
 
     fn find_request_by_token(
@@ -327,7 +355,7 @@ impl Storer for SqliteStore {
         runtime: RuntimeId,
         id: RequestId,
     ) -> Result<Scoped<Option<ModelRequest>>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         // The request's columns first, so that RawRequest reads them where it always does;
         // then whether the runtime was found. No row at all: the token is nobody's.
         let found: Option<(Option<RawRequest>, bool)> = conn
@@ -525,7 +553,7 @@ impl Storer for SqliteStore {
     }
 
     fn count_requests(&self) -> Result<RequestCounts> {
-        upkeep::count_requests(&*self.conn()?)
+        upkeep::count_requests(&*self.reader()?)
     }
 
     fn checkpoint(&self) -> Result<()> {
