@@ -385,6 +385,9 @@ fn run_suite(
         if options.phase_only.is_some_and(|only| only != op) {
             return Ok(Figures::default());
         }
+        if op == Op::IdleHeartbeat {
+            runtime.block_on(bring_online(Arc::clone(&setup)))?;
+        }
         let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase))?;
         eprintln!("bench:   {}: {figures:?}", op.name());
         Ok::<_, BoxError>(figures)
@@ -702,6 +705,30 @@ async fn heartbeat(conn: &mut Conn, rt: &Rt) -> Res<Value> {
         Some(json!({"runtime_id": rt.id})),
     )
     .await
+}
+
+/// One heartbeat from every idle runtime, before the idle phase: a runtime's first
+/// heartbeat writes `last_seen_at`, and the phase is to measure the heartbeats of runtimes
+/// already online. (Each is written again once its `last_seen_at` is older than a tenth of
+/// `offline_after`, 4.5 s: past that, a longer phase counts those writes at their steady
+/// rate, one per runtime per 4.5 s.)
+async fn bring_online(setup: Arc<Setup>) -> Res<()> {
+    let c = setup.concurrency;
+    let mut workers = Vec::new();
+    for worker in 0..c {
+        let setup = Arc::clone(&setup);
+        workers.push(tokio::spawn(async move {
+            let mut conn = Conn::open(setup.addr).await?;
+            for rt in setup.idle.iter().skip(worker).step_by(c) {
+                heartbeat(&mut conn, rt).await?;
+            }
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(())
 }
 
 async fn one(conn: &mut Conn, setup: &Setup, op: Op, worker: usize, i: usize) -> Res<()> {
