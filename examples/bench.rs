@@ -209,6 +209,8 @@ struct Run {
     poll: Figures,
     idle: Figures,
     cycle: Figures,
+    /// Full cycles per second through the store's API in this process, with no HTTP.
+    store_cycles: f64,
 }
 
 // ---- baselines ----
@@ -236,6 +238,90 @@ fn raw_sqlite_writes(path: &Path, seconds: Duration) -> Res<f64> {
         done += 1;
     }
     Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Full cycles per second with no HTTP: `workers` threads each create, claim, report
+/// completed and read back requests through the store's API (the primitives the handlers
+/// call), on the database the HTTP runs used, its server stopped. What is left between
+/// this and the HTTP cycle rate is the HTTP calls and the hand-offs between threads.
+fn store_cycles(database: &str, workers: usize, length: Duration) -> Res<f64> {
+    use model_relay::clock::{Clock, SystemClock};
+    use model_relay::config::DatabaseUrl;
+    use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+    use model_relay::model::{Outcome, Report, Status, Timeouts};
+    use model_relay::store::{self, NewRuntime};
+
+    let store = store::open(&DatabaseUrl::parse(database)?, Timeouts::default())?;
+    let workspace = WorkspaceId::random()?;
+    store.create_workspace(
+        workspace,
+        "store cycles",
+        &Token::new_api()?.hash(),
+        SystemClock.now(),
+    )?;
+    let mut runtimes = Vec::new();
+    for _ in 0..workers * CYCLE_RUNTIMES_PER_WORKER {
+        let id = RuntimeId::random()?;
+        let new = NewRuntime {
+            id,
+            workspace_id: workspace,
+            name: "store cycles".into(),
+            provider: "claude".into(),
+            daemon_token: Token::new_daemon()?.hash(),
+        };
+        store.create_runtime(&new, SystemClock.now())?;
+        runtimes.push(id);
+    }
+    let runtimes = Arc::new(runtimes);
+    let started = Instant::now();
+    let counted_from = started + WARMUP;
+    let end = counted_from + length;
+    let threads: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (store, runtimes) = (Arc::clone(&store), Arc::clone(&runtimes));
+            std::thread::spawn(move || -> Res<u64> {
+                let mut counted = 0;
+                for i in 0.. {
+                    let began = Instant::now();
+                    if began >= end {
+                        break;
+                    }
+                    let rt = runtimes[worker + workers * (i % CYCLE_RUNTIMES_PER_WORKER)];
+                    let created = store
+                        .create_or_coalesce(rt, RequestId::random()?, SystemClock.now())?
+                        .ok_or("store cycles: runtime gone")?;
+                    let id = created.request.id;
+                    if store.claim_next_pending(rt, SystemClock.now())?.claimed != Some(id) {
+                        return Err("store cycles: the claim did not hand out the request".into());
+                    }
+                    let done = Report::Ended(Outcome {
+                        status: Status::Completed,
+                        models: Vec::new(),
+                        supported: true,
+                        error: None,
+                    });
+                    if !store.apply_report(rt, id, &done, SystemClock.now())? {
+                        return Err("store cycles: the report was refused".into());
+                    }
+                    let read = store.get_request(rt, id, SystemClock.now())?;
+                    if read.map(|r| r.status) != Some(Status::Completed) {
+                        return Err("store cycles: the request did not read completed".into());
+                    }
+                    if began >= counted_from {
+                        counted += 1;
+                    }
+                }
+                Ok(counted)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for thread in threads {
+        total += thread
+            .join()
+            .map_err(|_| "store cycles: a worker panicked")??;
+    }
+    Ok(total as f64 / counted_from.elapsed().as_secs_f64())
 }
 
 fn pgbench_binary() -> PathBuf {
@@ -399,8 +485,20 @@ fn run_suite(
         poll: phase(Op::Poll)?,
         idle: phase(Op::IdleHeartbeat)?,
         cycle: phase(Op::Cycle)?,
+        store_cycles: 0.0,
     };
     drop(server);
+    let run = if options.phase_only.is_none_or(|op| op == Op::Cycle) {
+        eprintln!("bench:   the same cycles without HTTP, through the store's API");
+        let store_cycles = store_cycles(&database, options.concurrency, options.phase)?;
+        eprintln!("bench:   store cycles: {store_cycles:.0}/s");
+        Run {
+            store_cycles,
+            ..run
+        }
+    } else {
+        run
+    };
     if engine == Engine::Postgres {
         drop_database(&options.postgres, DB)?;
     }
@@ -904,7 +1002,14 @@ fn render(options: &Options, raw_sqlite: f64, pgbench: f64, runs: &[Run]) -> Res
         row(&mut out, "poll (`GET` a completed request)", &run.poll)?;
         row(&mut out, "idle heartbeat (10,000 runtimes)", &run.idle)?;
         row(&mut out, "full cycle (4+ calls each)", &run.cycle)?;
-        writeln!(out)?;
+        writeln!(
+            out,
+            "\nThe same full cycle without HTTP, {} threads calling the store's API in one \
+             process on this database: **{:.0} cycles/s**; the HTTP cycle reaches {:.2} of it.\n",
+            options.concurrency,
+            run.store_cycles,
+            run.cycle.per_second / run.store_cycles
+        )?;
     }
     writeln!(out, "## Ratios\n")?;
     writeln!(out, "| ratio | value | target | |")?;
@@ -939,18 +1044,40 @@ fn render(options: &Options, raw_sqlite: f64, pgbench: f64, runs: &[Run]) -> Res
         )?;
         let c = empty.cycle.per_second;
         match engine {
-            Engine::Sqlite => ratio_row(
-                &mut out,
-                &format!("SQLite: 3 × cycles {c:.1}/s ÷ raw write transactions {raw_sqlite:.0}/s"),
-                3.0 * c / raw_sqlite,
-                0.5,
-            )?,
-            Engine::Postgres => ratio_row(
-                &mut out,
-                &format!("PostgreSQL: cycles {c:.1}/s ÷ pgbench simple-update {pgbench:.0} TPS"),
-                c / pgbench,
-                1.0,
-            )?,
+            Engine::Sqlite => {
+                ratio_row(
+                    &mut out,
+                    &format!(
+                        "SQLite: 3 × cycles {c:.1}/s ÷ raw write transactions {raw_sqlite:.0}/s"
+                    ),
+                    3.0 * c / raw_sqlite,
+                    0.5,
+                )?;
+                let s = empty.store_cycles;
+                writeln!(
+                    out,
+                    "| (for the reading: 3 × cycles without HTTP {s:.0}/s ÷ raw write \
+                     transactions) | {:.2} | | |",
+                    3.0 * s / raw_sqlite
+                )?;
+            }
+            Engine::Postgres => {
+                ratio_row(
+                    &mut out,
+                    &format!(
+                        "PostgreSQL: cycles {c:.1}/s ÷ pgbench simple-update {pgbench:.0} TPS"
+                    ),
+                    c / pgbench,
+                    1.0,
+                )?;
+                let s = empty.store_cycles;
+                writeln!(
+                    out,
+                    "| (for the reading: cycles without HTTP {s:.0}/s ÷ pgbench simple-update) \
+                     | {:.2} | | |",
+                    s / pgbench
+                )?;
+            }
         }
         ratio_row(
             &mut out,

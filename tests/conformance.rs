@@ -11,6 +11,7 @@ mod support;
 
 use std::sync::Arc;
 
+use model_relay::ids::RequestId;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
@@ -146,3 +147,58 @@ conformance!(
     concurrent_sweeps_from_two_handles_end_and_delete_each_request_once,
     checkpoint_keeps_every_request,
 );
+
+/// PostgreSQL only, because only there can a create see a runtime that a concurrent delete
+/// is removing: the create's insert checks its foreign key under a lock, so it waits for
+/// the uncommitted delete, and once that commits the answer is "no such runtime" — `None`,
+/// as for any missing runtime, not a store error (which would be a 503).
+#[test]
+fn postgres_create_racing_an_uncommitted_delete_of_its_runtime_is_none() {
+    let Some(engine) = Postgres::new("create_racing_a_delete") else {
+        return;
+    };
+    let store = engine.open();
+    let runtime = cases::tenant(store.as_ref()).runtime;
+    let config = engine.schema.config();
+    let mut deleter = config.connect(::postgres::NoTls).expect("connect");
+    let mut watcher = config.connect(::postgres::NoTls).expect("connect");
+    let mut delete = deleter.transaction().expect("begin");
+    delete
+        .execute(
+            "DELETE FROM runtimes WHERE id = $1",
+            &[&runtime.to_string()],
+        )
+        .expect("delete");
+    let xid: String = delete
+        .query_one("SELECT txid_current()::text", &[])
+        .expect("txid")
+        .get(0);
+
+    let creating = std::thread::spawn(move || {
+        store.create_or_coalesce(runtime, RequestId::random().unwrap(), cases::T0)
+    });
+    // The create waits on the delete's transaction: its row lock, or its uncommitted
+    // delete seen by the foreign key's check.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks
+                  WHERE locktype = 'transactionid' AND NOT granted AND transactionid::text = $1",
+                &[&xid],
+            )
+            .expect("pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the create never waited on the delete"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    delete.commit().expect("commit");
+    let created = creating.join().expect("create panicked");
+    assert!(matches!(created, Ok(None)), "{created:?}");
+}

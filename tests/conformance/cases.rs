@@ -23,11 +23,11 @@ pub const TIMEOUTS: Timeouts = Timeouts {
 const PENDING_MS: i64 = 30_000;
 const RUNNING_MS: i64 = 60_000;
 /// A fixed start, so that every timestamp in a failure message is reproducible.
-const T0: i64 = 1_777_627_161_000;
+pub const T0: i64 = 1_777_627_161_000;
 
-struct Tenant {
+pub struct Tenant {
     workspace: WorkspaceId,
-    runtime: RuntimeId,
+    pub runtime: RuntimeId,
     daemon_token: TokenHash,
 }
 
@@ -56,7 +56,7 @@ fn runtime_in(store: &dyn Storer, workspace: WorkspaceId, now: i64) -> (RuntimeI
     (id, token)
 }
 
-fn tenant(store: &dyn Storer) -> Tenant {
+pub fn tenant(store: &dyn Storer) -> Tenant {
     let (workspace, _) = workspace(store);
     let (runtime, daemon_token) = runtime_in(store, workspace, T0);
     Tenant {

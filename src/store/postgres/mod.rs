@@ -18,6 +18,7 @@ mod upkeep;
 
 use std::time::Duration;
 
+use postgres::error::SqlState;
 use postgres::{Client, NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -428,6 +429,31 @@ impl Storer for PostgresStore {
     ) -> Result<Option<Created>> {
         let mut conn = self.conn()?;
         let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
+        // The common case first, in one round trip: the runtime exists and has no active
+        // request, so there is nothing to end and the insert goes in. The unique index of
+        // active requests refuses it otherwise (DO NOTHING); then, or when the runtime is
+        // missing, the transaction below sorts out which.
+        let inserted = conn.query_opt(
+            &format!(
+                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+                 SELECT $1, $2, 'pending', TRUE, $3, $3, $4
+                  WHERE EXISTS (SELECT 1 FROM runtimes WHERE id = $2)
+                 ON CONFLICT DO NOTHING
+                 RETURNING {REQUEST_COLUMNS}"
+            ),
+            &[&id_text, &runtime_text, &now, &self.timeouts.pending_deadline(now)],
+        );
+        match inserted {
+            Ok(Some(row)) => {
+                let request = parse_request(&row)?;
+                let expired = Expired::default();
+                return Ok(Some(Created { request, expired }));
+            }
+            Ok(None) => {}
+            // The runtime was deleted between the check and the insert's foreign key.
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
         // Each retry means an active request ended between our conflict and our read; a
         // third in a row would mean requests end faster than they can be created.
         for _ in 0..3 {
