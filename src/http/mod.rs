@@ -56,19 +56,33 @@ impl App {
         }
     }
 
-    /// Runs store work that only reads: right here when the store's reads are quick and
-    /// local ([`Storer::reads_in_place`]), since handing them to the blocking pool costs
-    /// more than they do; on the blocking pool otherwise. `work` must not write: a write
-    /// may queue for a lock, and must not hold up an async worker while it does.
-    async fn read<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    /// Store work in two steps: `read`, which only reads and says whether `then` will
+    /// write, and `then`. Where the store's reads are quick and local
+    /// ([`Storer::reads_in_place`]), `read` runs right here — handing it to the blocking
+    /// pool would cost more than it does — and so does `then` when it writes nothing; a
+    /// `then` that writes goes to the blocking pool, since a write may queue for a lock and
+    /// must not hold up an async worker. Otherwise both run in one trip to the blocking pool.
+    async fn read_then<R, T, FR, FT>(self: &Arc<Self>, read: FR, then: FT) -> Result<T, ApiError>
     where
-        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        FR: FnOnce(&App) -> Result<(R, bool), ApiError> + Send + 'static,
+        FT: FnOnce(&App, R) -> Result<T, ApiError> + Send + 'static,
+        R: Send + 'static,
         T: Send + 'static,
     {
-        if self.store.reads_in_place() {
-            return work(self);
+        if !self.store.reads_in_place() {
+            return self
+                .blocking(move |app| {
+                    let (read, _) = read(app)?;
+                    then(app, read)
+                })
+                .await;
         }
-        self.blocking(work).await
+        let (read, writes) = read(self)?;
+        if writes {
+            self.blocking(move |app| then(app, read)).await
+        } else {
+            then(self, read)
+        }
     }
 
     /// Runs store work on the blocking pool: the engines are synchronous, and the

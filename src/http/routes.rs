@@ -5,7 +5,8 @@
 //! the operation together, one trip to the blocking pool per request. The two most frequent
 //! calls, a poll and a heartbeat, are usually one read: where the store's reads are local
 //! (SQLite, memory) that read runs on the async worker, and only a call that turns out to
-//! write (an overdue request, a claim, a stale `last_seen_at`) goes to the blocking pool.
+//! write (an overdue request, a claim, a stale `last_seen_at`) goes to the blocking pool
+//! (`App::read_then`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -299,51 +300,56 @@ async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
-    let now = app.clock.now();
-    // The read alone first, where the store allows it on this thread. A request found
-    // overdue must be ended, a write: then the whole call goes to the blocking pool.
-    let found = {
-        let token = token.clone();
-        app.read(move |app| Ok(app.store.find_request_by_token(&token, rt, id)?))
-            .await?
-    };
-    let found = match found {
-        Scoped::Found(Some(request)) if request.is_overdue(now) => {
-            app.blocking(move |app| Ok(app.store.get_request_by_token(&token, rt, id, now)?))
-                .await?
-        }
-        found => found,
-    };
-    let request = match found {
-        Scoped::Unauthorized => Err(ApiError::Unauthorized),
-        Scoped::NoRuntime => Err(ApiError::NotFound("runtime")),
-        Scoped::Found(request) => request.ok_or(ApiError::NotFound("request")),
-    }?;
+    let request = app
+        .read_then(
+            move |app| {
+                let now = app.clock.now();
+                let found = app.store.find_request_by_token(&token, rt, id)?;
+                // An overdue request must be ended: a write.
+                let overdue = matches!(&found, Scoped::Found(Some(r)) if r.is_overdue(now));
+                Ok(((token, found, now), overdue))
+            },
+            move |app, (token, found, now)| {
+                let found = match found {
+                    Scoped::Found(Some(r)) if r.is_overdue(now) => {
+                        app.store.get_request_by_token(&token, rt, id, now)?
+                    }
+                    found => found,
+                };
+                match found {
+                    Scoped::Unauthorized => Err(ApiError::Unauthorized),
+                    Scoped::NoRuntime => Err(ApiError::NotFound("runtime")),
+                    Scoped::Found(request) => request.ok_or(ApiError::NotFound("request")),
+                }
+            },
+        )
+        .await?;
     Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
 async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
-    let daemon = app.read(move |app| daemon_of(app, token.as_ref())).await?;
-    let rt = wire::parse_heartbeat(&body)?;
-    if rt != daemon.runtime {
-        return Err(ApiError::NotFound("runtime"));
-    }
     // Only a tenth of offline_after of staleness: a runtime still goes offline between 0.9
     // and 1 × offline_after after its last heartbeat.
     let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
-    let now = app.clock.now();
-    // The common heartbeat (seen lately, nothing pending) writes nothing and makes no store
-    // call past the read above; the others may write, on the blocking pool.
-    let beat = move |app: &App| Ok(app.store.heartbeat(&daemon, now, refresh_after)?);
-    let beat = if daemon.heartbeat_writes(now, refresh_after) {
-        app.blocking(beat).await?
-    } else {
-        beat(app.as_ref())?
-    };
-    let claimed = match beat {
-        Heartbeat::UnknownRuntime => return Err(ApiError::NotFound("runtime")),
-        Heartbeat::Alive(claimed) => claimed,
-    };
+    let (rt, claimed) = app
+        .read_then(
+            move |app| {
+                let daemon = daemon_of(app, token.as_ref())?;
+                let rt = wire::parse_heartbeat(&body)?;
+                if rt != daemon.runtime {
+                    return Err(ApiError::NotFound("runtime"));
+                }
+                // The common heartbeat (seen lately, nothing pending) writes nothing and
+                // makes no store call past the read above.
+                let now = app.clock.now();
+                Ok(((daemon, now), daemon.heartbeat_writes(now, refresh_after)))
+            },
+            move |app, (daemon, now)| match app.store.heartbeat(&daemon, now, refresh_after)? {
+                Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
+                Heartbeat::Alive(claimed) => Ok((daemon.runtime, claimed)),
+            },
+        )
+        .await?;
     if let Some(id) = claimed {
         tracing::info!(request = %id, runtime = %rt, "request claimed");
     }
