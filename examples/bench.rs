@@ -14,13 +14,18 @@
 //! - idle heartbeat: heartbeats over 10,000 runtimes with nothing pending;
 //! - full cycle: create, heartbeat (claims it), report completed, poll until completed.
 //!
+//! Each phase also reads from `/proc` the CPU time the client, the server and PostgreSQL
+//! spent per call. After a server's phases, the same full cycle runs through the store's API
+//! in this process, with no HTTP, on the same database: the engine's share of a cycle.
+//!
 //! To look at one part (with `perf`, say): `--engine sqlite|postgres`, `--empty-only` and
 //! `--phase healthz|poll|idle|full` run only that part, print its figures and write no
 //! report.
 //!
 //! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
 //! single-row write transactions with the service's pragmas, on the same disk; and
-//! `pgbench -b simple-update` against the same PostgreSQL. The only SQL outside
+//! `pgbench -b simple-update` against the same PostgreSQL, with PostgreSQL's CPU time per
+//! transaction. The only SQL outside
 //! `src/store` lives here: the baselines and the seeding of retained rows are not the
 //! service's.
 
@@ -139,7 +144,7 @@ fn main() -> Res<()> {
     eprintln!("bench: raw SQLite write transactions");
     let raw_sqlite = raw_sqlite_writes(&scratch.path().join("raw.db"), options.phase)?;
     eprintln!("bench: pgbench simple-update");
-    let pgbench = pgbench_simple_update(&options)?;
+    let (pgbench, pgbench_cpu) = pgbench_simple_update(&options)?;
 
     let mut runs = Vec::new();
     for engine in [Engine::Sqlite, Engine::Postgres] {
@@ -154,7 +159,7 @@ fn main() -> Res<()> {
             )?);
         }
     }
-    let report = render(&options, raw_sqlite, pgbench, &runs)?;
+    let report = render(&options, raw_sqlite, (pgbench, pgbench_cpu), &runs)?;
     std::fs::write(&options.out, report)?;
     eprintln!("bench: wrote {}", options.out.display());
     Ok(())
@@ -423,7 +428,9 @@ fn drop_database(base: &str, name: &str) -> Res<()> {
 
 /// `pgbench -b simple-update` TPS, in a database of its own that is dropped afterwards,
 /// with as many clients as the HTTP suite has workers.
-fn pgbench_simple_update(options: &Options) -> Res<f64> {
+/// pgbench's transactions per second, and PostgreSQL's CPU time per transaction (sampled
+/// while pgbench runs: its connections' processes are gone once it ends).
+fn pgbench_simple_update(options: &Options) -> Res<(f64, Duration)> {
     const DB: &str = "model_relay_pgbench";
     let url = recreate_database(&options.postgres, DB)?;
     let pgbench = pgbench_binary();
@@ -433,22 +440,37 @@ fn pgbench_simple_update(options: &Options) -> Res<f64> {
     if !init.status.success() {
         return Err(format!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr)).into());
     }
-    let run = Command::new(&pgbench)
+    let length = options.phase.as_secs().max(2);
+    let running = Command::new(&pgbench)
         .args(["-b", "simple-update", "-j", "2"])
         .args(["-c", &options.concurrency.to_string()])
-        .args(["-T", &options.phase.as_secs().max(1).to_string()])
+        .args(["-T", &length.to_string()])
         .arg(&url)
-        .output()?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The middle of the run, clear of connecting and of ending.
+    std::thread::sleep(Duration::from_millis(500));
+    let (from, sampled_at) = (Cpu::now(0), Instant::now());
+    std::thread::sleep(Duration::from_secs(length) - Duration::from_millis(1000));
+    let postgres_rate = Cpu::now(0)
+        .postgres
+        .saturating_sub(from.postgres)
+        .as_secs_f64()
+        / sampled_at.elapsed().as_secs_f64();
+    let run = running.wait_with_output()?;
     drop_database(&options.postgres, DB)?;
     let out = String::from_utf8_lossy(&run.stdout);
     if !run.status.success() {
         return Err(format!("pgbench: {}", String::from_utf8_lossy(&run.stderr)).into());
     }
-    out.lines()
+    let tps: f64 = out
+        .lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no tps in pgbench output: {out}").into())
+        .ok_or_else(|| format!("no tps in pgbench output: {out}"))?;
+    Ok((tps, Duration::from_secs_f64(postgres_rate / tps.max(1.0))))
 }
 
 // ---- the HTTP suite ----
@@ -1047,7 +1069,12 @@ fn ratio_row(out: &mut String, what: &str, value: f64, target: f64) -> std::fmt:
     writeln!(out, "| {what} | {shown:.2} | ≥ {target} | {verdict} |")
 }
 
-fn render(options: &Options, raw_sqlite: f64, pgbench: f64, runs: &[Run]) -> Res<String> {
+fn render(
+    options: &Options,
+    raw_sqlite: f64,
+    (pgbench, pgbench_cpu): (f64, Duration),
+    runs: &[Run],
+) -> Res<String> {
     let mut out = String::new();
     let now = humantime::format_rfc3339_seconds(SystemTime::now());
     writeln!(out, "# Benchmarks\n")?;
@@ -1087,8 +1114,10 @@ fn render(options: &Options, raw_sqlite: f64, pgbench: f64, runs: &[Run]) -> Res
     )?;
     writeln!(
         out,
-        "- `pgbench -b simple-update -c {} -j 2` (scale 1), same PostgreSQL: **{pgbench:.0} TPS**\n",
-        options.concurrency
+        "- `pgbench -b simple-update -c {} -j 2` (scale 1), same PostgreSQL: **{pgbench:.0} TPS**, \
+         PostgreSQL CPU {:.1} µs per transaction\n",
+        options.concurrency,
+        pgbench_cpu.as_secs_f64() * 1e6
     )?;
     for run in runs {
         writeln!(
