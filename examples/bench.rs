@@ -123,32 +123,25 @@ fn main() -> Res<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let exploring = options.only.is_some() || options.empty_only || options.phase_only.is_some();
 
-    if exploring {
-        for engine in [Engine::Sqlite, Engine::Postgres] {
-            if options.only.is_some_and(|only| only != engine) {
-                continue;
-            }
-            let retained: &[u64] = if options.empty_only {
-                &[0]
-            } else {
-                &[0, RETAINED_ROWS]
-            };
-            for &retained in retained {
-                eprintln!("bench: {} with {retained} retained rows", engine.name());
-                run_suite(&options, &runtime, scratch.path(), engine, retained)?;
-            }
-        }
-        return Ok(());
-    }
-
-    eprintln!("bench: raw SQLite write transactions");
-    let raw_sqlite = raw_sqlite_writes(&scratch.path().join("raw.db"), options.phase)?;
-    eprintln!("bench: pgbench simple-update");
-    let (pgbench, pgbench_cpu) = pgbench_simple_update(&options)?;
+    // The baselines are for the report's ratios; exploring writes no report.
+    let baselines = if exploring {
+        None
+    } else {
+        eprintln!("bench: raw SQLite write transactions");
+        let raw_sqlite = raw_sqlite_writes(&scratch.path().join("raw.db"), options.phase)?;
+        eprintln!("bench: pgbench simple-update");
+        Some((raw_sqlite, pgbench_simple_update(&options)?))
+    };
 
     let mut runs = Vec::new();
     for engine in [Engine::Sqlite, Engine::Postgres] {
+        if options.only.is_some_and(|only| only != engine) {
+            continue;
+        }
         for retained in [0, RETAINED_ROWS] {
+            if retained > 0 && options.empty_only {
+                continue;
+            }
             eprintln!("bench: {} with {retained} retained rows", engine.name());
             runs.push(run_suite(
                 &options,
@@ -159,7 +152,10 @@ fn main() -> Res<()> {
             )?);
         }
     }
-    let report = render(&options, raw_sqlite, (pgbench, pgbench_cpu), &runs)?;
+    let Some((raw_sqlite, pgbench)) = baselines else {
+        return Ok(());
+    };
+    let report = render(&options, raw_sqlite, pgbench, &runs)?;
     std::fs::write(&options.out, report)?;
     eprintln!("bench: wrote {}", options.out.display());
     Ok(())
@@ -203,20 +199,10 @@ struct Cpu {
 
 impl Cpu {
     fn now(server_pid: u32) -> Cpu {
-        let postgres = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                std::fs::read_to_string(e.path().join("comm"))
-                    .is_ok_and(|comm| comm.trim_end() == "postgres")
-            })
-            .map(|e| cpu_time(&e.path()))
-            .sum();
         Cpu {
             client: cpu_time(Path::new("/proc/self")),
             server: cpu_time(&Path::new("/proc").join(server_pid.to_string())),
-            postgres,
+            postgres: postgres_cpu(),
         }
     }
 
@@ -231,6 +217,20 @@ impl Cpu {
             postgres: per(self.postgres, earlier.postgres),
         }
     }
+}
+
+/// The CPU time of every PostgreSQL process now running.
+fn postgres_cpu() -> Duration {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .map(|e| cpu_time(&e.path()))
+        .sum()
 }
 
 /// utime + stime of the process at `proc_dir`; zero if it cannot be read.
@@ -451,13 +451,10 @@ fn pgbench_simple_update(options: &Options) -> Res<(f64, Duration)> {
         .spawn()?;
     // The middle of the run, clear of connecting and of ending.
     std::thread::sleep(Duration::from_millis(500));
-    let (from, sampled_at) = (Cpu::now(0), Instant::now());
+    let (from, sampled_at) = (postgres_cpu(), Instant::now());
     std::thread::sleep(Duration::from_secs(length) - Duration::from_millis(1000));
-    let postgres_rate = Cpu::now(0)
-        .postgres
-        .saturating_sub(from.postgres)
-        .as_secs_f64()
-        / sampled_at.elapsed().as_secs_f64();
+    let postgres_rate =
+        postgres_cpu().saturating_sub(from).as_secs_f64() / sampled_at.elapsed().as_secs_f64();
     let run = running.wait_with_output()?;
     drop_database(&options.postgres, DB)?;
     let out = String::from_utf8_lossy(&run.stdout);

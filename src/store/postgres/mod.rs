@@ -199,6 +199,19 @@ fn parse_runtime(row: &Row) -> Result<Runtime> {
 
 /// One attempt at create-or-coalesce, in its own transaction. `Ok(None)` means the active
 /// request that blocked the insert ended before it could be read: try again.
+/// A new pending request, unless the runtime is missing ($2) or already has an active
+/// request: the unique index of active requests refuses it then (DO NOTHING), and nothing
+/// comes back. Both create paths insert with this one statement.
+fn insert_pending_sql() -> String {
+    format!(
+        "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+         SELECT $1, $2, 'pending', TRUE, $3, $3, $4
+          WHERE EXISTS (SELECT 1 FROM runtimes WHERE id = $2)
+         ON CONFLICT DO NOTHING
+         RETURNING {REQUEST_COLUMNS}"
+    )
+}
+
 fn try_create_or_coalesce(
     tx: &mut CachedTransaction<'_>,
     timeouts: &Timeouts,
@@ -241,12 +254,7 @@ fn try_create_or_coalesce(
     // A concurrent insert of another active request makes this one wait for it, then
     // conflict on the unique index of active requests: DO NOTHING, and coalesce.
     let inserted = tx.query_opt(
-        &format!(
-            "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-             VALUES ($1, $2, 'pending', TRUE, $3, $3, $4)
-             ON CONFLICT DO NOTHING
-             RETURNING {REQUEST_COLUMNS}"
-        ),
+        &insert_pending_sql(),
         &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
     )?;
     if let Some(row) = inserted {
@@ -430,18 +438,16 @@ impl Storer for PostgresStore {
         let mut conn = self.conn()?;
         let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
         // The common case first, in one round trip: the runtime exists and has no active
-        // request, so there is nothing to end and the insert goes in. The unique index of
-        // active requests refuses it otherwise (DO NOTHING); then, or when the runtime is
-        // missing, the transaction below sorts out which.
+        // request, so there is nothing to end and the insert goes in. When nothing comes
+        // back, the transaction below sorts out why.
         let inserted = conn.query_opt(
-            &format!(
-                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-                 SELECT $1, $2, 'pending', TRUE, $3, $3, $4
-                  WHERE EXISTS (SELECT 1 FROM runtimes WHERE id = $2)
-                 ON CONFLICT DO NOTHING
-                 RETURNING {REQUEST_COLUMNS}"
-            ),
-            &[&id_text, &runtime_text, &now, &self.timeouts.pending_deadline(now)],
+            &insert_pending_sql(),
+            &[
+                &id_text,
+                &runtime_text,
+                &now,
+                &self.timeouts.pending_deadline(now),
+            ],
         );
         match inserted {
             Ok(Some(row)) => {

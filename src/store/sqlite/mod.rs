@@ -462,18 +462,10 @@ impl Storer for SqliteStore {
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
+        // No read first to spare the write lock when nothing is pending: the heartbeat only
+        // claims when `daemon_by_token` has just seen a pending request.
         let mut conn = self.conn()?;
         let runtime_text = runtime.to_string();
-        // Most heartbeats find nothing to claim: answer those with a read, without taking
-        // the database's one write lock.
-        let any_pending = conn
-            .prepare_cached(
-                "SELECT 1 FROM requests WHERE runtime_id = ?1 AND status = 'pending' LIMIT 1",
-            )?
-            .exists([&runtime_text])?;
-        if !any_pending {
-            return Ok(Claim::default());
-        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let expired = tx
             .prepare_cached(
