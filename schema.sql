@@ -1,5 +1,6 @@
--- model-relay schema, version 2. Both SQLite and PostgreSQL apply this file at start-up;
--- every statement is idempotent. Times are milliseconds since the Unix epoch, written by
+-- model-relay schema, version 3. Both SQLite and PostgreSQL apply this file at start-up;
+-- every statement is idempotent. A column added after version 2 is also added to an older
+-- table by each engine's `migrate` (SQLite has no ADD COLUMN IF NOT EXISTS). Times are milliseconds since the Unix epoch, written by
 -- the service's one clock, never by the database's now().
 
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -38,7 +39,9 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at   BIGINT NOT NULL,
     updated_at   BIGINT NOT NULL,
     deadline_at  BIGINT NOT NULL,               -- pending: claim by; running: lease end
-    ended_at     BIGINT                         -- set with the terminal status
+    ended_at     BIGINT,                        -- set with the terminal status
+    renewed_at   BIGINT                         -- version 3: last lease renewal while running;
+                                                -- NULL: not renewed since it was handed out
 );
 
 -- Create-coalescing: at most one active request per runtime, enforced by the database so

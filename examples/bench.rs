@@ -320,9 +320,9 @@ fn store_cycles(database: &str, workers: usize, length: Duration) -> Res<f64> {
     use model_relay::config::DatabaseUrl;
     use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
     use model_relay::model::{Outcome, Report, Status, Timeouts};
-    use model_relay::store::{self, NewRuntime};
+    use model_relay::store::NewRuntime;
 
-    let store = store::open(&DatabaseUrl::parse(database)?, Timeouts::default())?;
+    let store = DatabaseUrl::parse(database)?.open(Timeouts::default())?;
     let workspace = WorkspaceId::random()?;
     store.create_workspace(
         workspace,

@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{DatabaseUrl, Settings, parse_duration, redact};
-use crate::http::{App, error_chain};
+use crate::errors::error_chain;
 use crate::ids::{Token, WorkspaceId};
+use crate::instance::App;
 use crate::model::Timeouts;
-use crate::store::{self, Storer};
+use crate::store::Storer;
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +92,10 @@ struct ServeArgs {
     /// A runtime with no heartbeat for this long is offline.
     #[arg(long, value_parser = parse_duration, default_value = "45s")]
     offline_after: Duration,
+    /// The longest a waiting call (a held heartbeat, a read with wait_ms) is held; longer
+    /// waits are clamped. Keep it under the idle timeout of any proxy in front.
+    #[arg(long, value_parser = parse_duration, default_value = "25s", env = "MODEL_RELAY_MAX_WAIT")]
+    max_wait: Duration,
     /// How often this instance's sweeper runs.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     sweep_every: Duration,
@@ -134,7 +139,7 @@ pub fn main() -> ExitCode {
 }
 
 fn open_store(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>, String> {
-    store::open(url, timeouts)
+    url.open(timeouts)
         .map_err(|e| format!("cannot open {}: {}", shown_url(url), error_chain(&e)))
 }
 
@@ -185,11 +190,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         retention: args.retention,
         offline_after: args.offline_after,
         sweep_every: args.sweep_every,
+        max_wait: args.max_wait,
         ..Settings::default()
     };
     let url = args.database.resolve()?;
     // Opened before the async runtime starts: the PostgreSQL client must not block on one.
-    let store = store::open_with(&url, settings.timeouts, args.store_timeout)
+    let store = url
+        .open_with(settings.timeouts, args.store_timeout)
         .map_err(|e| format!("cannot open {}: {}", shown_url(&url), error_chain(&e)))?;
     let app = Arc::new(App::new(store, Arc::new(SystemClock), settings));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -202,7 +209,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::info!(listen = %local, database = %shown_url(&url), "model-relay serving");
-        crate::http::run(listener, Arc::clone(&app), shutdown_signal())
+        crate::run(listener, Arc::clone(&app), shutdown_signal())
             .await
             .map_err(|e| format!("server failed: {e}"))
     });

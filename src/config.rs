@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::model::Timeouts;
-use crate::store::sqlite::Synchronous;
+use crate::store::sqlite::{self, Synchronous};
+use crate::store::{self, DEFAULT_WAIT, Storer, postgres};
 
 /// Where the requests live.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -53,6 +56,33 @@ impl DatabaseUrl {
     }
 }
 
+impl DatabaseUrl {
+    /// Opens the store this URL names, creating or upgrading its schema.
+    pub fn open(&self, timeouts: Timeouts) -> store::Result<Arc<dyn Storer>> {
+        self.open_with(timeouts, DEFAULT_WAIT)
+    }
+
+    /// [`open`](Self::open), with `wait` as the longest a store call waits for a
+    /// connection, a lock or a statement before it fails.
+    pub fn open_with(&self, timeouts: Timeouts, wait: Duration) -> store::Result<Arc<dyn Storer>> {
+        Ok(match self {
+            DatabaseUrl::Sqlite { path, synchronous } => Arc::new(sqlite::SqliteStore::open_with(
+                path,
+                timeouts,
+                sqlite::Options {
+                    synchronous: *synchronous,
+                    wait,
+                },
+            )?),
+            DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open_with(
+                url.parse()?,
+                timeouts,
+                wait,
+            )?),
+        })
+    }
+}
+
 /// The URL without a password, for messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -91,6 +121,13 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Largest request body accepted; past it the answer is 413.
     pub body_limit: usize,
+    /// The longest a waiting call (held heartbeat, waiting read) is held; longer waits are
+    /// clamped to it. Keep it under the idle timeout of any proxy in front.
+    pub max_wait: Duration,
+    /// How often the instance re-checks every held call against the store, whatever its
+    /// listener says: the bound on what a lost notification costs. Not a flag; tests set
+    /// it very long to show that notifications alone wake waiters.
+    pub recheck_every: Duration,
 }
 
 impl Default for Settings {
@@ -102,6 +139,8 @@ impl Default for Settings {
             sweep_every: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             body_limit: 1024 * 1024,
+            max_wait: Duration::from_secs(25),
+            recheck_every: Duration::from_secs(1),
         }
     }
 }

@@ -14,11 +14,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{DatabaseUrl, Settings};
 use crate::daemon::command::{init_logging, stop_requested};
 use crate::daemon::{self, Discovery, Source};
-use crate::http::{App, error_chain};
+use crate::errors::error_chain;
 use crate::ids::{RuntimeId, Token, WorkspaceId};
+use crate::instance::App;
 use crate::model::ModelEntry;
 use crate::store::sqlite::Synchronous;
-use crate::store::{self, NewRuntime, Storer};
+use crate::store::{NewRuntime, Storer};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -85,7 +86,8 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         path: path.clone(),
         synchronous: Synchronous::Normal,
     };
-    let store = store::open(&url, settings.timeouts)
+    let store = url
+        .open(settings.timeouts)
         .map_err(|e| format!("cannot open {}: {}", path.display(), error_chain(&e)))?;
     tracing::info!(database = %path.display(), "demo data (deleted when the demo stops)");
     let (api_token, daemons) = seed(store.as_ref()).map_err(|e| format!("cannot set up: {e}"))?;
@@ -156,7 +158,7 @@ async fn serve(
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let server = tokio::spawn(crate::http::run(
+    let server = tokio::spawn(crate::run(
         listener,
         Arc::clone(&app),
         until_stopped(server_stopped),

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::clock::{Millis, millis};
-use crate::http::{App, error_chain};
+use crate::clock::{Clock, Millis, millis};
+use crate::errors::error_chain;
 use crate::store::{Result, Storer};
 
 /// Rows ended or deleted per statement: small enough that one batch holds SQLite's write
@@ -60,19 +60,25 @@ fn in_batches(mut batch: impl FnMut() -> Result<u64>) -> Result<u64> {
     Ok(total)
 }
 
-/// Sweeps every `settings.sweep_every` until `stop`'s sender is dropped.
-pub async fn run(app: Arc<App>, mut stop: watch::Receiver<()>) {
-    let mut every = tokio::time::interval(app.settings.sweep_every);
+/// Sweeps every `every` until `stop`'s sender is dropped.
+pub async fn run(
+    store: Arc<dyn Storer>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    retention: Duration,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
-        let app = Arc::clone(&app);
+        let (store, clock) = (Arc::clone(&store), Arc::clone(&clock));
         let done = tokio::task::spawn_blocking(move || {
-            let swept = sweep_once(app.store.as_ref(), app.clock.now(), app.settings.retention);
-            (swept, app.store.checkpoint())
+            let swept = sweep_once(store.as_ref(), clock.now(), retention);
+            (swept, store.checkpoint())
         })
         .await;
         let (swept, checkpointed) = match done {

@@ -146,6 +146,13 @@ conformance!(
     count_requests_counts_each_status_and_the_oldest_pending,
     concurrent_sweeps_from_two_handles_end_and_delete_each_request_once,
     checkpoint_keeps_every_request,
+    daemon_by_token_names_the_running_request_until_it_is_renewed,
+    a_lost_hand_out_is_handed_out_again_only_when_working_on_omits_it,
+    a_renewed_or_expired_request_is_never_handed_out_again,
+    active_requests_lists_pending_and_running_requests_only,
+    a_create_through_one_handle_wakes_the_listener_of_another,
+    a_claim_and_a_report_through_one_handle_wake_the_listener_of_another,
+    an_expiry_by_the_sweeper_wakes_the_listener_of_another_handle,
 );
 
 /// PostgreSQL only, because only there can a create see a runtime that a concurrent delete

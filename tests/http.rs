@@ -13,8 +13,8 @@ use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{
-    Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result as StoreResult, Scoped,
-    StoreError, Storer,
+    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts,
+    Result as StoreResult, Scoped, StoreError, Storer,
 };
 use serde_json::{Value, json};
 use support::server::{Http, Instance, T0, clock, settings, workspace};
@@ -696,6 +696,15 @@ impl Storer for DownStore {
         down()
     }
     fn checkpoint(&self) -> StoreResult<()> {
+        down()
+    }
+    fn hand_out_again(&self, _: RuntimeId, _: RequestId, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn active_requests(&self) -> StoreResult<Vec<Active>> {
+        down()
+    }
+    fn listen(&self) -> StoreResult<Box<dyn Listener>> {
         down()
     }
 }

@@ -305,7 +305,7 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Heartbeat { rt } => {
                 // As the HTTP layer does it: the token first; a deleted runtime's is gone.
                 let got = match store.daemon_by_token(&tokens[*rt]).unwrap() {
-                    Some(daemon) => store.heartbeat(&daemon, now, 0).unwrap(),
+                    Some(daemon) => store.heartbeat(&daemon, now, 0, None).unwrap(),
                     None => Heartbeat::UnknownRuntime,
                 };
                 prop_assert_eq!(got, model.heartbeat(*rt), "step {}: {:?}", step, op);

@@ -163,7 +163,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let token = &tokens[usize::from(rt) % RUNTIMES];
                 let [a, b] = engines.map(|s| {
                     let daemon = s.daemon_by_token(token).unwrap();
-                    let beat = daemon.map(|d| s.heartbeat(&d, now, REFRESH_AFTER).unwrap());
+                    let beat = daemon.map(|d| s.heartbeat(&d, now, REFRESH_AFTER, None).unwrap());
                     (daemon, beat)
                 });
                 assert_eq!(a, b, "step {step}: {op:?}");

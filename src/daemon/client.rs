@@ -172,7 +172,7 @@ impl RelayClient {
                 .http
                 .request(request)
                 .await
-                .map_err(|e| CallError::Network(crate::http::error_chain(&e)))?;
+                .map_err(|e| CallError::Network(crate::errors::error_chain(&e)))?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()

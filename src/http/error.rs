@@ -5,6 +5,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode, header};
 
 use super::wire;
+use crate::errors::error_chain;
 use crate::ids::RandomError;
 use crate::store::StoreError;
 
@@ -88,16 +89,4 @@ impl ApiError {
         }
         response
     }
-}
-
-/// An error and all its causes, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

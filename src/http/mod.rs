@@ -1,7 +1,6 @@
 //! The HTTP server: an accept loop over hyper's HTTP/1 connections, shut down gracefully.
-//!
-//! [`run`] is the seam every caller uses — `main` with a real listener, tests with one bound
-//! to `127.0.0.1:0` — so tests exercise the same server users run.
+//! It only serves: the instance's background work is started by [`crate::run`], the seam
+//! every caller uses — `main` with a real listener, tests with one bound to `127.0.0.1:0`.
 
 mod error;
 mod routes;
@@ -18,51 +17,45 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-pub use error::{ApiError, error_chain};
+pub use error::ApiError;
 // The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
 // and the OpenAPI agreement test reach exactly what the server runs.
 pub use routes::Route;
-pub use wire::{NewRuntimeBody, parse_heartbeat, parse_new_runtime, parse_report};
+pub use wire::{
+    HeartbeatBody, NewRuntimeBody, parse_heartbeat, parse_new_runtime, parse_report,
+    parse_wait_query,
+};
 
-use crate::clock::Clock;
-use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::store::Storer;
-use crate::store::metered::MeteredStore;
-use crate::sweeper;
+use crate::instance::App;
 
-/// Everything a request handler needs: shared by every connection of one instance.
-pub struct App {
-    /// The engine, wrapped so that every call is recorded in `metrics`.
-    pub store: Arc<dyn Storer>,
-    /// The one clock: every `now` a handler passes to the store comes from here.
-    pub clock: Arc<dyn Clock>,
-    pub settings: Settings,
-    /// This instance's metrics, served at `GET /metrics`.
-    pub metrics: Arc<Metrics>,
-}
-
-impl App {
-    /// An instance over `store`, with metrics of its own that every store call records in.
-    pub fn new(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        App {
-            store: Arc::new(MeteredStore::new(store, Arc::clone(&metrics))),
-            clock,
-            settings,
-            metrics,
-        }
-    }
-
+/// How handlers reach the store: its engines are synchronous, so store work runs on the
+/// blocking pool, except reads that the store says are quick and local.
+trait StoreCalls {
     /// Store work in two steps: `read`, which only reads and says whether `then` will
     /// write, and `then`. Where the store's reads are quick and local
-    /// ([`Storer::reads_in_place`]), `read` runs right here — handing it to the blocking
-    /// pool would cost more than it does — and so does `then` when it writes nothing; a
-    /// `then` that writes goes to the blocking pool, since a write may queue for a lock and
-    /// must not hold up an async worker. Otherwise both run in one trip to the blocking pool.
-    async fn read_then<R, T, FR, FT>(self: &Arc<Self>, read: FR, then: FT) -> Result<T, ApiError>
+    /// ([`Storer::reads_in_place`](crate::store::Storer::reads_in_place)), `read` runs
+    /// right here — handing it to the blocking pool would cost more than it does — and so
+    /// does `then` when it writes nothing; a `then` that writes goes to the blocking pool,
+    /// since a write may queue for a lock and must not hold up an async worker. Otherwise
+    /// both run in one trip to the blocking pool.
+    async fn read_then<R, T, FR, FT>(&self, read: FR, then: FT) -> Result<T, ApiError>
+    where
+        FR: FnOnce(&App) -> Result<(R, bool), ApiError> + Send + 'static,
+        FT: FnOnce(&App, R) -> Result<T, ApiError> + Send + 'static,
+        R: Send + 'static,
+        T: Send + 'static;
+
+    /// Runs store work on the blocking pool: the engines are synchronous, and the
+    /// PostgreSQL client panics on an async worker thread.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static;
+}
+
+impl StoreCalls for Arc<App> {
+    async fn read_then<R, T, FR, FT>(&self, read: FR, then: FT) -> Result<T, ApiError>
     where
         FR: FnOnce(&App) -> Result<(R, bool), ApiError> + Send + 'static,
         FT: FnOnce(&App, R) -> Result<T, ApiError> + Send + 'static,
@@ -85,9 +78,7 @@ impl App {
         }
     }
 
-    /// Runs store work on the blocking pool: the engines are synchronous, and the
-    /// PostgreSQL client panics on an async worker thread.
-    async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    async fn blocking<T, F>(&self, work: F) -> Result<T, ApiError>
     where
         F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
@@ -103,15 +94,13 @@ impl App {
 /// holding sockets forever).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets
-/// in-flight requests finish (up to a bound), and stops this instance's sweeper.
-pub async fn run(
+/// Serves `app` on `listener` until `shutdown` completes, then stops accepting, answers
+/// every held call at once, and lets in-flight requests finish (up to a bound).
+pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let (stop_sweeper, sweeper_stopped) = watch::channel(());
-    let sweeper = tokio::spawn(sweeper::run(Arc::clone(&app), sweeper_stopped));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -147,14 +136,13 @@ pub async fn run(
         });
     }
     drop(listener);
-    drop(stop_sweeper);
+    app.begin_shutdown();
     if tokio::time::timeout(app.settings.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown: in-flight requests did not finish in time");
     }
-    let _ = sweeper.await;
-    tracing::debug!("shutdown: drained, sweeper stopped");
+    tracing::debug!("shutdown: drained");
     Ok(())
 }

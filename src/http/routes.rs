@@ -9,19 +9,20 @@
 //! (`App::read_then`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, header};
 
-use super::App;
 use super::error::ApiError;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
-use crate::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+use super::{App, StoreCalls};
+use crate::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
+use crate::instance::Source;
 use crate::metrics;
-use crate::model::ReportOutcome;
+use crate::model::{ModelRequest, Report, ReportOutcome};
 use crate::store::{Daemon, Heartbeat, NewRuntime, Scoped};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
@@ -161,7 +162,10 @@ async fn dispatch(app: &Arc<App>, parts: &Parts, body: Incoming) -> Answer {
         (&Method::GET, Route::Runtimes) => list_runtimes(app, token).await,
         (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
         (&Method::POST, Route::Models(rt)) => create_request(app, token, rt).await,
-        (&Method::GET, Route::Model(rt, id)) => get_request(app, token, rt, id).await,
+        (&Method::GET, Route::Model(rt, id)) => {
+            let wait_ms = wire::parse_wait_query(parts.uri.query())?;
+            get_request(app, token, rt, id, wait_ms).await
+        }
         (&Method::POST, Route::Heartbeat) => {
             let body = read_body(app, body).await?;
             heartbeat(app, token, body).await
@@ -194,10 +198,9 @@ fn workspace_of(app: &App, token: Option<&Token>) -> Result<WorkspaceId, ApiErro
         .ok_or(ApiError::Unauthorized)
 }
 
-fn daemon_of(app: &App, token: Option<&Token>) -> Result<Daemon, ApiError> {
-    let token = token.ok_or(ApiError::Unauthorized)?;
+fn daemon_of(app: &App, token: &TokenHash) -> Result<Daemon, ApiError> {
     app.store
-        .daemon_by_token(&token.hash())?
+        .daemon_by_token(token)?
         .ok_or(ApiError::Unauthorized)
 }
 
@@ -292,15 +295,81 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answe
         .await?;
     if request.id == id {
         tracing::info!(request = %id, runtime = %rt, "request created");
+        app.waiters.wake_runtime(rt, Source::Local);
     }
     Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
-async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -> Answer {
+/// How long a waiting call asking for `wait_ms` is held: never past `--max-wait`, and
+/// never so long that its runtime could go offline meanwhile (a held heartbeat keeps its
+/// runtime online; `last_seen_at` may already be a tenth of `offline_after` old).
+fn hold_for(app: &App, wait_ms: u64) -> Duration {
+    let offline_after = app.settings.offline_after;
+    Duration::from_millis(wait_ms)
+        .min(app.settings.max_wait)
+        .min(offline_after.saturating_sub(offline_after / 5))
+}
+
+/// Waits until `notified` fires, `until` passes or shutdown begins; true if woken.
+async fn woken_before(
+    app: &App,
+    notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    until: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        () = notified => true,
+        () = tokio::time::sleep_until(until) => false,
+        () = app.shutdown_begun() => false,
+    }
+}
+
+async fn get_request(
+    app: &Arc<App>,
+    token: Option<Token>,
+    rt: &str,
+    id: &str,
+    wait_ms: u64,
+) -> Answer {
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
-    let request = app
+    let hold = hold_for(app, wait_ms);
+    if hold.is_zero() || app.is_shutting_down() {
+        let request = read_request(app, &token, rt, id).await?;
+        return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)));
+    }
+    // Registered before the first read: a change from here on wakes it.
+    let until = tokio::time::Instant::now() + hold;
+    let mut held = app.waiters.hold_read(id);
+    let notify = held.notify();
+    let mut notified = std::pin::pin!(notify.notified());
+    let first = read_request(app, &token, rt, id).await?;
+    if first.status.is_terminal() {
+        return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&first)));
+    }
+    held.waits_to_leave(first.status);
+    let request = loop {
+        let woken = woken_before(app, notified.as_mut(), until).await;
+        notified.set(notify.notified());
+        // Read again in either case: at the end of the wait the answer is the record as
+        // it is now, not as it was when the call arrived.
+        let now = read_request(app, &token, rt, id).await?;
+        if now.status != first.status || !woken {
+            break now;
+        }
+    };
+    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+}
+
+/// A web-UI read of one request, from its API token, with its deadline applied.
+async fn read_request(
+    app: &Arc<App>,
+    token: &TokenHash,
+    rt: RuntimeId,
+    id: RequestId,
+) -> Result<ModelRequest, ApiError> {
+    let token = token.clone();
+    let (request, ended_here) = app
         .read_then(
             move |app| {
                 let now = app.clock.now();
@@ -310,64 +379,137 @@ async fn get_request(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str) -
                 Ok(((token, found, now), overdue))
             },
             move |app, (token, found, now)| {
-                let found = match found {
+                let (found, ended_here) = match found {
                     Scoped::Found(Some(r)) if r.is_overdue(now) => {
-                        app.store.get_request_by_token(&token, rt, id, now)?
+                        (app.store.get_request_by_token(&token, rt, id, now)?, true)
                     }
-                    found => found,
+                    found => (found, false),
                 };
                 match found {
                     Scoped::Unauthorized => Err(ApiError::Unauthorized),
                     Scoped::NoRuntime => Err(ApiError::NotFound("runtime")),
-                    Scoped::Found(request) => request.ok_or(ApiError::NotFound("request")),
+                    Scoped::Found(request) => request
+                        .map(|r| (r, ended_here))
+                        .ok_or(ApiError::NotFound("request")),
                 }
             },
         )
         .await?;
-    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+    if ended_here {
+        app.waiters.wake_request(id, Source::Local);
+    }
+    Ok(request)
 }
 
 async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
     // Only a tenth of offline_after of staleness: a runtime still goes offline between 0.9
     // and 1 × offline_after after its last heartbeat.
     let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
-    let (rt, claimed) = app
+    let token = token.ok_or(ApiError::Unauthorized)?.hash();
+    let daemon_token = token.clone();
+    let (rt, hold, claimed) = app
         .read_then(
             move |app| {
-                let daemon = daemon_of(app, token.as_ref())?;
-                let rt = wire::parse_heartbeat(&body)?;
-                if rt != daemon.runtime {
+                let daemon = daemon_of(app, &daemon_token)?;
+                let body = wire::parse_heartbeat(&body)?;
+                if body.runtime_id != daemon.runtime {
                     return Err(ApiError::NotFound("runtime"));
                 }
-                // The common heartbeat (seen lately, nothing pending) writes nothing and
-                // makes no store call past the read above.
+                // The common heartbeat (seen lately, nothing pending, nothing lost) writes
+                // nothing and makes no store call past the read above.
                 let now = app.clock.now();
-                Ok(((daemon, now), daemon.heartbeat_writes(now, refresh_after)))
+                let writes =
+                    daemon.heartbeat_writes(now, refresh_after, body.working_on.as_deref());
+                Ok(((daemon, body, now), writes))
             },
-            move |app, (daemon, now)| match app.store.heartbeat(&daemon, now, refresh_after)? {
-                Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
-                Heartbeat::Alive(claimed) => Ok((daemon.runtime, claimed)),
+            move |app, (daemon, body, now)| {
+                let hold = hold_for(app, body.wait_ms);
+                match app.store.heartbeat(
+                    &daemon,
+                    now,
+                    refresh_after,
+                    body.working_on.as_deref(),
+                )? {
+                    Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
+                    Heartbeat::Alive(claimed) => Ok((daemon.runtime, hold, claimed)),
+                }
             },
         )
         .await?;
+    let claimed = match claimed {
+        Some(id) => Some(id),
+        None if hold.is_zero() || app.is_shutting_down() => None,
+        None => hold_heartbeat(app, token, rt, hold).await?,
+    };
     if let Some(id) = claimed {
         tracing::info!(request = %id, runtime = %rt, "request claimed");
+        app.waiters.wake_request(id, Source::Local);
     }
     Ok(wire::json(StatusCode::OK, &HeartbeatAck::new(claimed)))
+}
+
+/// Holds a heartbeat that claimed nothing until a request of its runtime becomes pending
+/// (then claims it), `hold` passes, or shutdown begins.
+async fn hold_heartbeat(
+    app: &Arc<App>,
+    token: TokenHash,
+    rt: RuntimeId,
+    hold: Duration,
+) -> Result<Option<RequestId>, ApiError> {
+    let until = tokio::time::Instant::now() + hold;
+    let held = app.waiters.hold_heartbeat(rt);
+    let notify = held.notify();
+    let mut notified = std::pin::pin!(notify.notified());
+    loop {
+        // First right after registering: a request made between the heartbeat's own
+        // claim and the registration is not missed.
+        if let Some(id) = claim_if_pending(app, &token, rt).await? {
+            return Ok(Some(id));
+        }
+        if !woken_before(app, notified.as_mut(), until).await {
+            return Ok(None);
+        }
+        notified.set(notify.notified());
+    }
+}
+
+/// One read (is a request pending for this daemon's runtime?) and, only if so, a claim.
+async fn claim_if_pending(
+    app: &Arc<App>,
+    token: &TokenHash,
+    rt: RuntimeId,
+) -> Result<Option<RequestId>, ApiError> {
+    let token = token.clone();
+    app.read_then(
+        move |app| {
+            let daemon = daemon_of(app, &token)?;
+            if daemon.runtime != rt {
+                return Err(ApiError::NotFound("runtime"));
+            }
+            Ok(((), daemon.pending))
+        },
+        move |app, ()| Ok(app.store.claim_next_pending(rt, app.clock.now())?.claimed),
+    )
+    .await
 }
 
 async fn report(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str, body: Bytes) -> Answer {
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
-    let outcome = app
+    let token = token.ok_or(ApiError::Unauthorized)?.hash();
+    let (outcome, ended) = app
         .blocking(move |app| {
-            if daemon_of(app, token.as_ref())?.runtime != rt {
+            if daemon_of(app, &token)?.runtime != rt {
                 return Err(ApiError::NotFound("runtime"));
             }
             let report = wire::parse_report(&body)?;
-            Ok(app.store.report(rt, id, &report, app.clock.now())?)
+            let outcome = app.store.report(rt, id, &report, app.clock.now())?;
+            Ok((outcome, matches!(report, Report::Ended(_))))
         })
         .await?;
+    if ended && outcome == ReportOutcome::Recorded {
+        app.waiters.wake_request(id, Source::Local);
+    }
     match outcome {
         ReportOutcome::Recorded | ReportOutcome::Replayed => {
             tracing::info!(request = %id, ?outcome, "report accepted");
@@ -388,7 +530,7 @@ async fn metrics(app: &Arc<App>) -> Answer {
     let counts = match app.blocking(|app| Ok(app.store.count_requests()?)).await {
         Ok(counts) => Some(counts),
         Err(ApiError::StoreUnavailable(e)) => {
-            tracing::warn!(error = %super::error_chain(&e), "metrics: cannot count requests");
+            tracing::warn!(error = %crate::errors::error_chain(&e), "metrics: cannot count requests");
             None
         }
         Err(e) => return Err(e),

@@ -96,15 +96,98 @@ fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiErr
     Ok(value.to_owned())
 }
 
-/// `POST /api/daemon/heartbeat`.
-pub fn parse_heartbeat(body: &[u8]) -> Result<RuntimeId, ApiError> {
+/// The most request ids a heartbeat's `working_on` may list: a daemon holds a handful.
+pub const MAX_WORKING_ON: usize = 1000;
+
+/// `POST /api/daemon/heartbeat`: `{"runtime_id", "wait_ms"?, "working_on"?}`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct HeartbeatBody {
+    pub runtime_id: RuntimeId,
+    /// How long the daemon is willing to wait for a request, before clamping; 0: answer
+    /// at once.
+    pub wait_ms: u64,
+    /// The requests the daemon holds, when it says so; `None` keeps v1 behaviour (nothing
+    /// is handed out twice).
+    pub working_on: Option<Vec<RequestId>>,
+}
+
+pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
     #[derive(Deserialize)]
     struct Raw {
         runtime_id: String,
+        #[serde(default)]
+        wait_ms: Option<serde_json::Number>,
+        #[serde(default)]
+        working_on: Option<Vec<String>>,
     }
     let raw: Raw = parse_json(body)?;
-    RuntimeId::parse(&raw.runtime_id)
-        .ok_or_else(|| ApiError::BadRequest("runtime_id must be a UUID".to_owned()))
+    let runtime_id = RuntimeId::parse(&raw.runtime_id)
+        .ok_or_else(|| ApiError::BadRequest("runtime_id must be a UUID".to_owned()))?;
+    let wait_ms = match raw.wait_ms {
+        None => 0,
+        Some(n) => wait_ms_from_json(&n)?,
+    };
+    let working_on = match raw.working_on {
+        None => None,
+        Some(ids) if ids.len() > MAX_WORKING_ON => {
+            return Err(ApiError::BadRequest(format!(
+                "working_on must list at most {MAX_WORKING_ON} request ids"
+            )));
+        }
+        Some(ids) => Some(
+            ids.iter()
+                .map(|id| {
+                    RequestId::parse(id).ok_or_else(|| {
+                        ApiError::BadRequest(
+                            "working_on must be an array of request ids (32 lowercase hex)"
+                                .to_owned(),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Ok(HeartbeatBody {
+        runtime_id,
+        wait_ms,
+        working_on,
+    })
+}
+
+const BAD_WAIT: &str = "wait_ms must be an integer of at least 0";
+
+/// A JSON `wait_ms`: a whole number ≥ 0. One too large for 64 bits is still a whole number
+/// and is clamped like any other long wait.
+fn wait_ms_from_json(n: &serde_json::Number) -> Result<u64, ApiError> {
+    if let Some(ms) = n.as_u64() {
+        return Ok(ms);
+    }
+    match n.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && n.as_i64().is_none() => Ok(u64::MAX),
+        _ => Err(ApiError::BadRequest(BAD_WAIT.to_owned())),
+    }
+}
+
+/// `?wait_ms=N` of a read: absent is 0; digits only (no sign); any other parameter is
+/// ignored. A number too large for 64 bits is clamped like any other long wait.
+pub fn parse_wait_query(query: Option<&str>) -> Result<u64, ApiError> {
+    let Some(query) = query else {
+        return Ok(0);
+    };
+    let mut wait = 0;
+    for pair in query.split('&') {
+        let Some(value) = pair.strip_prefix("wait_ms=") else {
+            if pair == "wait_ms" {
+                return Err(ApiError::BadRequest(BAD_WAIT.to_owned()));
+            }
+            continue;
+        };
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::BadRequest(BAD_WAIT.to_owned()));
+        }
+        wait = value.parse().unwrap_or(u64::MAX);
+    }
+    Ok(wait)
 }
 
 /// `POST /api/daemon/runtimes/{id}/models/{id}/result`. Unknown fields are ignored.
@@ -323,6 +406,66 @@ mod tests {
         ));
         let exact = format!(r#"{{"name":"{}","provider":"p"}}"#, "x".repeat(200));
         assert!(parse_new_runtime(exact.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn heartbeat_body_takes_wait_ms_and_working_on() {
+        let rt = "f40ded99-5e02-4ce0-95b4-efd3589327d8";
+        let id = "74b0840025ec468a069fb9a23f967106";
+        let b = parse_heartbeat(format!(r#"{{"runtime_id":"{rt}"}}"#).as_bytes()).unwrap();
+        assert_eq!((b.wait_ms, b.working_on), (0, None));
+        let b = parse_heartbeat(
+            format!(r#"{{"runtime_id":"{rt}","wait_ms":25000,"working_on":["{id}"]}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(b.wait_ms, 25_000);
+        assert_eq!(b.working_on, Some(vec![RequestId::parse(id).unwrap()]));
+        let huge = format!(r#"{{"runtime_id":"{rt}","wait_ms":1e30}}"#);
+        assert_eq!(parse_heartbeat(huge.as_bytes()).unwrap().wait_ms, u64::MAX);
+        for bad in [
+            r#""wait_ms":-1"#,
+            r#""wait_ms":1.5"#,
+            r#""wait_ms":"10""#,
+            r#""wait_ms":true"#,
+            r#""working_on":"x""#,
+            r#""working_on":["nope"]"#,
+            r#""working_on":[1]"#,
+        ] {
+            let body = format!(r#"{{"runtime_id":"{rt}",{bad}}}"#);
+            assert!(
+                matches!(
+                    parse_heartbeat(body.as_bytes()),
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{bad}"
+            );
+        }
+        let many = vec![format!("\"{id}\""); MAX_WORKING_ON + 1].join(",");
+        let body = format!(r#"{{"runtime_id":"{rt}","working_on":[{many}]}}"#);
+        assert!(parse_heartbeat(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn wait_query_is_digits_or_absent() {
+        assert_eq!(parse_wait_query(None).unwrap(), 0);
+        assert_eq!(parse_wait_query(Some("")).unwrap(), 0);
+        assert_eq!(parse_wait_query(Some("x=1")).unwrap(), 0);
+        assert_eq!(parse_wait_query(Some("wait_ms=250")).unwrap(), 250);
+        assert_eq!(parse_wait_query(Some("a=b&wait_ms=0")).unwrap(), 0);
+        assert_eq!(
+            parse_wait_query(Some("wait_ms=99999999999999999999999")).unwrap(),
+            u64::MAX
+        );
+        for bad in [
+            "wait_ms=",
+            "wait_ms",
+            "wait_ms=-1",
+            "wait_ms=1.5",
+            "wait_ms=+3",
+            "wait_ms=1e3",
+        ] {
+            assert!(parse_wait_query(Some(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

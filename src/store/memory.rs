@@ -2,10 +2,15 @@
 //! engines are checked against and the engine of unit tests. Its data dies with the
 //! process, and two processes never share it, so it is never the engine of a deployment.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use super::{Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, Storer};
+use super::{
+    Active, Change, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
+    Scoped, Storer,
+};
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
@@ -18,11 +23,64 @@ struct State {
     runtimes: HashMap<RuntimeId, Runtime>,
     daemon_tokens: HashMap<TokenHash, RuntimeId>,
     requests: HashMap<RequestId, ModelRequest>,
+    /// Running requests renewed since they were handed out (the SQL engines' `renewed_at`).
+    renewed: HashSet<RequestId>,
 }
 
 pub struct MemoryStore {
     timeouts: Timeouts,
     state: Mutex<State>,
+    /// A count of writes, and the condition its listeners wait on.
+    writes: Arc<(Mutex<u64>, Condvar)>,
+}
+
+/// The state, locked for a write: when it is released, listeners learn that something
+/// changed. Every writing method takes it, so none can forget to tell them.
+struct Writing<'a> {
+    state: MutexGuard<'a, State>,
+    writes: &'a (Mutex<u64>, Condvar),
+}
+
+impl Deref for Writing<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for Writing<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let (count, changed) = self.writes;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        changed.notify_all();
+    }
+}
+
+/// A listener of the memory engine: wakes on any write through any handle of the store.
+struct Writes {
+    writes: Arc<(Mutex<u64>, Condvar)>,
+    seen: u64,
+}
+
+impl Listener for Writes {
+    fn wait(&mut self, timeout: Duration) -> Result<Vec<Change>> {
+        let (count, changed) = &*self.writes;
+        let count = count.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, _) = changed
+            .wait_timeout_while(count, timeout, |n| *n == self.seen)
+            .unwrap_or_else(|p| p.into_inner());
+        if *count == self.seen {
+            return Ok(Vec::new());
+        }
+        self.seen = *count;
+        Ok(vec![Change::Unknown])
+    }
 }
 
 impl MemoryStore {
@@ -30,6 +88,14 @@ impl MemoryStore {
         MemoryStore {
             timeouts,
             state: Mutex::new(State::default()),
+            writes: Arc::default(),
+        }
+    }
+
+    fn writing(&self) -> Writing<'_> {
+        Writing {
+            state: self.state(),
+            writes: &self.writes,
         }
     }
 
@@ -124,7 +190,7 @@ impl Storer for MemoryStore {
     }
 
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
-        let mut state = self.state();
+        let mut state = self.writing();
         if state
             .runtimes
             .get(&id)
@@ -134,7 +200,11 @@ impl Storer for MemoryStore {
         }
         state.runtimes.remove(&id);
         state.daemon_tokens.retain(|_, rt| *rt != id);
-        state.requests.retain(|_, r| r.runtime_id != id);
+        let State {
+            requests, renewed, ..
+        } = &mut *state;
+        requests.retain(|_, r| r.runtime_id != id);
+        renewed.retain(|r| requests.contains_key(r));
         Ok(true)
     }
 
@@ -154,6 +224,15 @@ impl Storer for MemoryStore {
                 .requests
                 .values()
                 .any(|r| r.runtime_id == runtime.id && r.status == Status::Pending),
+            unrenewed: state
+                .requests
+                .values()
+                .find(|r| {
+                    r.runtime_id == runtime.id
+                        && r.status == Status::Running
+                        && !state.renewed.contains(&r.id)
+                })
+                .map(|r| r.id),
         }))
     }
 
@@ -208,7 +287,7 @@ impl Storer for MemoryStore {
         id: RequestId,
         now: Millis,
     ) -> Result<Option<Created>> {
-        let mut state = self.state();
+        let mut state = self.writing();
         if !state.runtimes.contains_key(&runtime) {
             return Ok(None);
         }
@@ -243,7 +322,7 @@ impl Storer for MemoryStore {
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
-        let mut state = self.state();
+        let mut state = self.writing();
         let timeouts = self.timeouts;
         let mut next: Option<&mut ModelRequest> = None;
         let mut expired = Expired::default();
@@ -279,7 +358,7 @@ impl Storer for MemoryStore {
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
-        let mut state = self.state();
+        let mut state = self.writing();
         let Some(request) = state.requests.get_mut(&id) else {
             return Ok(false);
         };
@@ -291,20 +370,24 @@ impl Storer for MemoryStore {
         }
         request.updated_at = now;
         match report {
-            Report::Running => request.deadline_at = self.timeouts.running_deadline(now),
+            Report::Running => {
+                request.deadline_at = self.timeouts.running_deadline(now);
+                state.renewed.insert(id);
+            }
             Report::Ended(outcome) => {
                 request.status = outcome.status;
                 request.models = outcome.models.clone();
                 request.supported = outcome.supported;
                 request.error = outcome.error.clone();
                 request.ended_at = Some(now);
+                state.renewed.remove(&id);
             }
         }
         Ok(true)
     }
 
     fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
-        let mut state = self.state();
+        let mut state = self.writing();
         Ok(state
             .requests
             .get_mut(&id)
@@ -313,7 +396,7 @@ impl Storer for MemoryStore {
     }
 
     fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
-        let mut state = self.state();
+        let mut state = self.writing();
         let timeouts = self.timeouts;
         let mut expired = Expired::default();
         // As the SQL engines do: pending first, each phase oldest deadline first.
@@ -335,7 +418,7 @@ impl Storer for MemoryStore {
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        let mut state = self.state();
+        let mut state = self.writing();
         let mut doomed: Vec<(Millis, RequestId)> = state
             .requests
             .values()
@@ -345,6 +428,7 @@ impl Storer for MemoryStore {
         doomed.truncate(limit as usize);
         for (_, id) in &doomed {
             state.requests.remove(id);
+            state.renewed.remove(id);
         }
         Ok(doomed.len() as u64)
     }
@@ -373,5 +457,46 @@ impl Storer for MemoryStore {
 
     fn checkpoint(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+        let mut state = self.writing();
+        let renewed = state.renewed.contains(&id);
+        let Some(request) = state.requests.get_mut(&id) else {
+            return Ok(false);
+        };
+        if request.runtime_id != runtime
+            || request.status != Status::Running
+            || renewed
+            || request.deadline_at <= now
+        {
+            return Ok(false);
+        }
+        request.deadline_at = self.timeouts.running_deadline(now);
+        request.updated_at = now;
+        Ok(true)
+    }
+
+    fn active_requests(&self) -> Result<Vec<Active>> {
+        Ok(self
+            .state()
+            .requests
+            .values()
+            .filter(|r| !r.status.is_terminal())
+            .map(|r| Active {
+                id: r.id,
+                runtime_id: r.runtime_id,
+                status: r.status,
+                deadline_at: r.deadline_at,
+            })
+            .collect())
+    }
+
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        let seen = *self.writes.0.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Box::new(Writes {
+            writes: Arc::clone(&self.writes),
+            seen,
+        }))
     }
 }

@@ -9,15 +9,12 @@
 //! [`postgres`] (several machines). Only these modules know SQL.
 
 pub mod memory;
-pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Millis;
-use crate::config::DatabaseUrl;
 use crate::ids::{RandomError, RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, ReportOutcome, Runtime, Status, Timeouts};
 
@@ -45,7 +42,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The schema every engine applies at start-up (idempotent), and its version.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a store call waits, by default, for a pooled connection, for SQLite's write
 /// lock, or for a PostgreSQL statement, before it fails (and its caller gets 503).
@@ -70,6 +67,10 @@ pub struct Daemon {
     pub last_seen_at: Option<Millis>,
     /// Whether the runtime had a pending request (overdue ones included) when this was read.
     pub pending: bool,
+    /// The runtime's running request, if it has had no renewal since it was handed out: a
+    /// heartbeat whose `working_on` does not list it hands it out again (its answer was
+    /// lost).
+    pub unrenewed: Option<RequestId>,
 }
 
 impl Daemon {
@@ -82,10 +83,26 @@ impl Daemon {
                 .is_some_and(|seen| seen >= now - refresh_after)
     }
 
-    /// Whether [`Storer::heartbeat`] at `now` writes anything: `last_seen_at` is due, or a
-    /// request waits to be claimed. When not, it makes no store call at all.
-    pub fn heartbeat_writes(&self, now: Millis, refresh_after: Millis) -> bool {
-        self.pending || !self.seen_lately(now, refresh_after)
+    /// The request a heartbeat holding `working_on` should be handed again: the runtime's
+    /// unrenewed running request, when the daemon says it does not hold it. Without
+    /// `working_on` nothing is handed out twice.
+    pub fn lost_hand_out(&self, working_on: Option<&[RequestId]>) -> Option<RequestId> {
+        let held = working_on?;
+        self.unrenewed.filter(|id| !held.contains(id))
+    }
+
+    /// Whether [`Storer::heartbeat`] at `now` writes anything: `last_seen_at` is due, a
+    /// request waits to be claimed, or a lost hand-out is to be made again. When not, it
+    /// makes no store call at all.
+    pub fn heartbeat_writes(
+        &self,
+        now: Millis,
+        refresh_after: Millis,
+        working_on: Option<&[RequestId]>,
+    ) -> bool {
+        self.pending
+            || !self.seen_lately(now, refresh_after)
+            || self.lost_hand_out(working_on).is_some()
     }
 }
 
@@ -182,6 +199,38 @@ impl RequestCounts {
             Status::Timeout => self.timeout,
         }
     }
+}
+
+/// An active request as the instance's re-check of its waiting calls needs it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Active {
+    pub id: RequestId,
+    pub runtime_id: RuntimeId,
+    /// `Pending` or `Running`, as stored (an overdue request still counts as active).
+    pub status: Status,
+    pub deadline_at: Millis,
+}
+
+/// A change that a [`Listener`] learned of, made through any handle of the store.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Change {
+    /// A request of this runtime became pending.
+    Pending(RuntimeId),
+    /// This request changed its status.
+    Status(RequestId),
+    /// Something changed, but the listener cannot tell what (SQLite, memory), or it may
+    /// have missed notifications (a reconnect): every waiter must re-check.
+    Unknown,
+}
+
+/// How an instance learns of changes made through other handles of the store: other
+/// instances, other processes. Kept apart from the primitives (River's `Listener`): it owns
+/// a connection of its own and lives on a thread of its own, never in the pool.
+pub trait Listener: Send {
+    /// Waits up to `timeout` for changes; empty when none came. An error means the
+    /// listener is broken: the caller opens a new one (and re-checks every waiter, since
+    /// changes may have been missed meanwhile).
+    fn wait(&mut self, timeout: Duration) -> Result<Vec<Change>>;
 }
 
 pub trait Storer: Send + Sync {
@@ -286,6 +335,19 @@ pub trait Storer: Send + Sync {
     /// other engines have nothing to do.
     fn checkpoint(&self) -> Result<()>;
 
+    /// Compare-and-set: gives the running request `id` a fresh lease if it has had no
+    /// renewal since it was handed out and its lease has not run out — a hand-out again,
+    /// after the answer that carried the first one was lost.
+    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool>;
+
+    /// Every active request, in one query: what the instance's re-check of all its waiting
+    /// calls compares against.
+    fn active_requests(&self) -> Result<Vec<Active>>;
+
+    /// Opens a listener for changes made through any handle of this store. Blocking (it
+    /// may connect): the instance calls it on its wake-up thread.
+    fn listen(&self) -> Result<Box<dyn Listener>>;
+
     // ---- composites: written once, on the primitives ----
 
     /// The request with its deadline applied: an overdue one is ended first, so a reader
@@ -338,7 +400,8 @@ pub trait Storer: Send + Sync {
     }
 
     /// A daemon's heartbeat, after [`Storer::daemon_by_token`]: marks the runtime alive and
-    /// claims at most one request.
+    /// hands out at most one request — a lost hand-out again when `working_on` says the
+    /// daemon does not hold it, else the oldest pending one.
     ///
     /// `last_seen_at` is written only when the stored one is older than `refresh_after`, and
     /// the claim is tried only when a request was pending, so that the common heartbeat
@@ -346,9 +409,20 @@ pub trait Storer: Send + Sync {
     /// it never queues for the one write lock. The stored time then lags the last heartbeat
     /// by less than `refresh_after`; the HTTP layer passes a tenth of `offline_after`. Zero
     /// writes on every heartbeat.
-    fn heartbeat(&self, daemon: &Daemon, now: Millis, refresh_after: Millis) -> Result<Heartbeat> {
+    fn heartbeat(
+        &self,
+        daemon: &Daemon,
+        now: Millis,
+        refresh_after: Millis,
+        working_on: Option<&[RequestId]>,
+    ) -> Result<Heartbeat> {
         if !daemon.seen_lately(now, refresh_after) && !self.touch_runtime(daemon.runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
+        }
+        if let Some(lost) = daemon.lost_hand_out(working_on)
+            && self.hand_out_again(daemon.runtime, lost, now)?
+        {
+            return Ok(Heartbeat::Alive(Some(lost)));
         }
         if !daemon.pending {
             return Ok(Heartbeat::Alive(None));
@@ -374,31 +448,6 @@ fn with_deadline_applied<S: Storer + ?Sized>(
         }
         other => Ok(other),
     }
-}
-
-/// Opens the store a database URL names, creating or upgrading its schema.
-pub fn open(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>> {
-    open_with(url, timeouts, DEFAULT_WAIT)
-}
-
-/// [`open`], with `wait` as the longest a store call waits for a connection, a lock or a
-/// statement before it fails.
-pub fn open_with(url: &DatabaseUrl, timeouts: Timeouts, wait: Duration) -> Result<Arc<dyn Storer>> {
-    Ok(match url {
-        DatabaseUrl::Sqlite { path, synchronous } => Arc::new(sqlite::SqliteStore::open_with(
-            path,
-            timeouts,
-            sqlite::Options {
-                synchronous: *synchronous,
-                wait,
-            },
-        )?),
-        DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open_with(
-            url.parse()?,
-            timeouts,
-            wait,
-        )?),
-    })
 }
 
 /// The columns' text form of a status, for the engines.
@@ -441,10 +490,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::memory::MemoryStore;
-    use super::metered::MeteredStore;
     use super::{Daemon, Storer};
     use crate::ids::RuntimeId;
     use crate::metrics::Metrics;
+    use crate::metrics::metered::MeteredStore;
     use crate::model::Timeouts;
 
     /// `heartbeat_writes` is what keeps a heartbeat on the async worker, so it must be
@@ -463,15 +512,16 @@ mod tests {
                         runtime: RuntimeId::random().unwrap(),
                         last_seen_at,
                         pending,
+                        unrenewed: None,
                     };
-                    store.heartbeat(&daemon, now, refresh_after).unwrap();
+                    store.heartbeat(&daemon, now, refresh_after, None).unwrap();
                     let scraped = metrics.render(None, now).unwrap();
                     let called = scraped.lines().any(|l| {
                         l.starts_with("model_relay_store_operation_duration_seconds_count")
                     });
                     assert_eq!(
                         called,
-                        daemon.heartbeat_writes(now, refresh_after),
+                        daemon.heartbeat_writes(now, refresh_after, None),
                         "{daemon:?}, refresh_after {refresh_after}"
                     );
                 }

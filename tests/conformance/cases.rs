@@ -10,7 +10,8 @@ use model_relay::model::{
     ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
 };
 use model_relay::store::{
-    Claim, Daemon, Expired, Heartbeat, NewRuntime, RequestCounts, Scoped, Storer,
+    Active, Change, Claim, Daemon, Expired, Heartbeat, Listener, NewRuntime, RequestCounts, Scoped,
+    Storer,
 };
 use model_relay::sweeper::{BATCH, sweep_once};
 
@@ -81,7 +82,7 @@ fn daemon_runtime(store: &dyn Storer, token: &TokenHash) -> Option<RuntimeId> {
 /// A heartbeat as the HTTP layer makes it: the token read, then the beat.
 fn beat(store: &dyn Storer, t: &Tenant, now: i64, refresh_after: i64) -> Heartbeat {
     store
-        .heartbeat(&daemon(store, t), now, refresh_after)
+        .heartbeat(&daemon(store, t), now, refresh_after, None)
         .unwrap()
 }
 
@@ -969,7 +970,7 @@ pub fn heartbeat_of_a_runtime_deleted_since_its_token_was_read_is_unknown(engine
     let found = daemon(store.as_ref(), &t);
     assert!(store.delete_runtime(t.workspace, t.runtime).unwrap());
     assert_eq!(
-        store.heartbeat(&found, T0, 1000).unwrap(),
+        store.heartbeat(&found, T0, 1000, None).unwrap(),
         Heartbeat::UnknownRuntime
     );
 }
@@ -1281,4 +1282,196 @@ pub fn checkpoint_keeps_every_request(engine: &dyn Engine) {
             Status::Completed
         );
     }
+}
+
+// ---- waiting calls: hand-outs again, the re-check's query, the listener ----
+
+/// A heartbeat as the HTTP layer makes it, with the daemon's `working_on`.
+fn beat_holding(
+    store: &dyn Storer,
+    t: &Tenant,
+    now: i64,
+    working_on: Option<&[RequestId]>,
+) -> Heartbeat {
+    store
+        .heartbeat(&daemon(store, t), now, 0, working_on)
+        .unwrap()
+}
+
+pub fn daemon_by_token_names_the_running_request_until_it_is_renewed(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, None);
+    create(store.as_ref(), t.runtime, T0);
+    assert_eq!(
+        daemon(store.as_ref(), &t).unrenewed,
+        None,
+        "pending is not handed out"
+    );
+    let id = running(store.as_ref(), t.runtime, T0);
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, Some(id));
+    store
+        .report(t.runtime, id, &Report::Running, T0 + 1)
+        .unwrap();
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, None, "renewed");
+}
+
+pub fn a_lost_hand_out_is_handed_out_again_only_when_working_on_omits_it(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    let later = T0 + 1_000;
+    assert_eq!(
+        beat_holding(store.as_ref(), &t, later, None),
+        Heartbeat::Alive(None),
+        "without working_on nothing is handed out twice"
+    );
+    assert_eq!(
+        beat_holding(store.as_ref(), &t, later, Some(&[id])),
+        Heartbeat::Alive(None),
+        "the daemon holds it"
+    );
+    assert_eq!(
+        beat_holding(store.as_ref(), &t, later, Some(&[new_id()])),
+        Heartbeat::Alive(Some(id)),
+        "the daemon does not hold it: its answer was lost"
+    );
+    let r = get(store.as_ref(), t.runtime, id, later);
+    assert_eq!(r.status, Status::Running);
+    assert_eq!(r.deadline_at, later + RUNNING_MS, "with a fresh lease");
+}
+
+pub fn a_renewed_or_expired_request_is_never_handed_out_again(engine: &dyn Engine) {
+    let store = engine.open();
+    let t = tenant(store.as_ref());
+    let id = running(store.as_ref(), t.runtime, T0);
+    store
+        .report(t.runtime, id, &Report::Running, T0 + 1)
+        .unwrap();
+    assert!(
+        !store.hand_out_again(t.runtime, id, T0 + 2).unwrap(),
+        "renewed"
+    );
+    assert_eq!(
+        beat_holding(store.as_ref(), &t, T0 + 2, Some(&[])),
+        Heartbeat::Alive(None)
+    );
+
+    let other = tenant(store.as_ref());
+    let lapsed = running(store.as_ref(), other.runtime, T0);
+    assert!(
+        !store
+            .hand_out_again(other.runtime, lapsed, T0 + RUNNING_MS)
+            .unwrap(),
+        "its lease ran out"
+    );
+    assert!(
+        !store.hand_out_again(t.runtime, lapsed, T0 + 1).unwrap(),
+        "another runtime's request"
+    );
+    store
+        .report(other.runtime, lapsed, &completed(), T0 + 1)
+        .ok();
+    let third = tenant(store.as_ref());
+    let pending = create(store.as_ref(), third.runtime, T0).id;
+    assert!(
+        !store
+            .hand_out_again(third.runtime, pending, T0 + 1)
+            .unwrap(),
+        "pending"
+    );
+    assert_eq!(
+        get(store.as_ref(), third.runtime, pending, T0 + 1).status,
+        Status::Pending
+    );
+}
+
+pub fn active_requests_lists_pending_and_running_requests_only(engine: &dyn Engine) {
+    let store = engine.open();
+    let (a, b, c) = (
+        tenant(store.as_ref()),
+        tenant(store.as_ref()),
+        tenant(store.as_ref()),
+    );
+    let pending = create(store.as_ref(), a.runtime, T0);
+    let run = running(store.as_ref(), b.runtime, T0);
+    let ended = running(store.as_ref(), c.runtime, T0);
+    store
+        .report(c.runtime, ended, &completed(), T0 + 1)
+        .unwrap();
+    let mut active = store.active_requests().unwrap();
+    active.sort_by_key(|a| a.status.as_str());
+    assert_eq!(
+        active,
+        vec![
+            Active {
+                id: pending.id,
+                runtime_id: a.runtime,
+                status: Status::Pending,
+                deadline_at: T0 + PENDING_MS,
+            },
+            Active {
+                id: run,
+                runtime_id: b.runtime,
+                status: Status::Running,
+                deadline_at: T0 + RUNNING_MS,
+            },
+        ]
+    );
+}
+
+/// Waits on `listener` until a change that concerns `wanted` (or an unknown change) comes,
+/// or 10 s pass: whether one came.
+fn listener_hears(listener: &mut dyn Listener, wanted: Change) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        let changes = listener.wait(Duration::from_millis(200)).unwrap();
+        if changes
+            .iter()
+            .any(|c| *c == wanted || *c == Change::Unknown)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+pub fn a_create_through_one_handle_wakes_the_listener_of_another(engine: &dyn Engine) {
+    let writer = engine.open();
+    let reader = engine.open();
+    let t = tenant(writer.as_ref());
+    let mut listener = reader.listen().unwrap();
+    create(writer.as_ref(), t.runtime, T0);
+    assert!(listener_hears(
+        listener.as_mut(),
+        Change::Pending(t.runtime)
+    ));
+}
+
+pub fn a_claim_and_a_report_through_one_handle_wake_the_listener_of_another(engine: &dyn Engine) {
+    let writer = engine.open();
+    let reader = engine.open();
+    let t = tenant(writer.as_ref());
+    let id = create(writer.as_ref(), t.runtime, T0).id;
+    let mut listener = reader.listen().unwrap();
+    writer.claim_next_pending(t.runtime, T0).unwrap();
+    assert!(
+        listener_hears(listener.as_mut(), Change::Status(id)),
+        "claimed"
+    );
+    writer.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    assert!(
+        listener_hears(listener.as_mut(), Change::Status(id)),
+        "reported"
+    );
+}
+
+pub fn an_expiry_by_the_sweeper_wakes_the_listener_of_another_handle(engine: &dyn Engine) {
+    let writer = engine.open();
+    let reader = engine.open();
+    let t = tenant(writer.as_ref());
+    let id = create(writer.as_ref(), t.runtime, T0).id;
+    let mut listener = reader.listen().unwrap();
+    writer.expire_overdue(T0 + PENDING_MS, BATCH).unwrap();
+    assert!(listener_hears(listener.as_mut(), Change::Status(id)));
 }

@@ -9,7 +9,8 @@ use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, StoreError, Storer,
+    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, Scoped,
+    StoreError, Storer,
 };
 
 #[derive(Default)]
@@ -151,5 +152,14 @@ impl Storer for WatchedStore {
     }
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
         self.inner.delete_ended_before(cutoff, limit)
+    }
+    fn hand_out_again(&self, rt: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+        self.inner.hand_out_again(rt, id, now)
+    }
+    fn active_requests(&self) -> Result<Vec<Active>> {
+        self.inner.active_requests()
+    }
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        self.inner.listen()
     }
 }

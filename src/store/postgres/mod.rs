@@ -14,6 +14,7 @@
 //! The sweeper's statements live in [`upkeep`].
 
 mod cached;
+mod listen;
 mod upkeep;
 
 use std::time::Duration;
@@ -25,12 +26,12 @@ use r2d2_postgres::PostgresConnectionManager;
 use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
-    Claim, Created, DEFAULT_WAIT, Daemon, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
-    SCHEMA_VERSION, Scoped, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
-    runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
+    Result, SCHEMA, SCHEMA_VERSION, Scoped, StoreError, Storer, models_from_db, models_to_db,
+    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
-use crate::http::error_chain;
+use crate::errors::error_chain;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 
@@ -42,10 +43,15 @@ const MIGRATION_LOCK: i64 = 0x6d6f_6465_6c72;
 const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
 
+/// The triggers that announce changes to listeners (PostgreSQL only).
+const NOTIFY: &str = include_str!("notify.sql");
+
 pub struct PostgresStore {
     /// Always there until `drop` takes it, to close it on a thread of its own.
     pool: Option<r2d2::Pool<CachingManager>>,
     timeouts: Timeouts,
+    /// How to connect: the listener opens a connection of its own with it.
+    config: postgres::Config,
 }
 
 impl PostgresStore {
@@ -86,11 +92,13 @@ impl PostgresStore {
             }))
             .error_handler(Box::new(LogConnectErrors))
             .build(CachingManager(PostgresConnectionManager::new(
-                config, NoTls,
+                config.clone(),
+                NoTls,
             )))?;
         Ok(PostgresStore {
             pool: Some(pool),
             timeouts,
+            config,
         })
     }
 
@@ -162,6 +170,9 @@ fn migrate(client: &mut Client) -> Result<()> {
     }
     if found < SCHEMA_VERSION {
         tx.batch_execute(SCHEMA)?;
+        // Version 3: a column for a table an older version made, and the wake-ups.
+        tx.batch_execute("ALTER TABLE requests ADD COLUMN IF NOT EXISTS renewed_at BIGINT")?;
+        tx.batch_execute(NOTIFY)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES ($1)",
             &[&SCHEMA_VERSION],
@@ -367,7 +378,10 @@ impl Storer for PostgresStore {
         let row = self.conn()?.query_opt(
             "SELECT id, last_seen_at,
                     EXISTS (SELECT 1 FROM requests
-                             WHERE runtime_id = runtimes.id AND status = 'pending')
+                             WHERE runtime_id = runtimes.id AND status = 'pending'),
+                    (SELECT id FROM requests
+                      WHERE runtime_id = runtimes.id AND status = 'running'
+                        AND renewed_at IS NULL)
                FROM runtimes WHERE daemon_token_hash = $1",
             &[&token.as_str()],
         )?;
@@ -376,6 +390,10 @@ impl Storer for PostgresStore {
                 runtime: runtime_id_from_db(row.try_get(0)?)?,
                 last_seen_at: row.try_get(1)?,
                 pending: row.try_get(2)?,
+                unrenewed: row
+                    .try_get::<_, Option<&str>>(3)?
+                    .map(request_id_from_db)
+                    .transpose()?,
             })
         })
         .transpose()
@@ -521,7 +539,7 @@ impl Storer for PostgresStore {
         let (id, runtime) = (id.to_string(), runtime.to_string());
         let changed = match report {
             Report::Running => conn.execute(
-                "UPDATE requests SET deadline_at = $4, updated_at = $3
+                "UPDATE requests SET deadline_at = $4, updated_at = $3, renewed_at = $3
                   WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
                 &[&id, &runtime, &now, &self.timeouts.running_deadline(now)],
             )?,
@@ -575,5 +593,28 @@ impl Storer for PostgresStore {
     fn checkpoint(&self) -> Result<()> {
         // Autovacuum keeps PostgreSQL's tables and log in shape; nothing to do here.
         Ok(())
+    }
+
+    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+        let changed = self.conn()?.execute(
+            "UPDATE requests SET deadline_at = $4, updated_at = $3
+              WHERE id = $1 AND runtime_id = $2 AND status = 'running'
+                AND renewed_at IS NULL AND deadline_at > $3",
+            &[
+                &id.to_string(),
+                &runtime.to_string(),
+                &now,
+                &self.timeouts.running_deadline(now),
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn active_requests(&self) -> Result<Vec<Active>> {
+        upkeep::active_requests(&mut *self.conn()?)
+    }
+
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        Ok(Box::new(listen::Notifications::open(&self.config)?))
     }
 }

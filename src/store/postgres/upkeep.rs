@@ -7,7 +7,10 @@
 
 use super::cached::CachedClient;
 
-use super::super::{Expired, RequestCounts, Result, StoreError};
+use super::super::{
+    Active, Expired, RequestCounts, Result, StoreError, request_id_from_db, runtime_id_from_db,
+    status_from_db,
+};
 use crate::clock::Millis;
 use crate::model::{Status, Timeouts};
 
@@ -61,6 +64,25 @@ pub(super) fn delete_ended_before(
 
 /// One statement, so one snapshot; each count is a range of `requests_by_status`, and the
 /// oldest pending request comes from the partial index of pending requests.
+/// Every active request, for the instance's re-check of its waiting calls.
+pub(super) fn active_requests(client: &mut CachedClient) -> Result<Vec<Active>> {
+    let rows = client.query(
+        "SELECT id, runtime_id, status, deadline_at FROM requests
+          WHERE status IN ('pending', 'running')",
+        &[],
+    )?;
+    rows.iter()
+        .map(|row| {
+            Ok(Active {
+                id: request_id_from_db(row.try_get(0)?)?,
+                runtime_id: runtime_id_from_db(row.try_get(1)?)?,
+                status: status_from_db(row.try_get(2)?)?,
+                deadline_at: row.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
 pub(super) fn count_requests(client: &mut CachedClient) -> Result<RequestCounts> {
     let row = client.query_one(
         "SELECT

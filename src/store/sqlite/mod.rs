@@ -10,6 +10,7 @@
 
 mod rows;
 mod upkeep;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +21,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
-    Claim, Created, DEFAULT_WAIT, Daemon, Expired, NewRuntime, RequestCounts, Result, SCHEMA,
-    SCHEMA_VERSION, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
+    Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
+    Result, SCHEMA, SCHEMA_VERSION, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
     runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
@@ -168,6 +169,13 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     }
     if found < SCHEMA_VERSION {
         tx.execute_batch(SCHEMA)?;
+        // Version 3's column, on a table an older version made (a new table has it).
+        let has_renewed_at = tx
+            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'renewed_at'")?
+            .exists([])?;
+        if !has_renewed_at {
+            tx.execute_batch("ALTER TABLE requests ADD COLUMN renewed_at BIGINT")?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -318,23 +326,28 @@ impl Storer for SqliteStore {
 
     fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
         let conn = self.reader()?;
-        let found: Option<(String, Option<Millis>, bool)> = conn
+        type Found = (String, Option<Millis>, bool, Option<String>);
+        let found: Option<Found> = conn
             .prepare_cached(
                 "SELECT id, last_seen_at,
                         EXISTS (SELECT 1 FROM requests
-                                 WHERE runtime_id = runtimes.id AND status = 'pending')
+                                 WHERE runtime_id = runtimes.id AND status = 'pending'),
+                        (SELECT id FROM requests
+                          WHERE runtime_id = runtimes.id AND status = 'running'
+                            AND renewed_at IS NULL)
                    FROM runtimes WHERE daemon_token_hash = ?1",
             )?
             .query_row([token.as_str()], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
             .optional()?;
         found
-            .map(|(id, last_seen_at, pending)| {
+            .map(|(id, last_seen_at, pending, unrenewed)| {
                 Ok(Daemon {
                     runtime: runtime_id_from_db(&id)?,
                     last_seen_at,
                     pending,
+                    unrenewed: unrenewed.as_deref().map(request_id_from_db).transpose()?,
                 })
             })
             .transpose()
@@ -510,7 +523,7 @@ impl Storer for SqliteStore {
         let changed = match report {
             Report::Running => conn
                 .prepare_cached(
-                    "UPDATE requests SET deadline_at = ?4, updated_at = ?3
+                    "UPDATE requests SET deadline_at = ?4, updated_at = ?3, renewed_at = ?3
                       WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
                 )?
                 .execute(params![
@@ -557,5 +570,30 @@ impl Storer for SqliteStore {
 
     fn checkpoint(&self) -> Result<()> {
         upkeep::checkpoint(&self.path)
+    }
+
+    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+        let changed = self
+            .conn()?
+            .prepare_cached(
+                "UPDATE requests SET deadline_at = ?4, updated_at = ?3
+                  WHERE id = ?1 AND runtime_id = ?2 AND status = 'running'
+                    AND renewed_at IS NULL AND deadline_at > ?3",
+            )?
+            .execute(params![
+                id.to_string(),
+                runtime.to_string(),
+                now,
+                self.timeouts.running_deadline(now)
+            ])?;
+        Ok(changed == 1)
+    }
+
+    fn active_requests(&self) -> Result<Vec<Active>> {
+        upkeep::active_requests(&*self.reader()?)
+    }
+
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        Ok(Box::new(watch::DataVersion::open(&self.path)?))
     }
 }

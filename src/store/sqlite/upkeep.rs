@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, params};
 
-use super::super::{Expired, RequestCounts, Result, StoreError};
+use super::super::{
+    Active, Expired, RequestCounts, Result, StoreError, request_id_from_db, runtime_id_from_db,
+    status_from_db,
+};
 use crate::clock::Millis;
 use crate::model::{Status, Timeouts};
 
@@ -17,6 +20,33 @@ use crate::model::{Status, Timeouts};
 /// the write lock while it waits for readers, so it must give up long before a writer's
 /// `busy_timeout` runs out; what it could not do, the next sweep does.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(200);
+
+/// Every active request: a range of `requests_by_status` per status, for the instance's
+/// re-check of its waiting calls.
+pub(super) fn active_requests(conn: &Connection) -> Result<Vec<Active>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, runtime_id, status, deadline_at FROM requests
+          WHERE status IN ('pending', 'running')",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, Millis>(3)?,
+        ))
+    })?;
+    rows.map(|row| {
+        let (id, runtime_id, status, deadline_at) = row?;
+        Ok(Active {
+            id: request_id_from_db(&id)?,
+            runtime_id: runtime_id_from_db(&runtime_id)?,
+            status: status_from_db(&status)?,
+            deadline_at,
+        })
+    })
+    .collect()
+}
 
 /// Expires up to `limit` overdue requests, pending ones first, then running ones; each
 /// phase in deadline order along `requests_by_status`.

@@ -2,8 +2,10 @@
 //! in one test process keep apart), rendered in the text format by the `prometheus` crate.
 //!
 //! Counters and histograms are recorded as things happen: HTTP answers in the router,
-//! store calls, claims and timeouts in [`MeteredStore`](crate::store::metered::MeteredStore).
+//! store calls, claims and timeouts in [`MeteredStore`](metered::MeteredStore).
 //! The gauges of stored requests are read from the store at scrape time.
+
+pub mod metered;
 
 use std::time::Duration;
 
@@ -47,6 +49,10 @@ pub struct Metrics {
     claims: IntCounter,
     /// Requests ended as `timeout`, by the phase whose deadline they missed.
     timeouts: IntCounterVec,
+    /// Calls held on this instance now, by kind (heartbeat, read).
+    held_calls: IntGaugeVec,
+    /// Keys whose waiters were woken, by who woke them (local, notification, recheck).
+    wakeups: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -98,6 +104,20 @@ impl Metrics {
             ),
             &["phase"],
         );
+        let held_calls = IntGaugeVec::new(
+            Opts::new(
+                "model_relay_held_calls",
+                "Waiting calls held on this instance now, by kind (heartbeat, read).",
+            ),
+            &["kind"],
+        );
+        let wakeups = IntCounterVec::new(
+            Opts::new(
+                "model_relay_wakeups_total",
+                "Held calls woken (per runtime or request woken), by source: local (a write of this instance), notification (the store's listener), recheck (the once-a-second re-check).",
+            ),
+            &["source"],
+        );
         // The names and labels above are constants; they are valid and distinct, so
         // neither making nor registering them can fail (the tests render every family).
         let metrics = Metrics {
@@ -107,6 +127,8 @@ impl Metrics {
             store_errors: store_errors.expect("valid metric"),
             claims: claims.expect("valid metric"),
             timeouts: timeouts.expect("valid metric"),
+            held_calls: held_calls.expect("valid metric"),
+            wakeups: wakeups.expect("valid metric"),
             registry,
         };
         for collector in [
@@ -116,6 +138,8 @@ impl Metrics {
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.claims.clone()),
             Box::new(metrics.timeouts.clone()),
+            Box::new(metrics.held_calls.clone()),
+            Box::new(metrics.wakeups.clone()),
         ] {
             metrics
                 .registry
@@ -125,6 +149,12 @@ impl Metrics {
         // Both phases from the start, so a dashboard sees 0 rather than no series.
         for phase in [Status::Pending, Status::Running] {
             metrics.timeouts.with_label_values(&[phase.as_str()]);
+        }
+        for kind in ["heartbeat", "read"] {
+            metrics.held_calls.with_label_values(&[kind]);
+        }
+        for source in ["local", "notification", "recheck"] {
+            metrics.wakeups.with_label_values(&[source]);
         }
         metrics
     }
@@ -145,6 +175,16 @@ impl Metrics {
         if !ok {
             self.store_errors.with_label_values(&[op]).inc();
         }
+    }
+
+    /// A call of `kind` starts (`+1`) or stops (`-1`) being held.
+    pub fn held(&self, kind: &str, delta: i64) {
+        self.held_calls.with_label_values(&[kind]).add(delta);
+    }
+
+    /// The waiters of one key were woken by `source`.
+    pub fn woke(&self, source: &str) {
+        self.wakeups.with_label_values(&[source]).inc();
     }
 
     pub fn claimed(&self) {

@@ -8,11 +8,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Claim, Created, Daemon, Expired, NewRuntime, RequestCounts, Result, Scoped, Storer};
+use super::Metrics;
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use crate::metrics::Metrics;
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::store::{
+    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, Scoped,
+    Storer,
+};
 
 pub struct MeteredStore {
     inner: Arc<dyn Storer>,
@@ -174,5 +177,17 @@ impl Storer for MeteredStore {
 
     fn checkpoint(&self) -> Result<()> {
         self.timed("checkpoint", |s| s.checkpoint())
+    }
+
+    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+        self.timed("hand_out_again", |s| s.hand_out_again(runtime, id, now))
+    }
+
+    fn active_requests(&self) -> Result<Vec<Active>> {
+        self.timed("active_requests", |s| s.active_requests())
+    }
+
+    fn listen(&self) -> Result<Box<dyn Listener>> {
+        self.timed("listen", |s| s.listen())
     }
 }

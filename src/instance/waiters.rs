@@ -1,0 +1,355 @@
+//! The calls held on this instance, by what they wait for: heartbeats by runtime (waiting
+//! for a request to become pending), reads by request (waiting for its status to change).
+//!
+//! A waiter holds no store connection and no thread: it is an async task parked on a
+//! [`Notify`]. Whoever learns of a change wakes the waiters of its key — a handler of this
+//! instance right after its write ([`Source::Local`]), the store's listener
+//! ([`Source::Notification`]), or the re-check of every waiter against one query
+//! ([`Source::Recheck`]). A woken waiter reads the store again and goes back to waiting if
+//! nothing it cares about changed, so a spurious wake costs one read, never a wrong answer.
+//!
+//! A waiter registers *before* it first reads the store: a change between that read and
+//! its wait then still wakes it (`Notify::notify_waiters` reaches every `Notified` made
+//! before the call, polled or not).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::clock::Millis;
+use crate::ids::{RequestId, RuntimeId};
+use crate::metrics::Metrics;
+use crate::model::Status;
+use crate::store::Active;
+
+/// Who woke a waiter, for the metrics.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Source {
+    /// A write of this instance.
+    Local,
+    /// The store's listener: a notification from another instance or process.
+    Notification,
+    /// The periodic re-check of every waiter against the store.
+    Recheck,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Notification => "notification",
+            Source::Recheck => "recheck",
+        }
+    }
+}
+
+/// What a kind of held call is called in the metrics.
+const HEARTBEAT: &str = "heartbeat";
+const READ: &str = "read";
+
+/// The waiters of one key.
+struct Entry {
+    notify: Arc<Notify>,
+    /// Calls held on this key now; the entry goes when the last one does.
+    holders: usize,
+    /// Reads only: how many of the holders wait for a change from pending, and from
+    /// running. The re-check wakes the key when the stored status differs from either.
+    from_pending: usize,
+    from_running: usize,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            notify: Arc::new(Notify::new()),
+            holders: 0,
+            from_pending: 0,
+            from_running: 0,
+        }
+    }
+}
+
+pub struct Waiters {
+    heartbeats: Mutex<HashMap<RuntimeId, Entry>>,
+    reads: Mutex<HashMap<RequestId, Entry>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<K>(map: &Mutex<HashMap<K, Entry>>) -> MutexGuard<'_, HashMap<K, Entry>> {
+    // Every change to a map is whole before its guard drops: a poisoned map is consistent.
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Waiters {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Waiters {
+            heartbeats: Mutex::default(),
+            reads: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// Registers a heartbeat held for `runtime` until the guard drops.
+    pub fn hold_heartbeat(&self, runtime: RuntimeId) -> Held<'_, RuntimeId> {
+        Held::new(self, &self.heartbeats, runtime, HEARTBEAT)
+    }
+
+    /// Registers a read waiting on request `id` until the guard drops.
+    pub fn hold_read(&self, id: RequestId) -> Held<'_, RequestId> {
+        Held::new(self, &self.reads, id, READ)
+    }
+
+    /// Wakes the heartbeats held for `runtime`: a request of it became pending.
+    pub fn wake_runtime(&self, runtime: RuntimeId, source: Source) {
+        wake(&self.heartbeats, &runtime, source, &self.metrics);
+    }
+
+    /// Wakes the reads waiting on `id`: its status changed.
+    pub fn wake_request(&self, id: RequestId, source: Source) {
+        wake(&self.reads, &id, source, &self.metrics);
+    }
+
+    /// Whether any call is held: the re-check has nothing to do otherwise.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.heartbeats).is_empty() && lock(&self.reads).is_empty()
+    }
+
+    /// Compares every waiter with the store's active requests (read in one query) and
+    /// wakes those the store has moved past: a held heartbeat whose runtime has a pending
+    /// request; a read whose request is no longer in the status it waits to leave, has
+    /// ended (it is not active any more), or is overdue (the read will end it).
+    pub fn recheck(&self, active: &[Active], now: Millis, source: Source) {
+        let pending: HashSet<RuntimeId> = active
+            .iter()
+            .filter(|a| a.status == Status::Pending)
+            .map(|a| a.runtime_id)
+            .collect();
+        let woken: Vec<Arc<Notify>> = lock(&self.heartbeats)
+            .iter()
+            .filter(|(runtime, _)| pending.contains(runtime))
+            .map(|(_, entry)| Arc::clone(&entry.notify))
+            .collect();
+        self.notify_all(woken, source);
+
+        let by_id: HashMap<RequestId, &Active> = active.iter().map(|a| (a.id, a)).collect();
+        let woken: Vec<Arc<Notify>> = lock(&self.reads)
+            .iter()
+            .filter(|(id, entry)| match by_id.get(id) {
+                None => true,
+                Some(a) => {
+                    a.deadline_at <= now
+                        || (entry.from_pending > 0 && a.status != Status::Pending)
+                        || (entry.from_running > 0 && a.status != Status::Running)
+                }
+            })
+            .map(|(_, entry)| Arc::clone(&entry.notify))
+            .collect();
+        self.notify_all(woken, source);
+    }
+
+    fn notify_all(&self, woken: Vec<Arc<Notify>>, source: Source) {
+        for notify in woken {
+            notify.notify_waiters();
+            self.metrics.woke(source.label());
+        }
+    }
+}
+
+fn wake<K: Eq + Hash>(map: &Mutex<HashMap<K, Entry>>, key: &K, source: Source, metrics: &Metrics) {
+    let notify = lock(map).get(key).map(|entry| Arc::clone(&entry.notify));
+    if let Some(notify) = notify {
+        notify.notify_waiters();
+        metrics.woke(source.label());
+    }
+}
+
+/// One held call's registration; it ends when the guard drops.
+pub struct Held<'a, K: Eq + Hash + Copy> {
+    waiters: &'a Waiters,
+    map: &'a Mutex<HashMap<K, Entry>>,
+    key: K,
+    kind: &'static str,
+    /// What the waiter parks on.
+    notify: Arc<Notify>,
+    /// The status a read waits to leave, once it has read it.
+    baseline: Option<Status>,
+}
+
+impl<'a, K: Eq + Hash + Copy> Held<'a, K> {
+    fn new(
+        waiters: &'a Waiters,
+        map: &'a Mutex<HashMap<K, Entry>>,
+        key: K,
+        kind: &'static str,
+    ) -> Self {
+        let notify = {
+            let mut map = lock(map);
+            let entry = map.entry(key).or_insert_with(Entry::new);
+            entry.holders += 1;
+            Arc::clone(&entry.notify)
+        };
+        waiters.metrics.held(kind, 1);
+        Held {
+            waiters,
+            map,
+            key,
+            kind,
+            notify,
+            baseline: None,
+        }
+    }
+
+    /// What to wait on. Take a fresh one before each read of the store, so that a change
+    /// made during the read wakes it.
+    pub fn notify(&self) -> Arc<Notify> {
+        Arc::clone(&self.notify)
+    }
+}
+
+impl Held<'_, RequestId> {
+    /// Records the status this read waits to leave (pending or running), for the re-check.
+    pub fn waits_to_leave(&mut self, status: Status) {
+        let mut map = lock(self.map);
+        if let Some(entry) = map.get_mut(&self.key) {
+            if let Some(old) = self.baseline.take() {
+                count_for(entry, old, false);
+            }
+            count_for(entry, status, true);
+            self.baseline = Some(status);
+        }
+    }
+}
+
+fn count_for(entry: &mut Entry, status: Status, add: bool) {
+    let counter = match status {
+        Status::Pending => &mut entry.from_pending,
+        Status::Running => &mut entry.from_running,
+        // A read never waits on an ended request.
+        Status::Completed | Status::Failed | Status::Timeout => return,
+    };
+    if add {
+        *counter += 1;
+    } else {
+        *counter = counter.saturating_sub(1);
+    }
+}
+
+impl<K: Eq + Hash + Copy> Drop for Held<'_, K> {
+    fn drop(&mut self) {
+        let mut map = lock(self.map);
+        if let Some(entry) = map.get_mut(&self.key) {
+            if let Some(old) = self.baseline {
+                count_for(entry, old, false);
+            }
+            entry.holders -= 1;
+            if entry.holders == 0 {
+                map.remove(&self.key);
+            }
+        }
+        drop(map);
+        self.waiters.metrics.held(self.kind, -1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(id: RequestId, runtime: RuntimeId, status: Status, deadline_at: Millis) -> Active {
+        Active {
+            id,
+            runtime_id: runtime,
+            status,
+            deadline_at,
+        }
+    }
+
+    /// Whether `notify` was woken since `notified` was made.
+    fn woken(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(notified.poll(&mut cx), Poll::Ready(()))
+    }
+
+    #[test]
+    fn recheck_wakes_a_heartbeat_only_when_its_runtime_has_a_pending_request() {
+        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let (rt, other) = (RuntimeId::random().unwrap(), RuntimeId::random().unwrap());
+        let held = waiters.hold_heartbeat(rt);
+        let notify = held.notify();
+        let mut notified = std::pin::pin!(notify.notified());
+        let id = RequestId::random().unwrap();
+        waiters.recheck(
+            &[active(id, other, Status::Pending, 10)],
+            0,
+            Source::Recheck,
+        );
+        waiters.recheck(&[active(id, rt, Status::Running, 10)], 0, Source::Recheck);
+        assert!(!woken(notified.as_mut()));
+        waiters.recheck(&[active(id, rt, Status::Pending, 10)], 0, Source::Recheck);
+        assert!(woken(notified.as_mut()));
+    }
+
+    #[test]
+    fn recheck_wakes_a_read_when_its_request_left_the_status_it_waits_on() {
+        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let rt = RuntimeId::random().unwrap();
+        let id = RequestId::random().unwrap();
+        let mut held = waiters.hold_read(id);
+        held.waits_to_leave(Status::Pending);
+        let notify = held.notify();
+        let mut notified = std::pin::pin!(notify.notified());
+        waiters.recheck(&[active(id, rt, Status::Pending, 10)], 0, Source::Recheck);
+        assert!(!woken(notified.as_mut()), "unchanged");
+        waiters.recheck(&[active(id, rt, Status::Running, 10)], 0, Source::Recheck);
+        assert!(woken(notified.as_mut()), "claimed");
+
+        let mut notified = std::pin::pin!(notify.notified());
+        waiters.recheck(&[active(id, rt, Status::Pending, 10)], 10, Source::Recheck);
+        assert!(woken(notified.as_mut()), "overdue: the read will end it");
+
+        let mut notified = std::pin::pin!(notify.notified());
+        waiters.recheck(&[], 0, Source::Recheck);
+        assert!(woken(notified.as_mut()), "ended: no longer active");
+    }
+
+    #[test]
+    fn a_read_registered_from_pending_is_woken_even_after_another_waits_from_running() {
+        // Two reads of one request that arrived at different times: the older one waits
+        // to leave pending, the newer one to leave running. Once running, the older must
+        // be woken by a re-check although the newer's baseline matches.
+        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let rt = RuntimeId::random().unwrap();
+        let id = RequestId::random().unwrap();
+        let mut older = waiters.hold_read(id);
+        older.waits_to_leave(Status::Pending);
+        let mut newer = waiters.hold_read(id);
+        newer.waits_to_leave(Status::Running);
+        let notify = older.notify();
+        let mut notified = std::pin::pin!(notify.notified());
+        waiters.recheck(&[active(id, rt, Status::Running, 10)], 0, Source::Recheck);
+        assert!(woken(notified.as_mut()));
+        drop(older);
+        let mut notified = std::pin::pin!(notify.notified());
+        waiters.recheck(&[active(id, rt, Status::Running, 10)], 0, Source::Recheck);
+        assert!(
+            !woken(notified.as_mut()),
+            "only the newer is left, and nothing changed"
+        );
+    }
+
+    #[test]
+    fn the_last_guard_to_drop_removes_the_key() {
+        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let rt = RuntimeId::random().unwrap();
+        let a = waiters.hold_heartbeat(rt);
+        let b = waiters.hold_heartbeat(rt);
+        drop(a);
+        assert!(!waiters.is_empty());
+        drop(b);
+        assert!(waiters.is_empty());
+    }
+}
