@@ -128,6 +128,10 @@ pub struct Settings {
     /// listener says: the bound on what a lost notification costs. Not a flag; tests set
     /// it very long to show that notifications alone wake waiters.
     pub recheck_every: Duration,
+    /// Whether the instance listens to the store for changes made elsewhere. Off, waiting
+    /// calls are woken by this instance's own writes and by the re-check only (River's
+    /// "poll only"), where notifications cannot pass.
+    pub listen: bool,
 }
 
 impl Default for Settings {
@@ -141,6 +145,7 @@ impl Default for Settings {
             body_limit: 1024 * 1024,
             max_wait: Duration::from_secs(25),
             recheck_every: Duration::from_secs(1),
+            listen: true,
         }
     }
 }

@@ -348,6 +348,7 @@ async fn get_request(
         return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&first)));
     }
     held.waits_to_leave(first.status);
+    held.parked();
     let request = loop {
         let woken = woken_before(app, notified.as_mut(), until).await;
         notified.set(notify.notified());
@@ -457,7 +458,7 @@ async fn hold_heartbeat(
     hold: Duration,
 ) -> Result<Option<RequestId>, ApiError> {
     let until = tokio::time::Instant::now() + hold;
-    let held = app.waiters.hold_heartbeat(rt);
+    let mut held = app.waiters.hold_heartbeat(rt);
     let notify = held.notify();
     let mut notified = std::pin::pin!(notify.notified());
     loop {
@@ -466,6 +467,7 @@ async fn hold_heartbeat(
         if let Some(id) = claim_if_pending(app, &token, rt).await? {
             return Ok(Some(id));
         }
+        held.parked();
         if !woken_before(app, notified.as_mut(), until).await {
             return Ok(None);
         }

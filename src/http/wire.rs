@@ -116,7 +116,7 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
     struct Raw {
         runtime_id: String,
         #[serde(default)]
-        wait_ms: Option<serde_json::Number>,
+        wait_ms: Option<serde_json::Value>,
         #[serde(default)]
         working_on: Option<Vec<String>>,
     }
@@ -124,8 +124,9 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
     let runtime_id = RuntimeId::parse(&raw.runtime_id)
         .ok_or_else(|| ApiError::BadRequest("runtime_id must be a UUID".to_owned()))?;
     let wait_ms = match raw.wait_ms {
-        None => 0,
-        Some(n) => wait_ms_from_json(&n)?,
+        None | Some(serde_json::Value::Null) => 0,
+        Some(serde_json::Value::Number(n)) => wait_ms_from_json(&n)?,
+        Some(_) => return Err(ApiError::BadRequest(BAD_WAIT.to_owned())),
     };
     let working_on = match raw.working_on {
         None => None,

@@ -175,6 +175,8 @@ pub struct Held<'a, K: Eq + Hash + Copy> {
     notify: Arc<Notify>,
     /// The status a read waits to leave, once it has read it.
     baseline: Option<Status>,
+    /// Whether the call is counted as held in the metrics: from its first wait on.
+    counted: bool,
 }
 
 impl<'a, K: Eq + Hash + Copy> Held<'a, K> {
@@ -190,7 +192,6 @@ impl<'a, K: Eq + Hash + Copy> Held<'a, K> {
             entry.holders += 1;
             Arc::clone(&entry.notify)
         };
-        waiters.metrics.held(kind, 1);
         Held {
             waiters,
             map,
@@ -198,6 +199,17 @@ impl<'a, K: Eq + Hash + Copy> Held<'a, K> {
             kind,
             notify,
             baseline: None,
+            counted: false,
+        }
+    }
+
+    /// The call has read the store once since registering and now parks: from here on it
+    /// counts as held (`model_relay_held_calls`). Only a wake-up can answer it sooner than
+    /// its wait.
+    pub fn parked(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.waiters.metrics.held(self.kind, 1);
         }
     }
 
@@ -249,7 +261,9 @@ impl<K: Eq + Hash + Copy> Drop for Held<'_, K> {
             }
         }
         drop(map);
-        self.waiters.metrics.held(self.kind, -1);
+        if self.counted {
+            self.waiters.metrics.held(self.kind, -1);
+        }
     }
 }
 

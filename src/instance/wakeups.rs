@@ -27,15 +27,19 @@ pub(super) fn run(app: &App, stop: &AtomicBool) {
     let recheck_every = app.settings.recheck_every;
     let mut last_recheck = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        // Re-check now: the listener asked for it, or is new (changes made before it
-        // listened are not in it), or the periodic one is due.
+        // Re-check after this wait when the listener asks for it or fails, or when the
+        // periodic one is due.
         let mut recheck: Option<Source> = None;
-        if listener.is_none() && Instant::now() >= retry_at {
+        if app.settings.listen && listener.is_none() && Instant::now() >= retry_at {
             match app.store.listen() {
                 Ok(opened) => {
                     listener = Some(opened);
                     backoff = FIRST_BACKOFF;
-                    recheck = Some(Source::Notification);
+                    // Changes made before it listened are not in it: re-check at once, and
+                    // only then say it is up.
+                    last_recheck = Instant::now();
+                    recheck_all(app, Source::Notification);
+                    app.metrics.listening(true);
                 }
                 Err(e) => {
                     tracing::warn!(error = %error_chain(&e), ?backoff, "wake-ups: cannot listen");
@@ -65,6 +69,7 @@ pub(super) fn run(app: &App, stop: &AtomicBool) {
                 Err(e) => {
                     tracing::warn!(error = %error_chain(&e), "wake-ups: listener failed");
                     listener = None;
+                    app.metrics.listening(false);
                     retry_at = Instant::now() + backoff;
                     // What changed while it was down is unknown.
                     recheck = Some(Source::Notification);

@@ -10,8 +10,8 @@ pub mod metered;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::clock::Millis;
@@ -51,6 +51,8 @@ pub struct Metrics {
     timeouts: IntCounterVec,
     /// Calls held on this instance now, by kind (heartbeat, read).
     held_calls: IntGaugeVec,
+    /// 1 while the instance listens to the store for changes made elsewhere, else 0.
+    listener_up: IntGauge,
     /// Keys whose waiters were woken, by who woke them (local, notification, recheck).
     wakeups: IntCounterVec,
 }
@@ -111,6 +113,10 @@ impl Metrics {
             ),
             &["kind"],
         );
+        let listener_up = IntGauge::new(
+            "model_relay_listener_up",
+            "1 while this instance listens to the store for changes made by other instances, else 0 (waiting calls then rely on the once-a-second re-check).",
+        );
         let wakeups = IntCounterVec::new(
             Opts::new(
                 "model_relay_wakeups_total",
@@ -128,6 +134,7 @@ impl Metrics {
             claims: claims.expect("valid metric"),
             timeouts: timeouts.expect("valid metric"),
             held_calls: held_calls.expect("valid metric"),
+            listener_up: listener_up.expect("valid metric"),
             wakeups: wakeups.expect("valid metric"),
             registry,
         };
@@ -139,6 +146,7 @@ impl Metrics {
             Box::new(metrics.claims.clone()),
             Box::new(metrics.timeouts.clone()),
             Box::new(metrics.held_calls.clone()),
+            Box::new(metrics.listener_up.clone()),
             Box::new(metrics.wakeups.clone()),
         ] {
             metrics
@@ -180,6 +188,11 @@ impl Metrics {
     /// A call of `kind` starts (`+1`) or stops (`-1`) being held.
     pub fn held(&self, kind: &str, delta: i64) {
         self.held_calls.with_label_values(&[kind]).add(delta);
+    }
+
+    /// The instance's listener opened (`true`) or failed (`false`).
+    pub fn listening(&self, up: bool) {
+        self.listener_up.set(i64::from(up));
     }
 
     /// The waiters of one key were woken by `source`.
