@@ -1,9 +1,14 @@
 //! The reference daemon against a real server on `127.0.0.1:0`: discovery from a file and a
-//! command, failure reports, lease renewal while discovery runs, retries, and stopping.
+//! command, failure reports, lease renewal while discovery runs, retries, and stopping. Held
+//! heartbeats are tested against a scripted fake server, in `daemon/held.rs`.
 //!
 //! Nothing here sleeps and hopes: each wait is for a condition the server can show (a
 //! status, a counter in the store), with a generous deadline that only a broken daemon hits.
 
+#[path = "daemon/fake.rs"]
+mod fake;
+#[path = "daemon/held.rs"]
+mod held;
 mod support;
 #[path = "daemon/watched.rs"]
 mod watched;

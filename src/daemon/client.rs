@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use super::discover::Discovery;
 use crate::ids::{RequestId, RuntimeId, Token};
@@ -120,8 +121,13 @@ impl RelayClient {
         }
     }
 
-    /// One heartbeat; the request it claimed, if any.
-    pub async fn heartbeat(&self) -> Result<Option<RequestId>, CallError> {
+    /// One heartbeat, asking the server to hold it up to `wait` (zero: answer at once) and
+    /// saying which requests this daemon holds; the request it handed out, if any.
+    pub async fn heartbeat(
+        &self,
+        wait: Duration,
+        working_on: &[RequestId],
+    ) -> Result<Option<RequestId>, CallError> {
         #[derive(Deserialize)]
         struct Ack {
             pending_model_list: Option<Pending>,
@@ -130,8 +136,13 @@ impl RelayClient {
         struct Pending {
             id: String,
         }
-        let body = serde_json::json!({"runtime_id": self.runtime_id.to_string()});
-        let answer = self.post("/api/daemon/heartbeat", body.to_string()).await?;
+        let body = heartbeat_body(self.runtime_id, wait, working_on);
+        // A held heartbeat is slow by design: the call timeout counts from the end of the
+        // wait, so it still catches a hung connection without cutting the hold short.
+        let timeout = wait.saturating_add(self.call_timeout);
+        let answer = self
+            .post("/api/daemon/heartbeat", body.to_string(), timeout)
+            .await?;
         let ack: Ack = serde_json::from_slice(&answer)
             .map_err(|e| CallError::BadAnswer(format!("heartbeat answer: {e}")))?;
         match ack.pending_model_list {
@@ -150,10 +161,11 @@ impl RelayClient {
         );
         // Serializing strings and booleans cannot fail; an empty body would be a 400.
         let json = serde_json::to_string(body).unwrap_or_default();
-        self.post(&path, json).await.map(drop)
+        self.post(&path, json, self.call_timeout).await.map(drop)
     }
 
-    async fn post(&self, path: &str, json: String) -> Result<Bytes, CallError> {
+    /// A POST that counts as a network error when it has no answer within `timeout`.
+    async fn post(&self, path: &str, json: String, timeout: Duration) -> Result<Bytes, CallError> {
         let uri: Uri = format!("{}{path}", self.base)
             .parse()
             .map_err(|e| CallError::Network(format!("bad URL: {e}")))?;
@@ -185,15 +197,29 @@ impl RelayClient {
                 Err(CallError::Status(status, error_message(&body)))
             }
         };
-        tokio::time::timeout(self.call_timeout, call)
+        tokio::time::timeout(timeout, call)
             .await
             .unwrap_or_else(|_| {
                 Err(CallError::Network(format!(
                     "no answer within {}",
-                    humantime::format_duration(self.call_timeout)
+                    humantime::format_duration(timeout)
                 )))
             })
     }
+}
+
+/// `{"runtime_id", "wait_ms"?, "working_on"}`. No `wait_ms` when there is no wait: a v1
+/// heartbeat, byte for byte, but for `working_on`, which lets the server hand out again a
+/// request whose hand-out this daemon never received.
+fn heartbeat_body(runtime_id: RuntimeId, wait: Duration, working_on: &[RequestId]) -> Value {
+    let mut body = json!({
+        "runtime_id": runtime_id.to_string(),
+        "working_on": working_on.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    if !wait.is_zero() {
+        body["wait_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
+    }
+    body
 }
 
 /// The `error` of a `{"error": …}` body, or the start of whatever else came back.
@@ -312,6 +338,24 @@ mod tests {
         .await;
         assert!(result.is_ok());
         assert_eq!(*calls.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_heartbeat_says_how_long_to_hold_it_and_what_the_daemon_holds() {
+        let rt = RuntimeId::parse("f40ded99-5e02-4ce0-95b4-efd3589327d8").unwrap();
+        let id = RequestId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(
+            heartbeat_body(rt, Duration::from_secs(25), &[id]),
+            json!({
+                "runtime_id": "f40ded99-5e02-4ce0-95b4-efd3589327d8",
+                "wait_ms": 25_000,
+                "working_on": ["0123456789abcdef0123456789abcdef"],
+            })
+        );
+        assert_eq!(
+            heartbeat_body(rt, Duration::ZERO, &[]),
+            json!({"runtime_id": "f40ded99-5e02-4ce0-95b4-efd3589327d8", "working_on": []})
+        );
     }
 
     #[test]

@@ -25,9 +25,14 @@ pub struct DaemonArgs {
     token: String,
     #[command(flatten)]
     source: SourceArgs,
-    /// How often to heartbeat, and to renew the lease while discovery runs.
+    /// How often to renew the lease while discovery runs; also how long to pause between
+    /// heartbeats when the server does not hold them, and the longest retry backoff.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     heartbeat_interval: Duration,
+    /// How long each heartbeat asks the server to hold it until a request comes (the server
+    /// clamps it to its --max-wait). 0s: no hold, a heartbeat every --heartbeat-interval.
+    #[arg(long, value_parser = parse_wait, default_value = "25s")]
+    heartbeat_wait: Duration,
     /// How long discovery may take before it is reported as failed.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     discover_timeout: Duration,
@@ -61,9 +66,20 @@ impl DaemonArgs {
         };
         let mut config = Config::new(&self.server, runtime_id, Token::from_header(token), source)?;
         config.heartbeat_interval = self.heartbeat_interval;
+        config.heartbeat_wait = self.heartbeat_wait;
         config.discover_timeout = self.discover_timeout;
         Ok(config)
     }
+}
+
+/// A duration as `--heartbeat-interval` takes it, or zero: `0s` is how to turn holding off.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    parse_duration(s).or_else(|refused| {
+        humantime::parse_duration(s.trim())
+            .ok()
+            .filter(Duration::is_zero)
+            .ok_or(refused)
+    })
 }
 
 /// `model-relay daemon`: runs until SIGTERM or Ctrl-C, or until the server refuses it.
@@ -110,5 +126,23 @@ pub async fn stop_requested() {
     tokio::select! {
         () = interrupt => tracing::info!("interrupted; stopping"),
         () = terminate => tracing::info!("SIGTERM; stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_wait_takes_a_duration_or_zero() {
+        assert_eq!(parse_wait("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_wait(" 0s "), Ok(Duration::ZERO));
+        assert_eq!(parse_wait("0ms"), Ok(Duration::ZERO));
+        assert!(parse_wait("soon").is_err());
+        assert!(parse_wait("-1s").is_err());
+        assert!(
+            parse_duration("0s").is_err(),
+            "the interval still refuses zero"
+        );
     }
 }

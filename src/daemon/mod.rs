@@ -1,7 +1,10 @@
-//! The reference daemon: what runs next to an agent runtime, behind NAT. It heartbeats; when
-//! an answer hands it a model-list request it runs discovery in a task of its own, so the
-//! heartbeats go on meanwhile, renews the request's lease every heartbeat interval while
-//! discovery runs, and reports the result, retrying what a retry can fix.
+//! The reference daemon: what runs next to an agent runtime, behind NAT. It heartbeats, asking
+//! the server to hold each heartbeat until a request comes (see [`pace`] for when the next
+//! one goes); when an answer hands it a model-list request it runs discovery in a task of its
+//! own, so the heartbeats go on meanwhile, renews the request's lease every heartbeat
+//! interval while discovery runs, and reports the result, retrying what a retry can fix.
+//! Every heartbeat lists the requests the daemon holds (`working_on`), so that the server can
+//! hand out again one whose hand-out was lost on the way.
 //!
 //! [`run`] is the seam: `model-relay daemon` and `model-relay demo` call it with a config and
 //! a shutdown future, and so do the tests, against a real server on port 0.
@@ -9,9 +12,12 @@
 mod client;
 pub mod command;
 mod discover;
+mod pace;
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -24,6 +30,7 @@ pub use discover::{Discovery, Source, parse_models};
 
 use crate::ids::{RequestId, RuntimeId, Token};
 use client::{RelayClient, with_retries};
+use pace::{Backoff, Pace, random_seed};
 
 /// Waits before each retry of a report: four retries after a first attempt.
 pub const REPORT_BACKOFF: [Duration; 4] = [
@@ -42,8 +49,12 @@ pub struct Config {
     /// The runtime's daemon token.
     pub token: Token,
     pub source: Source,
-    /// How often to heartbeat, and to renew the lease of a request being discovered.
+    /// How often to renew the lease of a request being discovered; also the pause between
+    /// heartbeats when the server does not hold them, and the cap of the error backoff.
     pub heartbeat_interval: Duration,
+    /// How long each heartbeat asks the server to hold it (`wait_ms`) until a request comes,
+    /// so discovery starts at once instead of at the next poll. Zero: poll every interval.
+    pub heartbeat_wait: Duration,
     /// How long one discovery may take before it is reported as failed.
     pub discover_timeout: Duration,
     /// Waits before each retry of a final report; see [`REPORT_BACKOFF`].
@@ -55,8 +66,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// A config with the documented defaults: heartbeat every 15 s, discovery bounded at
-    /// 30 s. `server` must be an `http://` URL.
+    /// A config with the documented defaults: heartbeats held up to 25 s, an interval of
+    /// 15 s, discovery bounded at 30 s. `server` must be an `http://` URL.
     pub fn new(
         server: &str,
         runtime_id: RuntimeId,
@@ -69,6 +80,7 @@ impl Config {
             token,
             source,
             heartbeat_interval: Duration::from_secs(15),
+            heartbeat_wait: Duration::from_secs(25),
             discover_timeout: Duration::from_secs(30),
             report_backoff: REPORT_BACKOFF.to_vec(),
             call_timeout: Duration::from_secs(10),
@@ -126,66 +138,177 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(),
         config.call_timeout,
     ));
     let (stop, stopping) = watch::channel(false);
+    let worker = Worker {
+        client: Arc::clone(&client),
+        config: Arc::clone(&config),
+        holdings: Holdings::default(),
+        stopping,
+    };
     let mut requests = JoinSet::new();
-    let mut beats = tokio::time::interval(config.heartbeat_interval);
-    beats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let pace = Pace {
+        wait: config.heartbeat_wait,
+        interval: config.heartbeat_interval,
+    };
+    let mut backoff = Backoff::new(config.heartbeat_interval, random_seed());
+    let mut next_beat = Instant::now();
     tokio::pin!(shutdown);
-    tracing::info!(server = %config.server, "daemon started");
+    tracing::info!(server = %config.server, wait = ?config.heartbeat_wait, "daemon started");
     let outcome = loop {
-        tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            Some(joined) = requests.join_next() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "a request task panicked");
-                }
-                continue;
-            }
-            _ = beats.tick() => {}
+        let pause = tokio::time::sleep_until(next_beat);
+        if unless_stopped(pause, shutdown.as_mut(), &mut requests)
+            .await
+            .is_none()
+        {
+            break Ok(());
         }
-        let beat = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            beat = client.heartbeat() => beat,
+        let sent = Instant::now();
+        let working_on = worker.holdings.ids();
+        let call = client.heartbeat(config.heartbeat_wait, &working_on);
+        let Some(beat) = unless_stopped(call, shutdown.as_mut(), &mut requests).await else {
+            break Ok(());
         };
-        match beat {
-            Ok(Some(id)) => {
-                tracing::info!(request = %id, "claimed a model-list request; discovering");
-                requests.spawn(
-                    serve_request(
-                        Arc::clone(&client),
-                        Arc::clone(&config),
-                        id,
-                        stopping.clone(),
-                    )
-                    .in_current_span(),
-                );
+        let wait = match beat {
+            Ok(claimed) => {
+                backoff.reset();
+                match claimed {
+                    Some(id) => worker.hand_out(id, &mut requests),
+                    None => tracing::debug!(took = ?sent.elapsed(), "heartbeat"),
+                }
+                pace.after_answer(claimed.is_some(), sent.elapsed())
             }
-            Ok(None) => tracing::debug!("heartbeat"),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "heartbeat failed; trying again at the next interval");
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?wait, "heartbeat failed; trying again");
+                wait
             }
             Err(e) => break Err(DaemonError::Refused(e)),
-        }
+        };
+        next_beat = from_now(wait);
     };
     tracing::info!("daemon stopping");
     let _ = stop.send(true);
-    let drained = tokio::time::timeout(config.stop_grace, async {
+    drain(requests, config.stop_grace).await;
+    tracing::info!("daemon stopped");
+    outcome
+}
+
+/// `wait` from now. `checked_add` fails only for an absurd interval; then it is a day.
+fn from_now(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400))
+}
+
+/// Gives the request tasks, told to stop, `grace` to send their last reports.
+async fn drain(mut requests: JoinSet<()>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async {
         while requests.join_next().await.is_some() {}
     });
     if drained.await.is_err() {
         tracing::warn!("in-flight requests did not report in time; dropping them");
     }
-    tracing::info!("daemon stopped");
-    outcome
+}
+
+/// Runs `work` to its end, reaping finished request tasks meanwhile; `None` when `shutdown`
+/// completes first. Dropping `work` then cancels it: a held heartbeat does not delay a stop.
+async fn unless_stopped<T>(
+    work: impl Future<Output = T>,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    requests: &mut JoinSet<()>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => return None,
+            Some(joined) = requests.join_next() => {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a request task panicked");
+                }
+            }
+            done = &mut work => return Some(done),
+        }
+    }
+}
+
+/// What a request task needs, shared by all of them.
+struct Worker {
+    client: Arc<RelayClient>,
+    config: Arc<Config>,
+    holdings: Holdings,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// A heartbeat handed out `id`: serve it, unless this daemon holds it already. The server
+    /// hands out a request again when it thinks its first hand-out was lost; if it was not,
+    /// the task serving it goes on, and a second discovery would only race it.
+    fn hand_out(&self, id: RequestId, requests: &mut JoinSet<()>) {
+        // Taken here, before the next heartbeat is sent, so that heartbeat lists it.
+        let Some(holding) = self.holdings.take(id) else {
+            tracing::debug!(request = %id, "handed out again a request this daemon holds; ignored");
+            return;
+        };
+        tracing::info!(request = %id, "claimed a model-list request; discovering");
+        requests.spawn(
+            serve_request(
+                Arc::clone(&self.client),
+                Arc::clone(&self.config),
+                holding,
+                self.stopping.clone(),
+            )
+            .in_current_span(),
+        );
+    }
+}
+
+/// The requests this daemon holds right now: what each heartbeat's `working_on` says.
+#[derive(Clone, Default)]
+struct Holdings(Arc<Mutex<BTreeSet<RequestId>>>);
+
+impl Holdings {
+    /// Takes `id`, unless it is held already; the returned guard lets go of it when dropped.
+    fn take(&self, id: RequestId) -> Option<Holding> {
+        self.lock().insert(id).then(|| Holding {
+            id,
+            holdings: self.clone(),
+        })
+    }
+
+    fn ids(&self) -> Vec<RequestId> {
+        self.lock().iter().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<RequestId>> {
+        // The set is only inserted into and removed from: a panic elsewhere cannot leave it
+        // half changed, so a poisoned lock is still good.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One held request. Dropped when the task serving it ends in any way (reported, given up,
+/// abandoned, aborted at stop), so `working_on` never names a request nobody serves.
+struct Holding {
+    id: RequestId,
+    holdings: Holdings,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.holdings.lock().remove(&self.id);
+    }
 }
 
 /// One claimed request: discovery in a task of its own, a lease renewal every heartbeat
-/// interval while it runs, then the report.
+/// interval while it runs (on its own timer: a held heartbeat does not delay it), then the
+/// report. The request stays in `working_on` until `holding` drops, after the last call.
 async fn serve_request(
     client: Arc<RelayClient>,
     config: Arc<Config>,
-    id: RequestId,
+    holding: Holding,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let id = holding.id;
     // A JoinSet aborts its task when dropped, and dropping the discovery kills its command:
     // nothing outlives this function.
     let mut discovery = JoinSet::new();

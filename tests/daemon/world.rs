@@ -106,10 +106,7 @@ impl Relay {
 
     /// Starts a daemon for runtime `rt` and waits until the runtime is online.
     pub async fn run(&self, config: Config, rt: &str) -> RunningDaemon {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run(config, async {
-            let _ = stopped.await;
-        }));
+        let daemon = RunningDaemon::spawn(config);
         eventually("the runtime comes online", || async {
             let list = self.http.get(&self.url("/api/runtimes"), &self.api).await;
             list.json["runtimes"]
@@ -119,7 +116,7 @@ impl Relay {
                 .any(|r| r["id"] == rt && r["status"] == "online")
         })
         .await;
-        RunningDaemon { stop, task }
+        daemon
     }
 
     /// A new runtime with a running daemon that discovers from `source`.
@@ -171,6 +168,15 @@ pub struct RunningDaemon {
 }
 
 impl RunningDaemon {
+    /// Starts `daemon::run` in a task of its own.
+    pub fn spawn(config: Config) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(daemon::run(config, async {
+            let _ = stopped.await;
+        }));
+        RunningDaemon { stop, task }
+    }
+
     /// Completes the daemon's shutdown future and waits for `run` to return.
     pub async fn stop(self) -> Result<(), DaemonError> {
         let _ = self.stop.send(());
