@@ -124,7 +124,13 @@ async fn a_discover_cmd_past_its_timeout_is_killed_with_its_children_and_reporte
 
 #[tokio::test]
 async fn heartbeats_go_on_and_the_lease_is_renewed_while_discovery_runs() {
-    let relay = Relay::start().await;
+    // A server that answers heartbeats at once: the daemon then heartbeats every interval,
+    // and each heartbeat after the clock moves shows as a touch of `last_seen_at`.
+    let relay = Relay::start_with(model_relay::config::Settings {
+        max_wait: Duration::ZERO,
+        ..support::server::settings()
+    })
+    .await;
     let gate = Gate::new();
     let (rt, daemon) = relay.daemon("slow", gate.source()).await;
     let id = relay.request(&rt).await;
@@ -249,4 +255,26 @@ fn found(id: &str) -> Source {
         }],
         supported: true,
     })
+}
+
+/// The whole point of held heartbeats: with heartbeats an hour apart and each held for
+/// 36 s (0.8 × the 45 s offline_after), longer than the test waits for the end, a
+/// discovery is only served in time if the server wakes the held heartbeat when the
+/// request is made.
+#[tokio::test]
+async fn a_held_heartbeat_serves_a_request_without_waiting_for_the_interval() {
+    let relay = Relay::start_with(model_relay::config::Settings {
+        max_wait: Duration::from_secs(60),
+        ..support::server::settings()
+    })
+    .await;
+    let (rt, token) = relay.runtime("held").await;
+    let mut config = relay.config(&rt, &token, found("m"));
+    config.heartbeat_interval = Duration::from_secs(3600);
+    config.heartbeat_wait = Duration::from_secs(60);
+    let daemon = relay.run(config, &rt).await;
+    let id = relay.request(&rt).await;
+    let ended = relay.wait_ended(&rt, &id).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    daemon.stop().await.unwrap();
 }

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::support::server::{Http, Instance, T0, settings, workspace};
 use super::watched::{Knobs, WatchedStore};
+use model_relay::config::Settings;
 
 /// Long enough for any healthy wait on a loaded 2-core machine; only a broken daemon hits it.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -54,11 +55,21 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A server that holds heartbeats briefly (200 ms), so that a daemon's heartbeats keep
+    /// coming while it exercises the held path.
     pub async fn start() -> Self {
+        Self::start_with(Settings {
+            max_wait: Duration::from_millis(200),
+            ..settings()
+        })
+        .await
+    }
+
+    pub async fn start_with(settings: Settings) -> Self {
         let (store, knobs) = WatchedStore::new();
         let (_, api) = workspace(store.as_ref(), T0);
         let clock = Arc::new(FakeClock::new(T0));
-        let instance = Instance::start(store, clock.clone(), settings()).await;
+        let instance = Instance::start(store, clock.clone(), settings).await;
         Relay {
             http: Http::default(),
             clock,
