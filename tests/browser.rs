@@ -53,6 +53,12 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
     let scratch = tempfile::tempdir().unwrap();
     let empty_file = scratch.path().join("models.json");
     std::fs::write(&empty_file, r#"{"models": [], "supported": true}"#).unwrap();
+    // The slow runtime's discovery lasts until the scenario creates this file.
+    let gate = scratch.path().join("open");
+    let slow = format!(
+        "while [ ! -e '{}' ]; do sleep 0.05; done; echo '[{{\"id\":\"slow-model\",\"label\":\"Slow\"}}]'",
+        gate.display()
+    );
 
     let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
     let (_, api) = workspace(store.as_ref(), 0);
@@ -71,6 +77,7 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
             "broken-box",
             Source::Command("echo 'codex: not signed in' >&2; exit 3".into()),
         ),
+        ("slow-box", Source::Command(slow)),
     ];
     let http = Http::default();
     let mut daemons = Vec::new();
@@ -98,7 +105,7 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
     let client = driver.session(&tools, profile.path()).await;
     // The scenario runs in a task so that a failed assertion still lets us take the
     // screenshot and close the browser before the test fails.
-    let scenario = tokio::spawn(scenario(client.clone(), server.base.clone(), api));
+    let scenario = tokio::spawn(scenario(client.clone(), server.base.clone(), api, gate));
     let outcome = scenario.await;
     let screenshot = artifacts.join("discovery.png");
     match client.screenshot().await {
@@ -120,14 +127,14 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
     }
 }
 
-async fn scenario(client: Client, base: String, api: String) {
+async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
     client.goto(&format!("{base}/")).await.unwrap();
     let token = client.find(Locator::Id("token")).await.unwrap();
     token.send_keys(&api).await.unwrap();
     // Signs in with the keyboard: Enter in the field submits the form.
     token.send_keys(&Key::Enter).await.unwrap();
 
-    for name in ["alpha-laptop", "empty-box", "broken-box"] {
+    for name in ["alpha-laptop", "empty-box", "broken-box", "slow-box"] {
         let badge = format!("{} .badge", runtime(name));
         wait_for_text(&client, &badge, "online").await;
     }
@@ -247,6 +254,32 @@ async fn scenario(client: Client, base: String, api: String) {
     assert_eq!(
         chosen(&client, "broken-box").await,
         "Selected model: gpt-5-codex"
+    );
+
+    // While a discovery runs, the page's read waits at the server (a poll would not be
+    // held), and the end of the discovery answers it.
+    client
+        .find(Locator::Css(&format!("{} .discover", runtime("slow-box"))))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let http = Http::default();
+    let start = Instant::now();
+    loop {
+        let metrics = http.get_text(&format!("{base}/metrics")).await.text();
+        let scrape = support::prom::Scrape::parse(&metrics);
+        if scrape.value("model_relay_held_calls", &[("kind", "read")]) == 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the page never held a read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        wait_for_outcome(&client, "slow-box").await,
+        "Found 1 model. Pick one, or type a model ID."
     );
 }
 

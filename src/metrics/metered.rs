@@ -191,3 +191,57 @@ impl Storer for MeteredStore {
         self.timed("listen", |s| s.listen())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::MeteredStore;
+    use crate::ids::{RequestId, RuntimeId};
+    use crate::metrics::Metrics;
+    use crate::model::Timeouts;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Daemon, Storer};
+
+    /// `heartbeat_writes` is what keeps a heartbeat on the async worker, so it must be
+    /// exact: where it says no, the composite makes no store call at all; where it says
+    /// yes, it does. The runtime does not exist, so every call the composite makes shows.
+    #[test]
+    fn heartbeat_writes_says_exactly_when_the_composite_calls_the_store() {
+        let now = 1_000_000;
+        let lost = RequestId::random().unwrap();
+        let held: &[RequestId] = &[lost];
+        let other: &[RequestId] = &[RequestId::random().unwrap()];
+        for refresh_after in [0, 100] {
+            for last_seen_at in [None, Some(now), Some(now - 100), Some(now - 101)] {
+                for pending in [false, true] {
+                    for unrenewed in [None, Some(lost)] {
+                        for working_on in [None, Some(held), Some(other)] {
+                            let metrics = Arc::new(Metrics::new());
+                            let engine = Arc::new(MemoryStore::new(Timeouts::default()));
+                            let store = MeteredStore::new(engine, Arc::clone(&metrics));
+                            let daemon = Daemon {
+                                runtime: RuntimeId::random().unwrap(),
+                                last_seen_at,
+                                pending,
+                                unrenewed,
+                            };
+                            store
+                                .heartbeat(&daemon, now, refresh_after, working_on)
+                                .unwrap();
+                            let scraped = metrics.render(None, now).unwrap();
+                            let called = scraped.lines().any(|l| {
+                                l.starts_with("model_relay_store_operation_duration_seconds_count")
+                            });
+                            assert_eq!(
+                                called,
+                                daemon.heartbeat_writes(now, refresh_after, working_on),
+                                "{daemon:?}, refresh_after {refresh_after}, {working_on:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

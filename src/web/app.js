@@ -1,11 +1,16 @@
 // The model-relay page: sign in with an API token, list the workspace's runtimes, ask one
-// for its models and poll until the request ends, then pick a model or type one.
+// for its models and wait until the request ends, then pick a model or type one.
 //
 // Everything the server sends is put in the page with textContent, never as HTML.
 'use strict';
 
 const TOKEN_KEY = 'model-relay.api-token';
-// How often a running discovery is polled, and the runtime list refreshed.
+// A read of a running discovery waits up to WAIT_MS at the server for its status to change
+// (the server clamps it to its --max-wait), so the page learns of a change at once. A read
+// answered sooner with nothing changed (a server that does not hold reads) is followed by
+// the next one no sooner than POLL_MS after it was sent. The runtime list is refreshed
+// every REFRESH_MS.
+const WAIT_MS = 20000;
 const POLL_MS = 1000;
 const REFRESH_MS = 10000;
 // A poll that fails on the network this many times in a row ends the wait.
@@ -171,7 +176,8 @@ async function discover(runtimeId, item) {
   }
 }
 
-// Creates a request (or joins the active one) and polls until it has ended.
+// Creates a request (or joins the active one) and waits until it has ended, each read held
+// at the server until the request's status changes.
 async function waitForEnd(runtimeId) {
   const base = '/api/runtimes/' + encodeURIComponent(runtimeId) + '/models';
   const created = await api('POST', base);
@@ -179,17 +185,21 @@ async function waitForEnd(runtimeId) {
   let request = created.body;
   let failures = 0;
   while (request.status === 'pending' || request.status === 'running') {
-    await sleep(POLL_MS);
+    const sent = Date.now();
     let answer;
     try {
-      answer = await api('GET', base + '/' + encodeURIComponent(request.id));
+      answer = await api('GET', base + '/' + encodeURIComponent(request.id) + '?wait_ms=' + WAIT_MS);
     } catch (e) {
       if (e instanceof SignedOut || ++failures >= MAX_POLL_FAILURES) throw e;
+      await sleep(POLL_MS);
       continue;
     }
     failures = 0;
     if (answer.status !== 200) throw new Error(errorOf(answer));
+    const unchanged = answer.body.status === request.status;
     request = answer.body;
+    const early = POLL_MS - (Date.now() - sent);
+    if (unchanged && early > 0) await sleep(early);
   }
   return request;
 }
