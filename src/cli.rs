@@ -96,6 +96,10 @@ struct ServeArgs {
     /// waits are clamped. Keep it under the idle timeout of any proxy in front.
     #[arg(long, value_parser = parse_duration, default_value = "25s", env = "MODEL_RELAY_MAX_WAIT")]
     max_wait: Duration,
+    /// How often every held call is re-checked against the store (one query for all), the
+    /// bound on what a lost wake-up notification costs.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    recheck_every: Duration,
     /// How often this instance's sweeper runs.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     sweep_every: Duration,
@@ -191,6 +195,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         offline_after: args.offline_after,
         sweep_every: args.sweep_every,
         max_wait: args.max_wait,
+        recheck_every: args.recheck_every,
         ..Settings::default()
     };
     let url = args.database.resolve()?;

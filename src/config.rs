@@ -125,8 +125,8 @@ pub struct Settings {
     /// clamped to it. Keep it under the idle timeout of any proxy in front.
     pub max_wait: Duration,
     /// How often the instance re-checks every held call against the store, whatever its
-    /// listener says: the bound on what a lost notification costs. Not a flag; tests set
-    /// it very long to show that notifications alone wake waiters.
+    /// listener says: the bound on what a lost notification costs. Tests set it very long
+    /// to show that notifications alone wake waiters.
     pub recheck_every: Duration,
     /// Whether the instance listens to the store for changes made elsewhere. Off, waiting
     /// calls are woken by this instance's own writes and by the re-check only (River's

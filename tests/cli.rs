@@ -130,6 +130,70 @@ async fn two_serve_processes_on_one_postgres_database_answer_each_others_calls()
     two_processes_alternating(&schema.url()).await;
 }
 
+/// A create in one `serve` process wakes a heartbeat held in another process on the same
+/// SQLite file, through SQLite alone (the watcher of `PRAGMA data_version`): the re-check
+/// is an hour away, and the heartbeat would otherwise be held for a minute, past the test
+/// client's 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_in_one_process_wakes_a_heartbeat_held_in_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let api = workspace_create(&db)["api_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let flags = [
+        "--max-wait",
+        "60s",
+        "--offline-after",
+        "1h",
+        "--recheck-every",
+        "1h",
+    ];
+    let holder = Serve::start(&db, &flags);
+    let creator = Serve::start(&db, &flags);
+    let http = Http::default();
+    let created = http
+        .post(
+            &format!("{}/api/runtimes", creator.base),
+            &api,
+            json!({"name": "box", "provider": "claude"}),
+        )
+        .await;
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let daemon = created.json["daemon_token"].as_str().unwrap().to_owned();
+    let beat_url = format!("{}/api/daemon/heartbeat", holder.base);
+    let online = http
+        .post(&beat_url, &daemon, json!({"runtime_id": rt}))
+        .await;
+    assert_eq!(online.status, StatusCode::OK);
+    let held = http.post(
+        &beat_url,
+        &daemon,
+        json!({"runtime_id": rt, "wait_ms": 60_000}),
+    );
+    let create = async {
+        let metrics = format!("{}/metrics", holder.base);
+        for _ in 0..1000 {
+            let scrape = support::prom::Scrape::parse(&http.get_text(&metrics).await.text());
+            if scrape.value("model_relay_held_calls", &[("kind", "heartbeat")]) == 1.0
+                && scrape.value("model_relay_listener_up", &[]) == 1.0
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        http.post_empty(&format!("{}/api/runtimes/{rt}/models", creator.base), &api)
+            .await
+    };
+    let (ack, request) = tokio::join!(held, create);
+    assert_eq!(ack.status, StatusCode::OK);
+    assert_eq!(ack.json["pending_model_list"]["id"], request.json["id"]);
+    for server in [holder, creator] {
+        assert!(server.terminate().success());
+    }
+}
+
 /// JSON logs at the most verbose level, over a whole cycle with good and bad calls: every
 /// line is one JSON object, each request has its debug line by route template, the state
 /// transitions are there at info, and no token — good, wrong or malformed — appears in any

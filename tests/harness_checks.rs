@@ -38,7 +38,20 @@ fn call(actor: &str, op: Op, t: i64, status: u16, body: Value) -> Call {
         invoked: t,
         completed: t + 1,
         outcome: Ok((status, body)),
+        wait_ms: 0,
+        working_on: None,
     }
+}
+
+/// `call`, as a waiting call that asked for `wait_ms` and was answered at `completed`.
+fn held(mut call: Call, wait_ms: u64, completed: i64) -> Call {
+    call.wait_ms = wait_ms;
+    call.completed = completed;
+    call
+}
+
+fn ack() -> Value {
+    json!({"status": "ok", "pending_model_list": {"id": ID}})
 }
 
 fn done() -> Value {
@@ -317,4 +330,128 @@ fn a_4xx_on_a_valid_call_is_caught() {
         json!({"error": "missing or invalid bearer token"}),
     ));
     assert_eq!(fired(&h), vec![Invariant::UnexpectedStatus]);
+}
+
+#[test]
+fn a_hand_out_again_is_allowed_only_to_a_heartbeat_whose_working_on_leaves_it_out() {
+    let again = |working_on: Option<Vec<String>>| {
+        let mut h = good();
+        let mut beat = call("d", Op::Heartbeat, T + 25, 200, ack());
+        beat.working_on = working_on;
+        h.push(beat);
+        fired(&h)
+    };
+    assert_eq!(
+        again(Some(vec![])),
+        vec![],
+        "the daemon said it does not hold it"
+    );
+    assert_eq!(
+        again(Some(vec![ID.to_owned()])),
+        vec![Invariant::HandedOutTwice],
+        "the daemon said it holds it"
+    );
+    assert_eq!(
+        again(None),
+        vec![Invariant::HandedOutTwice],
+        "no working_on: v1"
+    );
+}
+
+#[test]
+fn a_waiting_read_answered_early_with_nothing_changed_is_caught() {
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        held(
+            call("p", Op::Poll, T + 10, 200, record("pending", T, T)),
+            3000,
+            T + 200,
+        ),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::AnsweredUnchanged]);
+    // Answered early with a change, or unchanged when its wait ended: both fine.
+    let changed = vec![
+        h[0].clone(),
+        held(
+            call("p", Op::Poll, T + 10, 200, record("running", T, T + 150)),
+            3000,
+            T + 200,
+        ),
+    ];
+    assert_eq!(fired(&changed), vec![]);
+    let waited = vec![
+        h[0].clone(),
+        held(
+            call("p", Op::Poll, T + 10, 200, record("pending", T, T)),
+            300,
+            T + 310,
+        ),
+    ];
+    assert_eq!(fired(&waited), vec![]);
+}
+
+#[test]
+fn a_held_heartbeat_answered_early_without_a_claim_is_caught_unless_its_instance_restarted() {
+    let beat = held(
+        call("d", Op::Heartbeat, T, 200, json!({"status": "ok"})),
+        3000,
+        T + 500,
+    );
+    assert_eq!(
+        fired(std::slice::from_ref(&beat)),
+        vec![Invariant::AnsweredUnchanged]
+    );
+    let mut restart = call("restart", Op::Restart, T + 400, 200, Value::Null);
+    restart.completed = T + 600;
+    assert_eq!(fired(&[beat, restart]), vec![]);
+}
+
+#[test]
+fn a_waiting_read_held_long_past_a_change_of_its_request_is_caught() {
+    // Claimed at T + 21; the read, waiting from T + 10, is answered only at T + 2,500.
+    let h = vec![
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call("d", Op::Heartbeat, T + 20, 200, ack()),
+        held(
+            call("p", Op::Poll, T + 10, 200, record("running", T, T + 20)),
+            4000,
+            T + 2_500,
+        ),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::NotWoken]);
+    let woken = vec![
+        h[0].clone(),
+        h[1].clone(),
+        held(
+            call("p", Op::Poll, T + 10, 200, record("running", T, T + 20)),
+            4000,
+            T + 25,
+        ),
+    ];
+    assert_eq!(fired(&woken), vec![]);
+}
+
+#[test]
+fn a_held_heartbeat_that_let_a_new_request_go_unclaimed_is_caught() {
+    // Held from T - 100 to its end at T + 2,900; a request made at T was never handed out.
+    let h = vec![
+        held(
+            call("d", Op::Heartbeat, T - 100, 200, json!({"status": "ok"})),
+            3000,
+            T + 2_900,
+        ),
+        call("p", Op::Create, T, 200, record("pending", T, T)),
+        call("p", Op::FinalRead, T + 3_000, 200, {
+            let mut r = record("timeout", T, T + 400);
+            r["error"] = json!("daemon did not respond within 0 seconds");
+            r
+        }),
+    ];
+    assert_eq!(fired(&h), vec![Invariant::NotWoken]);
+    // Unless a dropped heartbeat of the runtime may have been handed it unseen.
+    let mut dropped = call("d", Op::Heartbeat, T - 50, 200, json!({}));
+    dropped.outcome = Err("dropped by the client".into());
+    let mut unseen = h.clone();
+    unseen.push(dropped);
+    assert_eq!(fired(&unseen), vec![]);
 }

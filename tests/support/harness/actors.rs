@@ -1,7 +1,8 @@
 //! The actors of a run: daemons (heartbeats, and a job per claimed request) and UI pollers.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use hyper::Method;
 use model_relay::clock::{Clock, SystemClock};
@@ -30,7 +31,9 @@ fn report_body(plan: Plan, second: bool) -> Value {
     }
 }
 
-/// A daemon's work on one claimed request, beside its heartbeats.
+/// A daemon's work on one claimed request, beside its heartbeats. The request stays in
+/// `held` (the daemon's `working_on`) until the job is over.
+#[allow(clippy::too_many_arguments)]
 async fn job<C: Cluster>(
     run: Arc<Run<C>>,
     actor: String,
@@ -39,7 +42,27 @@ async fn job<C: Cluster>(
     id: String,
     plan: Plan,
     seed: u64,
+    held: Arc<Mutex<BTreeSet<String>>>,
 ) {
+    work(&run, &actor, &rt, &token, &id, plan, seed).await;
+    held.lock().unwrap().remove(&id);
+}
+
+async fn work<C: Cluster>(
+    run: &Run<C>,
+    actor: &str,
+    rt: &str,
+    token: &str,
+    id: &str,
+    plan: Plan,
+    seed: u64,
+) {
+    let (actor, rt, token, id) = (
+        actor.to_owned(),
+        rt.to_owned(),
+        token.to_owned(),
+        id.to_owned(),
+    );
     let mut dice = Dice::new(seed, 7);
     let delay = run.schedule.daemon_delay_ms;
     run.pause(delay).await;
@@ -72,6 +95,40 @@ async fn job<C: Cluster>(
     }
 }
 
+/// One heartbeat as this run's daemons send it: held for the schedule's wait, listing the
+/// requests the daemon holds; dropped by the client partway through when `cut_after` says
+/// so (a connection lost while held), or when the run stops.
+async fn beat<C: Cluster>(
+    run: &Run<C>,
+    actor: &str,
+    instance: usize,
+    rt: &str,
+    token: &str,
+    held: &Mutex<BTreeSet<String>>,
+    cut_after: Option<u64>,
+) -> Option<(u16, Value)> {
+    let s = &run.schedule;
+    let working_on = (s.heartbeat_wait_ms > 0 || s.lose_answers)
+        .then(|| held.lock().unwrap().iter().cloned().collect());
+    let invoked = SystemClock.now();
+    let call = run.heartbeat(actor, instance, rt, token, s.heartbeat_wait_ms, working_on);
+    let mut stopping = run.stopping.subscribe();
+    let cut = async {
+        match cut_after {
+            Some(ms) => run.pause(ms).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        answer = call => answer,
+        _ = stopping.wait_for(|stop| *stop) => None,
+        () = cut => {
+            run.dropped(actor, Op::Heartbeat, instance, rt, invoked);
+            None
+        }
+    }
+}
+
 /// Heartbeats until told to stop; hands each claimed request to a job.
 pub(super) async fn daemon<C: Cluster>(run: Arc<Run<C>>, k: usize, rt: String, token: String) {
     let actor = format!("daemon{k}");
@@ -80,6 +137,8 @@ pub(super) async fn daemon<C: Cluster>(run: Arc<Run<C>>, k: usize, rt: String, t
     let mut jobs = Vec::new();
     let mut paused = false;
     let mut beats = 0u64;
+    let mut claims = 0u64;
+    let held: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     while !run.stop.load(Ordering::SeqCst) {
         if let Some((who, after)) = s.pause
             && who == k
@@ -93,32 +152,46 @@ pub(super) async fn daemon<C: Cluster>(run: Arc<Run<C>>, k: usize, rt: String, t
         let n = run.cluster.size();
         let (first, second) = (dice.below(n), dice.below(n));
         beats += 1;
+        // Now and then a held heartbeat's connection is cut while it is held.
+        let cut_after = (s.cut_beats && s.heartbeat_wait_ms > 0 && dice.below(4) == 0)
+            .then(|| dice.below(s.heartbeat_wait_ms as usize) as u64);
         let answers = if s.double_beats && beats.is_multiple_of(2) {
             let (a, b) = tokio::join!(
-                run.heartbeat(&actor, first, &rt, &token),
-                run.heartbeat(&actor, second, &rt, &token)
+                beat(&run, &actor, first, &rt, &token, &held, cut_after),
+                beat(&run, &actor, second, &rt, &token, &held, None)
             );
             vec![a, b]
         } else {
-            vec![run.heartbeat(&actor, first, &rt, &token).await]
+            vec![beat(&run, &actor, first, &rt, &token, &held, cut_after).await]
         };
         for answer in answers {
             let claimed =
                 answer.and_then(|(_, j)| j["pending_model_list"]["id"].as_str().map(str::to_owned));
-            if let Some(id) = claimed {
-                let plan = s.plans[jobs.len() % s.plans.len()];
-                let seed = dice.below(usize::MAX) as u64;
-                let job = job(
-                    run.clone(),
-                    actor.clone(),
-                    rt.clone(),
-                    token.clone(),
-                    id,
-                    plan,
-                    seed,
-                );
-                jobs.push(tokio::spawn(job));
+            let Some(id) = claimed else { continue };
+            claims += 1;
+            // Every third answer that hands out a request is "lost": the daemon never
+            // learns of it, and its next heartbeat's working_on leaves it out.
+            if s.lose_answers && claims % 3 == 1 {
+                continue;
             }
+            // Handed out again while the daemon holds it (two heartbeats at once, or a
+            // lost answer made good): one job per request, as the reference daemon does.
+            if !held.lock().unwrap().insert(id.clone()) {
+                continue;
+            }
+            let plan = s.plans[jobs.len() % s.plans.len()];
+            let seed = dice.below(usize::MAX) as u64;
+            let job = job(
+                run.clone(),
+                actor.clone(),
+                rt.clone(),
+                token.clone(),
+                id,
+                plan,
+                seed,
+                held.clone(),
+            );
+            jobs.push(tokio::spawn(job));
         }
         run.pause(s.heartbeat_every_ms).await;
     }
@@ -183,7 +256,10 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
             )
             .await;
         }
-        let poll = format!("/api/runtimes/{rt}/models/{id}");
+        let poll = match s.read_wait_ms {
+            0 => format!("/api/runtimes/{rt}/models/{id}"),
+            ms => format!("/api/runtimes/{rt}/models/{id}?wait_ms={ms}"),
+        };
         let until = SystemClock.now() + patience;
         while SystemClock.now() < until {
             run.pause(s.poll_every_ms).await;

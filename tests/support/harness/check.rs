@@ -12,7 +12,8 @@ use super::{Call, Op};
 pub enum Invariant {
     /// 1. An id a create returned read 404 somewhere, while it should be readable.
     Readable404,
-    /// 2. One request in more than one heartbeat ack.
+    /// 2. One request in more than one heartbeat ack, the later one to a heartbeat whose
+    ///    `working_on` did not leave it out.
     HandedOutTwice,
     /// 3. A poller saw statuses go backwards.
     WentBackwards,
@@ -30,7 +31,20 @@ pub enum Invariant {
     Unexpected5xx,
     /// 7. A 4xx on a valid call.
     UnexpectedStatus,
+    /// 8. A waiting call answered before its wait ended with nothing changed (and not by
+    ///    a shutdown of its instance).
+    AnsweredUnchanged,
+    /// 8. A waiting call still held `LATE_MS` after a change it waits for: a claim or an
+    ///    end of its request, or a new pending request of its runtime nobody claimed.
+    NotWoken,
 }
+
+/// How long after a change a waiting call may still be held: the once-a-second re-check
+/// bounds it at about a second even when every notification is lost, and a broken wake-up
+/// shows as the whole wait.
+pub const LATE_MS: i64 = 2_000;
+/// Timers and clocks: a held call that answers this much before its wait is early.
+const EARLY_MS: i64 = 20;
 
 #[derive(Clone, Debug)]
 pub struct Violation {
@@ -98,7 +112,19 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
     let mut reports: HashMap<&str, Vec<(&Call, u16)>> = HashMap::new();
 
     // Status codes, boundaries, and the collections the later checks need.
+    let restarts: Vec<&Call> = history.iter().filter(|c| c.op == Op::Restart).collect();
+    // Whether `call` was on an instance that restarted while it was held.
+    let restarted = |call: &Call| {
+        restarts.iter().any(|r| {
+            r.instance == call.instance
+                && r.invoked <= call.completed
+                && call.invoked <= r.completed
+        })
+    };
     for call in history {
+        if call.op == Op::Restart {
+            continue;
+        }
         let Ok((status, json)) = &call.outcome else {
             continue;
         };
@@ -118,6 +144,11 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                     v(Invariant::UnexpectedStatus, format!("{call}"));
                 } else if let Some(claimed) = json["pending_model_list"]["id"].as_str() {
                     acks.entry(claimed).or_default().push(call);
+                } else if call.wait_ms > 0
+                    && call.completed - call.invoked < call.wait_ms as i64 - EARLY_MS
+                    && !restarted(call)
+                {
+                    v(Invariant::AnsweredUnchanged, format!("{call}"));
                 }
             }
             Op::Create | Op::Poll | Op::FinalRead => match status {
@@ -134,6 +165,7 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                 404 if call.op != Op::Create => v(Invariant::Readable404, format!("{call}")),
                 _ => v(Invariant::UnexpectedStatus, format!("{call}")),
             },
+            Op::Restart => {}
             Op::ForeignRead => {
                 if status != 404 {
                     v(Invariant::CrossedBoundary, format!("{call}"));
@@ -147,13 +179,23 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
         }
     }
 
-    for (id, handed) in &acks {
-        if handed.len() > 1 {
-            let calls: Vec<String> = handed.iter().map(|c| c.to_string()).collect();
-            v(
-                Invariant::HandedOutTwice,
-                format!("{id}: {}", calls.join(" | ")),
-            );
+    for (id, handed) in acks.iter_mut() {
+        handed.sort_by_key(|c| c.invoked);
+        // After the first, only a heartbeat whose working_on says it does not hold the
+        // request may be handed it again.
+        for again in handed.iter().skip(1) {
+            let lost = again
+                .working_on
+                .as_ref()
+                .is_some_and(|held| !held.iter().any(|h| h == id));
+            if !lost {
+                let calls: Vec<String> = handed.iter().map(|c| c.to_string()).collect();
+                v(
+                    Invariant::HandedOutTwice,
+                    format!("{id}: {}", calls.join(" | ")),
+                );
+                break;
+            }
         }
     }
 
@@ -173,6 +215,14 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                     v(
                         Invariant::WentBackwards,
                         format!("{id}: {sa} then {sb}: {}", b.call),
+                    );
+                }
+                // 8. A waiting read that came back early must show a change.
+                let early = b.call.completed - b.call.invoked < b.call.wait_ms as i64 - EARLY_MS;
+                if b.call.wait_ms > 0 && early && sa == sb && !restarted(b.call) {
+                    v(
+                        Invariant::AnsweredUnchanged,
+                        format!("{id}: {sa} again: {}", b.call),
                     );
                 }
             }
@@ -232,6 +282,77 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    // 8. Waiting reads held well past a change of their request: its first hand-out, or a
+    // report that ended it.
+    for (id, reads) in &reads {
+        let mut changes: Vec<i64> = acks
+            .get(id)
+            .and_then(|handed| handed.first())
+            .map(|first| first.completed)
+            .into_iter()
+            .collect();
+        changes.extend(
+            reports
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter(|(c, s)| *s == 200 && matches!(&c.op, Op::Report(b) if ended(b)))
+                .map(|(c, _)| c.completed),
+        );
+        for read in reads.iter().filter(|r| r.call.wait_ms > 0) {
+            if let Some(change) = changes
+                .iter()
+                .find(|&&t| read.call.invoked < t && read.call.completed > t + LATE_MS)
+            {
+                v(
+                    Invariant::NotWoken,
+                    format!("{id}: changed at {change}, still held: {}", read.call),
+                );
+            }
+        }
+    }
+    // 8. Held heartbeats that claimed nothing, held well past a create of a new pending
+    // request of their runtime that nobody was handed. (Skipped for a runtime whose daemon
+    // dropped a heartbeat: the server may have handed it the request, unseen.)
+    let mut first_creates: HashMap<&str, &Call> = HashMap::new();
+    for call in history.iter().filter(|c| c.op == Op::Create) {
+        if let (Some(id), Ok((200, json))) = (call.request.as_deref(), &call.outcome)
+            && json["status"] == "pending"
+        {
+            let first = first_creates.entry(id).or_insert(call);
+            if call.completed < first.completed {
+                *first = call;
+            }
+        }
+    }
+    for held in history.iter().filter(|c| {
+        c.op == Op::Heartbeat
+            && c.wait_ms > 0
+            && matches!(&c.outcome, Ok((200, json)) if json.get("pending_model_list").is_none())
+    }) {
+        let dropped = history.iter().any(|c| {
+            c.op == Op::Heartbeat
+                && c.runtime == held.runtime
+                && c.outcome.is_err()
+                && c.invoked < held.completed
+        });
+        if dropped {
+            continue;
+        }
+        for (id, create) in &first_creates {
+            if create.runtime == held.runtime
+                && !acks.contains_key(id)
+                && held.invoked < create.completed
+                && held.completed > create.completed + LATE_MS
+            {
+                v(
+                    Invariant::NotWoken,
+                    format!("{id} created {create}, nobody handed it, while held: {held}"),
+                );
             }
         }
     }

@@ -36,6 +36,9 @@ pub enum Op {
     Report(Value),
     /// The read of every created id from every instance once the run is over.
     FinalRead,
+    /// Not a call: instance `instance` was stopped and started again in this span. Calls
+    /// held on it then were answered early, at its shutdown.
+    Restart,
 }
 
 /// One recorded call.
@@ -52,6 +55,10 @@ pub struct Call {
     pub completed: i64,
     /// Status and JSON body, or why no answer came.
     pub outcome: Result<(u16, Value), String>,
+    /// How long a waiting call asked to be held (0: not a waiting call).
+    pub wait_ms: u64,
+    /// A heartbeat's `working_on`, when it sent one.
+    pub working_on: Option<Vec<String>>,
 }
 
 impl fmt::Display for Call {
@@ -92,6 +99,8 @@ struct Run<C> {
     limits: Limits,
     /// Set when the pollers are done: daemons stop heartbeating.
     stop: AtomicBool,
+    /// The same, for a daemon to drop a held heartbeat at once.
+    stopping: tokio::sync::watch::Sender<bool>,
     started: i64,
 }
 
@@ -112,6 +121,21 @@ impl<C: Cluster> Run<C> {
     ) -> Option<(u16, Value)> {
         let url = format!("{}{path}", self.cluster.base(instance));
         let bytes = body.map(|b| b.to_string().into_bytes());
+        let wait_ms = match body {
+            Some(body) => body["wait_ms"].as_u64().unwrap_or(0),
+            None => path
+                .split_once("?wait_ms=")
+                .and_then(|(_, ms)| ms.parse().ok())
+                .unwrap_or(0),
+        };
+        let working_on = body
+            .and_then(|b| b.get("working_on"))
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect()
+            });
         let invoked = SystemClock.now();
         let answer = self.http.try_call(method, &url, Some(token), bytes).await;
         let completed = SystemClock.now();
@@ -135,18 +159,46 @@ impl<C: Cluster> Run<C> {
             invoked,
             completed,
             outcome,
+            wait_ms,
+            working_on,
         });
         answered
     }
 
+    /// Records that a call was made and dropped before its answer (a connection the client
+    /// closed): whatever the server did with it is unseen.
+    fn dropped(&self, actor: &str, op: Op, instance: usize, runtime: &str, invoked: i64) {
+        self.calls.lock().unwrap().push(Call {
+            actor: actor.to_owned(),
+            op,
+            instance,
+            runtime: runtime.to_owned(),
+            request: None,
+            invoked,
+            completed: SystemClock.now(),
+            outcome: Err("dropped by the client".to_owned()),
+            wait_ms: 0,
+            working_on: None,
+        });
+    }
+
+    /// A heartbeat; held up to `wait_ms` when that is not 0, with `working_on` when given.
     async fn heartbeat(
         &self,
         actor: &str,
         instance: usize,
         rt: &str,
         token: &str,
+        wait_ms: u64,
+        working_on: Option<Vec<String>>,
     ) -> Option<(u16, Value)> {
-        let beat = json!({"runtime_id": rt});
+        let mut beat = json!({"runtime_id": rt});
+        if wait_ms > 0 {
+            beat["wait_ms"] = json!(wait_ms);
+        }
+        if let Some(held) = working_on {
+            beat["working_on"] = json!(held);
+        }
         self.call(
             actor,
             Op::Heartbeat,
@@ -216,6 +268,7 @@ pub async fn drive<C: Cluster>(
         schedule: schedule.clone(),
         limits,
         stop: AtomicBool::new(false),
+        stopping: tokio::sync::watch::Sender::new(false),
         started: SystemClock.now(),
     });
     let n = cluster.size();
@@ -224,7 +277,7 @@ pub async fn drive<C: Cluster>(
     for (i, (rt, token)) in runtimes.iter().enumerate() {
         let mut tries = 0;
         while run
-            .heartbeat("setup", (i + tries) % n, rt, token)
+            .heartbeat("setup", (i + tries) % n, rt, token, 0, None)
             .await
             .is_none()
             && tries < 20
@@ -238,10 +291,24 @@ pub async fn drive<C: Cluster>(
         .map(|(k, (rt, token))| tokio::spawn(daemon(run.clone(), k, rt.clone(), token.clone())))
         .collect();
     let restart = schedule.restart.map(|(i, after)| {
-        let cluster = cluster.clone();
+        let run = run.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(after)).await;
-            cluster.restart(i % cluster.size()).await;
+            let i = i % run.cluster.size();
+            let invoked = SystemClock.now();
+            run.cluster.restart(i).await;
+            run.calls.lock().unwrap().push(Call {
+                actor: "restart".to_owned(),
+                op: Op::Restart,
+                instance: i,
+                runtime: String::new(),
+                request: None,
+                invoked,
+                completed: SystemClock.now(),
+                outcome: Ok((200, Value::Null)),
+                wait_ms: 0,
+                working_on: None,
+            });
         })
     });
     let pollers: Vec<_> = (0..schedule.pollers)
@@ -251,6 +318,7 @@ pub async fn drive<C: Cluster>(
         poller.await.expect("poller task");
     }
     run.stop.store(true, Ordering::SeqCst);
+    run.stopping.send_replace(true);
     for daemon in daemons {
         daemon.await.expect("daemon task");
     }
@@ -305,6 +373,10 @@ pub fn summary(history: &[Call]) -> String {
                 _ => status.to_string(),
             },
             Err(_) => "no-answer".to_owned(),
+        };
+        let op = match call.wait_ms {
+            0 => op,
+            _ => format!("held-{op}"),
         };
         *counts.entry(format!("{op} {outcome}")).or_default() += 1;
     }

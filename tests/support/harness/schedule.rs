@@ -35,6 +35,15 @@ pub struct Schedule {
     /// Every other beat a daemon sends two heartbeats at once to two instances, as a client
     /// that gave up on a slow answer and retried elsewhere would.
     pub double_beats: bool,
+    /// How long daemons ask for their heartbeats to be held (0: answered at once, as v1).
+    pub heartbeat_wait_ms: u64,
+    /// How long pollers ask for their reads to wait for a change (0: plain polls).
+    pub read_wait_ms: u64,
+    /// Every third answer that hands a daemon a request is lost on its way: the daemon's
+    /// `working_on` must get it handed out again.
+    pub lose_answers: bool,
+    /// A quarter of held heartbeats have their connection cut by the client while held.
+    pub cut_beats: bool,
 }
 
 pub fn schedule() -> impl Strategy<Value = Schedule> {
@@ -54,6 +63,7 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
         prop::option::of((0..3usize, 0..400u64)),
         prop::option::of((0..8usize, 0..600u64)),
         any::<bool>(),
+        (wait(), wait(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -63,6 +73,7 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
                 pause,
                 restart,
                 double_beats,
+                (heartbeat_wait_ms, read_wait_ms, lose_answers, cut_beats),
             )| Schedule {
                 runtimes,
                 pollers,
@@ -75,8 +86,19 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
                 pause,
                 restart,
                 double_beats,
+                heartbeat_wait_ms,
+                read_wait_ms,
+                lose_answers,
+                cut_beats,
             },
         )
+}
+
+/// A waiting call's wait: none (v1); short, so that runs see holds end with nothing
+/// changed; or long enough that a call held past a change it should have been woken by
+/// shows (see `check::LATE_MS`).
+fn wait() -> impl Strategy<Value = u64> {
+    prop_oneof![1 => Just(0u64), 1 => 150..1_000u64, 1 => 2_500..4_000u64]
 }
 
 /// A small deterministic generator per actor: which instance each call goes to.
