@@ -408,14 +408,14 @@ fn a_held_heartbeat_answered_early_without_a_claim_is_caught_unless_its_instance
 
 #[test]
 fn a_waiting_read_held_long_past_a_change_of_its_request_is_caught() {
-    // Claimed at T + 21; the read, waiting from T + 10, is answered only at T + 2,500.
+    // Claimed at T + 21; the read, waiting from T + 10, is answered only at T + 3,500.
     let h = vec![
         call("p", Op::Create, T, 200, record("pending", T, T)),
         call("d", Op::Heartbeat, T + 20, 200, ack()),
         held(
             call("p", Op::Poll, T + 10, 200, record("running", T, T + 20)),
-            4000,
-            T + 2_500,
+            5000,
+            T + 3_500,
         ),
     ];
     assert_eq!(fired(&h), vec![Invariant::NotWoken]);
@@ -433,15 +433,15 @@ fn a_waiting_read_held_long_past_a_change_of_its_request_is_caught() {
 
 #[test]
 fn a_held_heartbeat_that_let_a_new_request_go_unclaimed_is_caught() {
-    // Held from T - 100 to its end at T + 2,900; a request made at T was never handed out.
+    // Held from T - 100 to its end at T + 3,900; a request made at T was never handed out.
     let h = vec![
         held(
             call("d", Op::Heartbeat, T - 100, 200, json!({"status": "ok"})),
-            3000,
-            T + 2_900,
+            4000,
+            T + 3_900,
         ),
         call("p", Op::Create, T, 200, record("pending", T, T)),
-        call("p", Op::FinalRead, T + 3_000, 200, {
+        call("p", Op::FinalRead, T + 4_000, 200, {
             let mut r = record("timeout", T, T + 400);
             r["error"] = json!("daemon did not respond within 0 seconds");
             r

@@ -42,7 +42,7 @@ pub enum Invariant {
 /// How long after a change a waiting call may still be held: the once-a-second re-check
 /// bounds it at about a second even when every notification is lost, and a broken wake-up
 /// shows as the whole wait.
-pub const LATE_MS: i64 = 2_000;
+pub const LATE_MS: i64 = 3_000;
 /// Timers and clocks: a held call that answers this much before its wait is early.
 const EARLY_MS: i64 = 20;
 

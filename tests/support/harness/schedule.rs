@@ -98,7 +98,7 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
 /// changed; or long enough that a call held past a change it should have been woken by
 /// shows (see `check::LATE_MS`).
 fn wait() -> impl Strategy<Value = u64> {
-    prop_oneof![1 => Just(0u64), 1 => 150..1_000u64, 1 => 2_500..4_000u64]
+    prop_oneof![1 => Just(0u64), 1 => 150..1_000u64, 1 => 3_500..5_000u64]
 }
 
 /// A small deterministic generator per actor: which instance each call goes to.
