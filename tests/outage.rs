@@ -174,6 +174,20 @@ impl World {
     }
 
     /// Polls `/readyz` until it is 200, for at most thirty seconds.
+    /// Waits (up to 20 s: the listener retries with a backoff of up to 5 s) until the
+    /// instance's wake-up listener is up, or down.
+    async fn until_listener_up(&self, up: bool) {
+        let want = if up { 1.0 } else { 0.0 };
+        for _ in 0..200 {
+            let metrics = self.http.get_text(&self.url("/metrics")).await.text();
+            if Scrape::parse(&metrics).value("model_relay_listener_up", &[]) == want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the listener never went {}", if up { "up" } else { "down" });
+    }
+
     async fn until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.probes().await.1 != StatusCode::OK {
@@ -241,6 +255,7 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
     .unwrap();
     let w = World::new(store).await;
     assert_eq!(w.probes().await, (StatusCode::OK, StatusCode::OK));
+    w.until_listener_up(true).await;
 
     let down = cluster.clone();
     tokio::task::spawn_blocking(move || down.stop())
@@ -253,6 +268,8 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
         w.probes().await,
         (StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE)
     );
+    // The wake-up listener's connection went with the server.
+    w.until_listener_up(false).await;
     // The metrics still answer, and say what failed; the store's gauges are left out.
     let metrics = w.http.get_text(&w.url("/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
@@ -266,6 +283,8 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
         .unwrap()
         .unwrap();
     w.until_ready().await;
+    // It listens again, by itself (and re-checks every held call as it does).
+    w.until_listener_up(true).await;
     w.finish_the_request().await;
     let metrics = w.http.get_text(&w.url("/metrics")).await;
     let m = Scrape::parse(&metrics.text());

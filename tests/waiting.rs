@@ -270,51 +270,20 @@ async fn a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another(pai
     pair.stop().await;
 }
 
-macro_rules! every_engine {
-    ($($rule:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $rule() {
-                   let pair = super::Pair::start(super::memory().unwrap(), super::notified_only()).await;
-                   super::$rule(pair).await;
-               } )*
-        }
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $rule() {
-                   let pair = super::Pair::start(super::sqlite().unwrap(), super::notified_only()).await;
-                   super::$rule(pair).await;
-               } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $rule() {
-                   let Some(engine) = super::postgres(stringify!($rule)) else { return };
-                   let pair = super::Pair::start(engine, super::notified_only()).await;
-                   super::$rule(pair).await;
-               } )*
-        }
-    };
-}
-
-every_engine!(
-    a_create_on_one_instance_wakes_a_heartbeat_held_on_another,
-    a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another,
-);
-
-// ---- rules of one instance (memory) ----
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_notification_is_covered_by_the_recheck() {
-    let open = sqlite().unwrap();
-    // No listener at all: every notification is lost, and only the re-check is left.
-    let settings = Settings {
+/// Settings where no notification reaches another instance (no listener), and the
+/// re-check runs every 200 ms: what a deployment behind a transaction-pooling proxy has.
+fn recheck_only() -> Settings {
+    Settings {
         max_wait: Duration::from_secs(8),
         recheck_every: Duration::from_millis(200),
         listen: false,
         ..settings()
-    };
-    let pair = Pair::start(open, settings).await;
+    }
+}
+
+async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_another_instance(
+    pair: Pair,
+) {
     let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
     let create = async {
         pair.until_held(&pair.a, "heartbeat", 1.0).await;
@@ -326,6 +295,48 @@ async fn a_lost_notification_is_covered_by_the_recheck() {
     assert!(woken.value("model_relay_wakeups_total", &[("source", "recheck")]) >= 1.0);
     pair.stop().await;
 }
+
+/// Each rule, in a module `$group`, for every engine, with the settings `$settings()`.
+macro_rules! every_engine {
+    ($group:ident, $settings:ident: $($rule:ident),* $(,)?) => {
+        mod $group {
+            mod memory {
+                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                   async fn $rule() {
+                       let engine = crate::memory().unwrap();
+                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
+                   } )*
+            }
+            mod sqlite {
+                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                   async fn $rule() {
+                       let engine = crate::sqlite().unwrap();
+                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
+                   } )*
+            }
+            mod postgres {
+                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                   async fn $rule() {
+                       let Some(engine) = crate::postgres(stringify!($rule)) else { return };
+                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
+                   } )*
+            }
+        }
+    };
+}
+
+every_engine!(
+    notified, notified_only:
+    a_create_on_one_instance_wakes_a_heartbeat_held_on_another,
+    a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another,
+);
+
+every_engine!(
+    rechecked, recheck_only:
+    with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_another_instance,
+);
+
+// ---- rules of one instance (memory) ----
 
 async fn one_instance(settings: Settings) -> Pair {
     Pair::start(memory().unwrap(), settings).await

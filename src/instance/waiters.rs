@@ -150,9 +150,11 @@ impl Waiters {
     }
 
     fn notify_all(&self, woken: Vec<Arc<Notify>>, source: Source) {
+        // Counted first: a woken call may answer (and its caller read the metrics) before
+        // this thread runs again.
         for notify in woken {
-            notify.notify_waiters();
             self.metrics.woke(source.label());
+            notify.notify_waiters();
         }
     }
 }
@@ -160,8 +162,8 @@ impl Waiters {
 fn wake<K: Eq + Hash>(map: &Mutex<HashMap<K, Entry>>, key: &K, source: Source, metrics: &Metrics) {
     let notify = lock(map).get(key).map(|entry| Arc::clone(&entry.notify));
     if let Some(notify) = notify {
-        notify.notify_waiters();
         metrics.woke(source.label());
+        notify.notify_waiters();
     }
 }
 
