@@ -270,6 +270,35 @@ async fn a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another(pai
     pair.stop().await;
 }
 
+/// A held heartbeat tries a claim only when a request is pending: one claim for the one
+/// request, none while it waits. (On PostgreSQL a read and the write that may follow go to
+/// the blocking pool in one trip, so the write step must check the read's answer again.)
+async fn a_held_heartbeat_tries_no_claim_while_nothing_is_pending(pair: Pair) {
+    // The series appears with the first claim: none yet is zero.
+    let claims = |scrape: &Scrape| -> f64 {
+        scrape
+            .matching(
+                "model_relay_store_operation_duration_seconds_count",
+                &[("op", "claim_next_pending")],
+            )
+            .map(|s| s.value)
+            .sum()
+    };
+    let before = claims(&scrape(&pair.http, &pair.a).await);
+    let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
+    let create = async {
+        pair.until_held(&pair.a, "heartbeat", 1.0).await;
+        let parked = claims(&scrape(&pair.http, &pair.a).await);
+        (parked, pair.create(&pair.b).await)
+    };
+    let ((_, ack), (parked, id)) = tokio::join!(held, create);
+    assert_eq!(ack["pending_model_list"]["id"], id.as_str());
+    assert_eq!(parked, before, "no claim before anything was pending");
+    let after = claims(&scrape(&pair.http, &pair.a).await);
+    assert_eq!(after, before + 1.0, "one claim for the one request");
+    pair.stop().await;
+}
+
 /// Settings where no notification reaches another instance (no listener), and the
 /// re-check runs every 200 ms: what a deployment behind a transaction-pooling proxy has.
 fn recheck_only() -> Settings {
@@ -329,6 +358,7 @@ every_engine!(
     notified, notified_only:
     a_create_on_one_instance_wakes_a_heartbeat_held_on_another,
     a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another,
+    a_held_heartbeat_tries_no_claim_while_nothing_is_pending,
 );
 
 every_engine!(

@@ -624,6 +624,9 @@ fn run_suite(
         cycle: phase(Op::Cycle)?,
         store_cycles: 0.0,
     };
+    if options.phase_only.is_some() {
+        runtime.block_on(print_slow_ops(server.addr))?;
+    }
     drop(server);
     let run = if options.phase_only.is_none_or(|op| op == Op::Cycle) {
         eprintln!("bench:   the same cycles without HTTP, through the store's API");
@@ -1274,6 +1277,39 @@ fn render(
         .unwrap_or_else(|| format!("{NOTES}\n\n(none yet)\n"));
     out.push_str(&notes);
     Ok(out)
+}
+
+/// Exploring: for each store operation the server timed, how many calls and what share
+/// took longer than 10 and 25 ms (from its histogram's buckets).
+async fn print_slow_ops(addr: SocketAddr) -> Res<()> {
+    let mut conn = Conn::open(addr).await?;
+    let (_, text) = conn.call(Method::GET, "/metrics", None, None).await?;
+    let text = String::from_utf8_lossy(&text);
+    let bucket = |op: &str, le: &str| -> f64 {
+        let prefix = format!(
+            "model_relay_store_operation_duration_seconds_bucket{{op=\"{op}\",le=\"{le}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let ops: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("model_relay_store_operation_duration_seconds_count{op=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    for op in ops {
+        let all = bucket(op, "+Inf");
+        let over = |le| (all - bucket(op, le)) / all.max(1.0) * 100.0;
+        println!(
+            "store op {op}: {all} calls, {:.2}% over 10 ms, {:.2}% over 25 ms, {:.2}% over 100 ms",
+            over("0.01"),
+            over("0.025"),
+            over("0.1")
+        );
+    }
+    Ok(())
 }
 
 fn print_waiting(w: &waiting::Waiting) {

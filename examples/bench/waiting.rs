@@ -263,6 +263,10 @@ async fn latency(
         }
         results.push(Latencies::of(all, started.elapsed()));
     }
+    for (name, addr) in [("A (daemons)", a), ("B (users)", b)] {
+        println!("instance {name}:");
+        super::print_slow_ops(addr).await?;
+    }
     stop.store(true, Ordering::Relaxed);
     // The daemons' held heartbeats end when their servers stop; nothing more to wait for.
     for daemon in daemons {

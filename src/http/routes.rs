@@ -510,9 +510,14 @@ async fn claim_if_pending(
             if daemon.runtime != rt {
                 return Err(ApiError::NotFound("runtime"));
             }
-            Ok(((), daemon.pending))
+            Ok((daemon.pending, daemon.pending))
         },
-        move |app, ()| Ok(app.store.claim_next_pending(rt, app.clock.now())?.claimed),
+        // Where the store's reads are not in place, this step runs whatever the read said
+        // (one trip to the blocking pool for both): it must check again.
+        move |app, pending| match pending {
+            true => Ok(app.store.claim_next_pending(rt, app.clock.now())?.claimed),
+            false => Ok(None),
+        },
     )
     .await
 }
