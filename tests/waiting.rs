@@ -368,6 +368,16 @@ every_engine!(
 
 // ---- rules of one instance (memory) ----
 
+/// Holds of up to a minute, longer than the test client waits (10 s): a call that is not
+/// answered at once, or woken, fails the test.
+fn long_holds() -> Settings {
+    Settings {
+        max_wait: Duration::from_secs(60),
+        offline_after: Duration::from_secs(3600),
+        ..settings()
+    }
+}
+
 async fn one_instance(settings: Settings) -> Pair {
     Pair::start(memory().unwrap(), settings).await
 }
@@ -433,12 +443,7 @@ async fn bad_wait_ms_is_400_with_a_message() {
 
 #[tokio::test]
 async fn a_read_of_an_ended_request_answers_at_once_whatever_it_waits() {
-    let pair = one_instance(Settings {
-        max_wait: Duration::from_secs(60),
-        offline_after: Duration::from_secs(3600),
-        ..settings()
-    })
-    .await;
+    let pair = one_instance(long_holds()).await;
     let id = pair.create(&pair.a).await;
     pair.heartbeat(&pair.a, json!({})).await;
     let failed = json!({"status": "failed", "error": "boom"});
@@ -453,12 +458,7 @@ async fn a_read_of_an_ended_request_answers_at_once_whatever_it_waits() {
 
 #[tokio::test]
 async fn calls_without_wait_ms_answer_at_once_as_in_v1() {
-    let pair = one_instance(Settings {
-        max_wait: Duration::from_secs(60),
-        offline_after: Duration::from_secs(3600),
-        ..settings()
-    })
-    .await;
+    let pair = one_instance(long_holds()).await;
     // Each would hold for a minute if it waited; the client gives up after 10 s.
     assert_eq!(
         pair.heartbeat(&pair.a, json!({})).await,
@@ -475,10 +475,8 @@ async fn calls_without_wait_ms_answer_at_once_as_in_v1() {
 #[tokio::test]
 async fn shutdown_answers_held_calls_at_once() {
     let pair = one_instance(Settings {
-        max_wait: Duration::from_secs(60),
-        offline_after: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(60),
-        ..settings()
+        ..long_holds()
     })
     .await;
     let Pair {
