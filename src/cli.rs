@@ -96,6 +96,10 @@ struct ServeArgs {
     /// waits are clamped. Keep it under the idle timeout of any proxy in front.
     #[arg(long, value_parser = parse_duration, default_value = "25s", env = "MODEL_RELAY_MAX_WAIT")]
     max_wait: Duration,
+    /// The most waiting calls held at once; past it a waiting call is answered 503 "too
+    /// many waiting calls".
+    #[arg(long, default_value_t = 10_000, env = "MODEL_RELAY_MAX_WAITING")]
+    max_waiting: usize,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -186,6 +190,10 @@ fn init_logging(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_format);
+    match raise_open_files_limit() {
+        Ok(limit) => tracing::info!(open_files = limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let settings = Settings {
         timeouts: Timeouts {
             pending: args.pending_timeout,
@@ -196,6 +204,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         sweep_every: args.sweep_every,
         max_wait: args.max_wait,
         recheck_every: args.recheck_every,
+        max_waiting: args.max_waiting,
         ..Settings::default()
     };
     let url = args.database.resolve()?;
@@ -226,6 +235,40 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     drop(app);
     tracing::info!("model-relay stopped");
     served
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and answers the
+/// limit now in force. Every connection is a file: the soft limit (often 1,024) would cap
+/// the server far below what the system allows it.
+#[cfg(unix)]
+fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    // `rlim_t` is u64 here but not on every Unix.
+    #[allow(clippy::useless_conversion)]
+    Ok(u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX))
+}
+
+#[cfg(not(unix))]
+fn raise_open_files_limit() -> std::io::Result<u64> {
+    Err(std::io::Error::other("not supported on this system"))
 }
 
 fn shown_url(url: &DatabaseUrl) -> String {

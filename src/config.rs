@@ -132,6 +132,9 @@ pub struct Settings {
     /// calls are woken by this instance's own writes and by the re-check only (River's
     /// "poll only"), where notifications cannot pass.
     pub listen: bool,
+    /// The most waiting calls held at once; past it a waiting call is answered 503 `too
+    /// many waiting calls` at once, so that they never starve ordinary calls.
+    pub max_waiting: usize,
 }
 
 impl Default for Settings {
@@ -146,6 +149,7 @@ impl Default for Settings {
             max_wait: Duration::from_secs(25),
             recheck_every: Duration::from_secs(1),
             listen: true,
+            max_waiting: 10_000,
         }
     }
 }

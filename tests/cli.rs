@@ -194,6 +194,99 @@ async fn a_create_in_one_process_wakes_a_heartbeat_held_in_another() {
     }
 }
 
+/// The soft limit on open files (often 1,024) would cap connections far below what the
+/// system allows: `serve` raises it to the hard limit, and says so.
+#[cfg(unix)]
+#[test]
+fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let serve = Serve::start_with_open_files(&db, &[], 256, 4096);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let figures: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(figures, ["4096", "4096"], "{open_files}");
+    assert!(
+        serve
+            .logs_so_far()
+            .iter()
+            .any(|l| l.contains("open files limit") && l.contains("4096")),
+        "{:?}",
+        serve.logs_so_far()
+    );
+    assert!(serve.terminate().success());
+}
+
+/// Out of file descriptors, `accept` fails at once, again and again: the server must
+/// back off instead of spinning, say so at most once a second, and serve again as soon as
+/// descriptors are free.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let serve = Serve::start_with_open_files(&db, &[], 64, 64);
+    let addr = serve.base.trim_start_matches("http://").to_owned();
+    // More connections than it has descriptors left; each waits in the listen queue or
+    // holds a descriptor.
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let failing = || {
+        serve
+            .logs_so_far()
+            .iter()
+            .filter(|l| l.contains("accept failed"))
+            .count()
+    };
+    for _ in 0..500 {
+        if failing() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        failing() > 0,
+        "accept never failed: {:?}",
+        serve.logs_so_far()
+    );
+    let cpu = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = stat.rsplit_once(')').unwrap().1;
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|t| t.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let (logged, ticks) = (failing(), cpu(serve.pid()));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (logged_after, ticks_after) = (failing(), cpu(serve.pid()));
+    assert!(
+        logged_after - logged <= 4,
+        "{} accept failures logged in 3 s",
+        logged_after - logged
+    );
+    // A spinning accept loop burns the whole 3 s (300 ticks); backing off, a few.
+    assert!(
+        ticks_after - ticks < 100,
+        "{} ticks of CPU in 3 s",
+        ticks_after - ticks
+    );
+    drop(flood);
+    let health = Http::default()
+        .get_text(&format!("{}/healthz", serve.base))
+        .await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(serve.terminate().success());
+}
+
 /// JSON logs at the most verbose level, over a whole cycle with good and bad calls: every
 /// line is one JSON object, each request has its debug line by route template, the state
 /// transitions are there at info, and no token — good, wrong or malformed — appears in any

@@ -209,3 +209,23 @@ fn postgres_create_racing_an_uncommitted_delete_of_its_runtime_is_none() {
     let created = creating.join().expect("create panicked");
     assert!(matches!(created, Ok(None)), "{created:?}");
 }
+
+/// SQLite only: a new database file is its owner's alone (it holds token hashes and every
+/// tenant's requests), and so are the write-ahead log and its index, which SQLite makes
+/// with the database file's permissions.
+#[cfg(unix)]
+#[test]
+fn sqlite_files_are_created_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let store = SqliteStore::open(&path, cases::TIMEOUTS).unwrap();
+    cases::tenant(&store);
+    for file in ["relay.db", "relay.db-wal", "relay.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+    }
+}

@@ -598,7 +598,7 @@ async fn unknown_routes_are_404_and_wrong_methods_405_with_allow() {
         .call(Method::PUT, &w.url("/api/runtimes"), None, None)
         .await;
     assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(wrong.allow.as_deref(), Some("GET, POST"));
+    assert_eq!(wrong.allow.as_deref(), Some("GET, HEAD, POST"));
     let health = w
         .http
         .call(Method::GET, &w.url("/healthz"), None, None)
@@ -889,4 +889,82 @@ async fn alternate_between_instances(a: Arc<dyn Storer>, b: Arc<dyn Storer>) {
     }
     one.stop().await;
     two.stop().await;
+}
+
+#[tokio::test]
+async fn every_api_answer_says_no_store_success_or_error() {
+    let w = World::new().await;
+    let created = w
+        .http
+        .post(
+            &w.url("/api/runtimes"),
+            &w.api,
+            json!({"name": "laptop", "provider": "claude"}),
+        )
+        .await;
+    // The one answer that carries a daemon token above all.
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.cache_control.as_deref(), Some("no-store"));
+    let rt = created.json["id"].as_str().unwrap();
+    for (method, path, token) in [
+        (
+            Method::GET,
+            "/api/runtimes".to_owned(),
+            Some(w.api.as_str()),
+        ),
+        (Method::GET, "/api/runtimes".to_owned(), None),
+        (
+            Method::POST,
+            format!("/api/runtimes/{rt}/models"),
+            Some(w.api.as_str()),
+        ),
+        (Method::GET, "/api/nothing".to_owned(), Some(w.api.as_str())),
+    ] {
+        let answer = w
+            .http
+            .call(method.clone(), &w.url(&path), token, None)
+            .await;
+        assert_eq!(
+            answer.cache_control.as_deref(),
+            Some("no-store"),
+            "{method} {path}: {}",
+            answer.status
+        );
+    }
+}
+
+#[tokio::test]
+async fn head_is_answered_wherever_get_is_with_no_body() {
+    let w = World::new().await;
+    for (path, token) in [
+        ("/healthz", None),
+        ("/", None),
+        ("/api/runtimes", Some(w.api.as_str())),
+    ] {
+        let get = w
+            .http
+            .try_raw(Method::GET, &w.url(path), token, None)
+            .await
+            .unwrap();
+        let head = w
+            .http
+            .try_raw(Method::HEAD, &w.url(path), token, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (head.status, &head.content_type),
+            (get.status, &get.content_type),
+            "{path}"
+        );
+        assert_eq!(get.status, StatusCode::OK, "{path}");
+        assert!(head.body.is_empty(), "{path}: HEAD has no body");
+    }
+    // Where GET is not served, neither is HEAD.
+    let head = w
+        .http
+        .try_raw(Method::HEAD, &w.url("/api/daemon/heartbeat"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(head.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(head.allow.as_deref(), Some("POST"));
 }

@@ -589,3 +589,33 @@ async fn metrics_count_held_calls_and_wakeups_by_source() {
     );
     pair.stop().await;
 }
+
+#[tokio::test]
+async fn past_max_waiting_a_waiting_call_is_503_and_an_ordinary_one_is_served() {
+    let pair = one_instance(Settings {
+        max_waiting: 1,
+        ..long_holds()
+    })
+    .await;
+    let id = pair.create(&pair.a).await;
+    let url = format!(
+        "{}/api/runtimes/{}/models/{id}?wait_ms=60000",
+        pair.a.base, pair.rt
+    );
+    let (http, api) = (pair.http.clone(), pair.api.clone());
+    let first = tokio::spawn(async move { http.get(&url, &api).await });
+    pair.until_held(&pair.a, "read", 1.0).await;
+    let over = pair.read(&pair.a, &id, "?wait_ms=60000").await;
+    assert_eq!(
+        over,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "too many waiting calls"})
+        )
+    );
+    let plain = pair.read(&pair.a, &id, "").await;
+    assert_eq!(plain.0, StatusCode::OK, "ordinary calls are not capped");
+    pair.stop().await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "answered at shutdown");
+}

@@ -67,14 +67,14 @@ async fn the_page_loads_nothing_from_elsewhere() {
 }
 
 #[tokio::test]
-async fn unknown_assets_are_404_and_the_page_answers_only_get() {
+async fn unknown_assets_are_404_and_the_page_answers_only_get_and_head() {
     let server = server().await;
     let missing = text::fetch(Method::GET, &format!("{}/assets/nope.js", server.base)).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.body, r#"{"error":"asset not found"}"#);
     let posted = text::fetch(Method::POST, &format!("{}/", server.base)).await;
     assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(posted.headers["allow"], "GET");
+    assert_eq!(posted.headers["allow"], "GET, HEAD");
     server.stop().await;
 }
 

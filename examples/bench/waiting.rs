@@ -126,6 +126,8 @@ pub fn run(
         "10m",
         "--pending-timeout",
         "1h",
+        "--max-waiting",
+        "20000",
     ];
     let plain = start_server_with(&options.server, &database, &log("connections"), &flags)?;
     let (rss_fresh, rss_idle_connections) = runtime.block_on(idle_connections(&plain))?;

@@ -25,6 +25,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     /// The runtime's daemon has not heartbeated within `offline_after`.
     RuntimeOffline,
+    /// `--max-waiting` calls are held already.
+    TooManyWaiting,
     /// The store could not answer. Never a 404 and never a 200: the caller must retry.
     StoreUnavailable(StoreError),
     /// A bug: a store call panicked, or the OS random source failed.
@@ -34,6 +36,12 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::StoreUnavailable(e)
+    }
+}
+
+impl From<crate::instance::TooManyWaiting> for ApiError {
+    fn from(_: crate::instance::TooManyWaiting) -> Self {
+        ApiError::TooManyWaiting
     }
 }
 
@@ -52,7 +60,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RuntimeOffline | ApiError::StoreUnavailable(_) => {
+            ApiError::RuntimeOffline | ApiError::TooManyWaiting | ApiError::StoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,6 +76,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(allowed) => format!("method not allowed; use {allowed}"),
             ApiError::PayloadTooLarge(limit) => format!("body larger than {limit} bytes"),
             ApiError::RuntimeOffline => "runtime is offline".to_owned(),
+            ApiError::TooManyWaiting => "too many waiting calls".to_owned(),
             ApiError::StoreUnavailable(_) => "store unavailable".to_owned(),
             ApiError::Internal(_) => "internal error".to_owned(),
         }

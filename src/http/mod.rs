@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -90,6 +90,13 @@ impl StoreCalls for Arc<App> {
     }
 }
 
+/// After a failed accept (out of file descriptors, say), the first wait before the next
+/// try; doubled while it keeps failing, up to the second bound.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Failed accepts are logged at most this often.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a client may take to send its request headers (stops idle connections from
 /// holding sockets forever).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,15 +110,31 @@ pub async fn serve(
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    let mut failed_since_logged = 0u64;
+    let mut logged_at: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = ACCEPT_BACKOFF_FIRST;
+                    conn
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: the listener is still good, so
-                    // back off a moment instead of spinning or giving up.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // wait, longer each time it fails again, instead of spinning; and say
+                    // so at most once a second, with how often it failed meanwhile.
+                    failed_since_logged += 1;
+                    if logged_at.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+                        tracing::warn!(error = %e, failures = failed_since_logged, "accept failed");
+                        logged_at = Some(Instant::now());
+                        failed_since_logged = 0;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },

@@ -70,12 +70,13 @@ impl<'a> Route<'a> {
         })
     }
 
-    /// The methods this path answers, for the `Allow` header of a 405.
+    /// The methods this path answers, for the `Allow` header of a 405. `HEAD` wherever
+    /// `GET`.
     pub fn allowed(self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Model(..) => "GET",
-            Route::Page | Route::Asset(_) | Route::OpenApi => "GET",
-            Route::Runtimes => "GET, POST",
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Model(..) => "GET, HEAD",
+            Route::Page | Route::Asset(_) | Route::OpenApi => "GET, HEAD",
+            Route::Runtimes => "GET, HEAD, POST",
             Route::Runtime(_) => "DELETE",
             Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
         }
@@ -142,10 +143,19 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
     drop(parts);
     let route = Route::resolve(&head.path).map_or(UNMATCHED, Route::template);
     let method = method_label(&head.method);
-    let response = match dispatch(&app, head, body).await {
+    let api = head.path.starts_with("/api/");
+    let mut response = match dispatch(&app, head, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
+    // API answers are about one caller's data, and the creation of a runtime carries its
+    // daemon token: no cache, shared or private, may keep one.
+    if api {
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+    }
     let took = started.elapsed();
     let status = response.status().as_u16();
     app.metrics.observe_http(route, method, status, took);
@@ -165,6 +175,11 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
         token,
     } = head;
     let route = Route::resolve(&path).ok_or(ApiError::NotFound("route"))?;
+    // HEAD is answered as GET; hyper sends the head of the answer without its body.
+    let method = match method {
+        Method::HEAD => Method::GET,
+        other => other,
+    };
     match (&method, route) {
         (&Method::GET, Route::Page) => Ok(crate::web::page()),
         (&Method::GET, Route::Asset(name)) => {
@@ -356,31 +371,29 @@ async fn get_request(
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
     let hold = hold_for(app, wait_ms);
-    if hold.is_zero() || app.is_shutting_down() {
-        let request = read_request(app, &token, rt, id).await?;
-        return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)));
-    }
-    // Registered before the first read: a change from here on wakes it.
-    let until = tokio::time::Instant::now() + hold;
-    let mut held = app.waiters.hold_read(id);
-    let notify = held.notify();
-    let mut notified = std::pin::pin!(notify.notified());
     let first = read_request(app, &token, rt, id).await?;
-    if first.status.is_terminal() {
+    if hold.is_zero() || first.status.is_terminal() || app.is_shutting_down() {
         return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&first)));
     }
+    let until = tokio::time::Instant::now() + hold;
+    let mut held = app.waiters.hold_read(id)?;
     held.waits_to_leave(first.status);
-    held.parked();
-    let request = loop {
+    let notify = held.notify();
+    let mut notified = std::pin::pin!(notify.notified());
+    // Read again now that it is registered: a change made since the first read is seen
+    // here, and any later one wakes it.
+    let mut request = read_request(app, &token, rt, id).await?;
+    while request.status == first.status {
+        held.parked();
         let woken = woken_before(app, notified.as_mut(), until).await;
         notified.set(notify.notified());
         // Read again in either case: at the end of the wait the answer is the record as
         // it is now, not as it was when the call arrived.
-        let now = read_request(app, &token, rt, id).await?;
-        if now.status != first.status || !woken {
-            break now;
+        request = read_request(app, &token, rt, id).await?;
+        if !woken {
+            break;
         }
-    };
+    }
     Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
@@ -480,7 +493,7 @@ async fn hold_heartbeat(
     hold: Duration,
 ) -> Result<Option<RequestId>, ApiError> {
     let until = tokio::time::Instant::now() + hold;
-    let mut held = app.waiters.hold_heartbeat(rt);
+    let mut held = app.waiters.hold_heartbeat(rt)?;
     let notify = held.notify();
     let mut notified = std::pin::pin!(notify.notified());
     loop {

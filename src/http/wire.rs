@@ -84,7 +84,9 @@ fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiErr
             "{field} must be at most {max} characters"
         )));
     }
-    let value = value.trim();
+    // Invisible at either end: whitespace of any script, and format characters such as
+    // the zero-width space, which would make a name that looks blank.
+    let value = value.trim_matches(|c: char| c.is_whitespace() || is_format(c));
     if value.is_empty() {
         return Err(ApiError::BadRequest(format!("{field} must not be empty")));
     }
@@ -94,6 +96,36 @@ fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiErr
         )));
     }
     Ok(value.to_owned())
+}
+
+/// Unicode's format characters (general category Cf): invisible, they change how text
+/// around them is shown (zero-width space and joiners, direction marks, the byte order
+/// mark, soft hyphen, tags).
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 /// The most request ids a heartbeat's `working_on` may list: a daemon holds a handful.
@@ -395,6 +427,26 @@ mod tests {
         }
         let long = format!(r#"{{"name":"{}","provider":"p"}}"#, "x".repeat(201));
         assert!(parse_new_runtime(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn names_blank_but_for_unicode_whitespace_or_format_characters_are_refused() {
+        for blank in [
+            "\u{200B}",
+            "\u{3000}\u{200B} ",
+            "\u{FEFF}",
+            "\u{2060}\u{00A0}",
+            "\u{200E}",
+        ] {
+            let body = serde_json::json!({"name": blank, "provider": "p"}).to_string();
+            assert!(
+                matches!(parse_new_runtime(body.as_bytes()), Err(ApiError::BadRequest(m)) if m.contains("empty")),
+                "{blank:?}"
+            );
+        }
+        let body = serde_json::json!({"name": "\u{200B}laptop\u{3000}", "provider": "p"});
+        let b = parse_new_runtime(body.to_string().as_bytes()).unwrap();
+        assert_eq!(b.name, "laptop");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use waiters::{Source, Waiters};
+pub use waiters::{Source, TooManyWaiting, Waiters};
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -48,7 +48,7 @@ impl App {
             store: Arc::new(MeteredStore::new(store, Arc::clone(&metrics))),
             clock,
             settings,
-            waiters: Waiters::new(Arc::clone(&metrics)),
+            waiters: Waiters::new(Arc::clone(&metrics), settings.max_waiting),
             metrics,
             stopping: watch::Sender::new(false),
         }

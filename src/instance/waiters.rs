@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -75,7 +76,15 @@ pub struct Waiters {
     heartbeats: Mutex<HashMap<RuntimeId, Entry>>,
     reads: Mutex<HashMap<RequestId, Entry>>,
     metrics: Arc<Metrics>,
+    /// Calls registered now, of both kinds, and the most there may be (`--max-waiting`):
+    /// held calls then never take every connection and thread from ordinary ones.
+    registered: AtomicUsize,
+    max: usize,
 }
+
+/// Registering one more held call would pass `--max-waiting`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TooManyWaiting;
 
 fn lock<K>(map: &Mutex<HashMap<K, Entry>>) -> MutexGuard<'_, HashMap<K, Entry>> {
     // Every change to a map is whole before its guard drops: a poisoned map is consistent.
@@ -83,22 +92,40 @@ fn lock<K>(map: &Mutex<HashMap<K, Entry>>) -> MutexGuard<'_, HashMap<K, Entry>> 
 }
 
 impl Waiters {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// A registry that takes at most `max` held calls at once.
+    pub fn new(metrics: Arc<Metrics>, max: usize) -> Self {
         Waiters {
             heartbeats: Mutex::default(),
             reads: Mutex::default(),
             metrics,
+            registered: AtomicUsize::new(0),
+            max,
         }
     }
 
     /// Registers a heartbeat held for `runtime` until the guard drops.
-    pub fn hold_heartbeat(&self, runtime: RuntimeId) -> Held<'_, RuntimeId> {
-        Held::new(self, &self.heartbeats, runtime, HEARTBEAT)
+    pub fn hold_heartbeat(
+        &self,
+        runtime: RuntimeId,
+    ) -> Result<Held<'_, RuntimeId>, TooManyWaiting> {
+        self.reserve()?;
+        Ok(Held::new(self, &self.heartbeats, runtime, HEARTBEAT))
     }
 
     /// Registers a read waiting on request `id` until the guard drops.
-    pub fn hold_read(&self, id: RequestId) -> Held<'_, RequestId> {
-        Held::new(self, &self.reads, id, READ)
+    pub fn hold_read(&self, id: RequestId) -> Result<Held<'_, RequestId>, TooManyWaiting> {
+        self.reserve()?;
+        Ok(Held::new(self, &self.reads, id, READ))
+    }
+
+    /// Takes one place among the `max`, or says there is none.
+    fn reserve(&self) -> Result<(), TooManyWaiting> {
+        self.registered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| TooManyWaiting)
     }
 
     /// Wakes the heartbeats held for `runtime`: a request of it became pending.
@@ -263,6 +290,7 @@ impl<K: Eq + Hash + Copy> Drop for Held<'_, K> {
             }
         }
         drop(map);
+        self.waiters.registered.fetch_sub(1, Ordering::AcqRel);
         if self.counted {
             self.waiters.metrics.held(self.kind, -1);
         }
@@ -292,9 +320,9 @@ mod tests {
 
     #[test]
     fn recheck_wakes_a_heartbeat_only_when_its_runtime_has_a_pending_request() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
         let (rt, other) = (RuntimeId::random().unwrap(), RuntimeId::random().unwrap());
-        let held = waiters.hold_heartbeat(rt);
+        let held = waiters.hold_heartbeat(rt).unwrap();
         let notify = held.notify();
         let mut notified = std::pin::pin!(notify.notified());
         let id = RequestId::random().unwrap();
@@ -311,10 +339,10 @@ mod tests {
 
     #[test]
     fn recheck_wakes_a_read_when_its_request_left_the_status_it_waits_on() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
         let rt = RuntimeId::random().unwrap();
         let id = RequestId::random().unwrap();
-        let mut held = waiters.hold_read(id);
+        let mut held = waiters.hold_read(id).unwrap();
         held.waits_to_leave(Status::Pending);
         let notify = held.notify();
         let mut notified = std::pin::pin!(notify.notified());
@@ -337,12 +365,12 @@ mod tests {
         // Two reads of one request that arrived at different times: the older one waits
         // to leave pending, the newer one to leave running. Once running, the older must
         // be woken by a re-check although the newer's baseline matches.
-        let waiters = Waiters::new(Arc::new(Metrics::new()));
+        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
         let rt = RuntimeId::random().unwrap();
         let id = RequestId::random().unwrap();
-        let mut older = waiters.hold_read(id);
+        let mut older = waiters.hold_read(id).unwrap();
         older.waits_to_leave(Status::Pending);
-        let mut newer = waiters.hold_read(id);
+        let mut newer = waiters.hold_read(id).unwrap();
         newer.waits_to_leave(Status::Running);
         let notify = older.notify();
         let mut notified = std::pin::pin!(notify.notified());
@@ -358,11 +386,24 @@ mod tests {
     }
 
     #[test]
-    fn the_last_guard_to_drop_removes_the_key() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()));
+    fn past_max_waiting_no_call_is_registered_until_one_ends() {
+        let waiters = Waiters::new(Arc::new(Metrics::new()), 2);
         let rt = RuntimeId::random().unwrap();
-        let a = waiters.hold_heartbeat(rt);
-        let b = waiters.hold_heartbeat(rt);
+        let id = RequestId::random().unwrap();
+        let a = waiters.hold_heartbeat(rt).unwrap();
+        let _b = waiters.hold_read(id).unwrap();
+        assert_eq!(waiters.hold_heartbeat(rt).err(), Some(TooManyWaiting));
+        assert_eq!(waiters.hold_read(id).err(), Some(TooManyWaiting));
+        drop(a);
+        assert!(waiters.hold_heartbeat(rt).is_ok());
+    }
+
+    #[test]
+    fn the_last_guard_to_drop_removes_the_key() {
+        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
+        let rt = RuntimeId::random().unwrap();
+        let a = waiters.hold_heartbeat(rt).unwrap();
+        let b = waiters.hold_heartbeat(rt).unwrap();
         drop(a);
         assert!(!waiters.is_empty());
         drop(b);

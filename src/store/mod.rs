@@ -30,6 +30,8 @@ pub enum StoreError {
     Postgres(#[from] ::postgres::Error),
     #[error("stored data is not valid: {0}")]
     Corrupt(String),
+    #[error("database file: {0}")]
+    File(#[from] std::io::Error),
     #[error("the database schema is version {found}; this build knows up to {known}")]
     SchemaTooNew { found: i64, known: i64 },
     #[error(transparent)]

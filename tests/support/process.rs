@@ -25,14 +25,54 @@ impl Serve {
     }
 
     pub fn start_with(database: &str, extra: &[&str], rust_log: &str) -> Self {
-        let mut child = Command::new(BIN)
+        Self::spawn(Self::command(database, extra, rust_log))
+    }
+
+    /// [`Serve::start`], as a process whose limits on open files are `soft` and `hard`.
+    #[cfg(unix)]
+    pub fn start_with_open_files(database: &str, extra: &[&str], soft: u64, hard: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = Self::command(database, extra, "info");
+        // SAFETY: between fork and exec, setrlimit is async-signal-safe and touches only
+        // the child.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft as libc::rlim_t,
+                    rlim_max: hard as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::spawn(command)
+    }
+
+    /// The PID of the process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line it logged so far.
+    pub fn logs_so_far(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    fn command(database: &str, extra: &[&str], rust_log: &str) -> Command {
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
             .args(extra)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start model-relay serve");
+            .stderr(Stdio::piped());
+        command
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("start model-relay serve");
         // The log line `model-relay serving listen=ADDR` (or `"listen":"ADDR"` in JSON)
         // says which port it took.
         let stderr = child.stderr.take().expect("stderr is piped");

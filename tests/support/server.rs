@@ -102,6 +102,7 @@ pub struct Answer {
     pub status: StatusCode,
     pub allow: Option<String>,
     pub content_type: Option<String>,
+    pub cache_control: Option<String>,
     pub json: Value,
 }
 
@@ -118,6 +119,7 @@ pub struct RawAnswer {
     pub status: StatusCode,
     pub allow: Option<String>,
     pub content_type: Option<String>,
+    pub cache_control: Option<String>,
     pub body: Bytes,
 }
 
@@ -152,6 +154,7 @@ impl Http {
             };
             let allow = text_header(header::ALLOW);
             let content_type = text_header(header::CONTENT_TYPE);
+            let cache_control = text_header(header::CACHE_CONTROL);
             let body = response
                 .into_body()
                 .collect()
@@ -162,6 +165,7 @@ impl Http {
                 status,
                 allow,
                 content_type,
+                cache_control,
                 body,
             })
         };
@@ -189,6 +193,7 @@ impl Http {
             status: raw.status,
             allow: raw.allow,
             content_type: raw.content_type,
+            cache_control: raw.cache_control,
             json,
         })
     }

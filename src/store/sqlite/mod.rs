@@ -99,6 +99,7 @@ impl SqliteStore {
 
     pub fn open_with(path: &Path, timeouts: Timeouts, options: Options) -> Result<Self> {
         let Options { synchronous, wait } = options;
+        create_private(path)?;
         // WAL is a property of the file: set it once, on one connection, before the pool
         // opens more. `journal_mode` answers with a row, so it is read, not executed.
         let mut conn = Connection::open(path)?;
@@ -154,6 +155,29 @@ impl SqliteStore {
     fn reader(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         Ok(self.readers.get()?)
     }
+}
+
+/// Creates the database file, if it is not there yet, readable and writable by its owner
+/// only: it holds token hashes and every tenant's requests. SQLite gives the `-wal` and
+/// `-shm` files it makes the database file's permissions.
+fn create_private(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            // There already (another process made it first, or an existing database):
+            // its permissions are its owner's business.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Applies the schema once per file. Under `BEGIN IMMEDIATE`, so that processes starting
