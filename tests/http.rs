@@ -968,3 +968,38 @@ async fn head_is_answered_wherever_get_is_with_no_body() {
     assert_eq!(head.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(head.allow.as_deref(), Some("POST"));
 }
+
+/// A caller without a valid token cannot make the server wait for its body: every route
+/// that takes a body checks the token first, and answers 401 with the body still unsent.
+#[tokio::test]
+async fn a_body_is_never_awaited_for_a_caller_without_a_valid_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let (rt, _) = w.online_runtime().await;
+    let addr = w.instance.base.trim_start_matches("http://").to_owned();
+    let paths = [
+        "/api/runtimes".to_owned(),
+        "/api/daemon/heartbeat".to_owned(),
+        format!("/api/daemon/runtimes/{rt}/models/0123456789abcdef0123456789abcdef/result"),
+    ];
+    for path in &paths {
+        for auth in ["", "Authorization: Bearer mrd_not_a_token\r\n"] {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            // A megabyte announced, not a byte sent.
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = vec![0; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+                .await
+                .unwrap_or_else(|_| panic!("{path} ({auth:?}): waited for the body"))
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer[..read]);
+            assert!(
+                answer.starts_with("HTTP/1.1 401"),
+                "{path} ({auth:?}): {answer}"
+            );
+        }
+    }
+}

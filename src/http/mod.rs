@@ -52,6 +52,13 @@ trait StoreCalls {
     where
         F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static;
+
+    /// Store work that only reads: right here where the store's reads are in place, else
+    /// on the blocking pool.
+    async fn read<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static;
 }
 
 impl StoreCalls for Arc<App> {
@@ -87,6 +94,18 @@ impl StoreCalls for Arc<App> {
         tokio::task::spawn_blocking(move || work(&app))
             .await
             .map_err(|e| ApiError::Internal(format!("store call did not finish: {e}")))?
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&App) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.store.reads_in_place() {
+            work(self)
+        } else {
+            self.blocking(work).await
+        }
     }
 }
 

@@ -192,10 +192,9 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
             Ok(wire::json(StatusCode::OK, &wire::OK))
         }
         (&Method::GET, Route::Metrics) => metrics(app).await,
-        (&Method::POST, Route::Runtimes) => {
-            let body = read_body(app, body).await?;
-            create_runtime(app, token, body).await
-        }
+        // Each route with a body checks its token before reading the body: a caller
+        // without a valid token cannot make the server wait for, or hold, its body.
+        (&Method::POST, Route::Runtimes) => create_runtime(app, token, body).await,
         (&Method::GET, Route::Runtimes) => list_runtimes(app, token).await,
         (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
         (&Method::POST, Route::Models(rt)) => create_request(app, token, rt).await,
@@ -203,14 +202,8 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
             let wait_ms = wire::parse_wait_query(query.as_deref())?;
             get_request(app, token, rt, id, wait_ms).await
         }
-        (&Method::POST, Route::Heartbeat) => {
-            let body = read_body(app, body).await?;
-            heartbeat(app, token, body).await
-        }
-        (&Method::POST, Route::Result(rt, id)) => {
-            let body = read_body(app, body).await?;
-            report(app, token, rt, id, body).await
-        }
+        (&Method::POST, Route::Heartbeat) => heartbeat(app, token, body).await,
+        (&Method::POST, Route::Result(rt, id)) => report(app, token, rt, id, body).await,
         (_, route) => Err(ApiError::MethodNotAllowed(route.allowed())),
     }
 }
@@ -249,13 +242,16 @@ fn parse_request_id(s: &str) -> Result<RequestId, ApiError> {
     RequestId::parse(s).ok_or(ApiError::NotFound("request"))
 }
 
-async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
+async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) -> Answer {
+    let workspace_id = app
+        .read(move |app| workspace_of(app, token.as_ref()))
+        .await?;
+    let body = read_body(app, body).await?;
     let new = wire::parse_new_runtime(&body)?;
     let daemon_token = Token::new_daemon()?;
     let id = RuntimeId::random()?;
     let (runtime, daemon_token) = app
         .blocking(move |app| {
-            let workspace_id = workspace_of(app, token.as_ref())?;
             let runtime = app.store.create_runtime(
                 &NewRuntime {
                     id,
@@ -437,41 +433,37 @@ async fn read_request(
     Ok(request)
 }
 
-async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Bytes) -> Answer {
+async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Incoming) -> Answer {
     // Only a tenth of offline_after of staleness: a runtime still goes offline between 0.9
     // and 1 × offline_after after its last heartbeat.
     let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
     let daemon_token = token.clone();
-    let (rt, hold, claimed) = app
-        .read_then(
-            move |app| {
-                let daemon = daemon_of(app, &daemon_token)?;
-                let body = wire::parse_heartbeat(&body)?;
-                if body.runtime_id != daemon.runtime {
-                    return Err(ApiError::NotFound("runtime"));
-                }
-                // The common heartbeat (seen lately, nothing pending, nothing lost) writes
-                // nothing and makes no store call past the read above.
-                let now = app.clock.now();
-                let writes =
-                    daemon.heartbeat_writes(now, refresh_after, body.working_on.as_deref());
-                Ok(((daemon, body, now), writes))
-            },
-            move |app, (daemon, body, now)| {
-                let hold = hold_for(app, body.wait_ms);
-                match app.store.heartbeat(
-                    &daemon,
-                    now,
-                    refresh_after,
-                    body.working_on.as_deref(),
-                )? {
-                    Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
-                    Heartbeat::Alive(claimed) => Ok((daemon.runtime, hold, claimed)),
-                }
-            },
-        )
-        .await?;
+    let daemon = app.read(move |app| daemon_of(app, &daemon_token)).await?;
+    let body = read_body(app, body).await?;
+    let beat = wire::parse_heartbeat(&body)?;
+    if beat.runtime_id != daemon.runtime {
+        return Err(ApiError::NotFound("runtime"));
+    }
+    let rt = daemon.runtime;
+    let hold = hold_for(app, beat.wait_ms);
+    let now = app.clock.now();
+    // The common heartbeat (seen lately, nothing pending, nothing lost) writes nothing and
+    // makes no store call past the read above.
+    let claimed = if daemon.heartbeat_writes(now, refresh_after, beat.working_on.as_deref()) {
+        app.blocking(move |app| {
+            match app
+                .store
+                .heartbeat(&daemon, now, refresh_after, beat.working_on.as_deref())?
+            {
+                Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
+                Heartbeat::Alive(claimed) => Ok(claimed),
+            }
+        })
+        .await?
+    } else {
+        None
+    };
     let claimed = match claimed {
         Some(id) => Some(id),
         None if hold.is_zero() || app.is_shutting_down() => None,
@@ -535,16 +527,24 @@ async fn claim_if_pending(
     .await
 }
 
-async fn report(app: &Arc<App>, token: Option<Token>, rt: &str, id: &str, body: Bytes) -> Answer {
+async fn report(
+    app: &Arc<App>,
+    token: Option<Token>,
+    rt: &str,
+    id: &str,
+    body: Incoming,
+) -> Answer {
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
+    let daemon = app.read(move |app| daemon_of(app, &token)).await?;
+    if daemon.runtime != rt {
+        return Err(ApiError::NotFound("runtime"));
+    }
+    let body = read_body(app, body).await?;
+    let report = wire::parse_report(&body)?;
     let (outcome, ended) = app
         .blocking(move |app| {
-            if daemon_of(app, &token)?.runtime != rt {
-                return Err(ApiError::NotFound("runtime"));
-            }
-            let report = wire::parse_report(&body)?;
             let outcome = app.store.report(rt, id, &report, app.clock.now())?;
             Ok((outcome, matches!(report, Report::Ended(_))))
         })
