@@ -100,6 +100,14 @@ struct ServeArgs {
     /// many waiting calls".
     #[arg(long, default_value_t = 10_000, env = "MODEL_RELAY_MAX_WAITING")]
     max_waiting: usize,
+    /// The most connections open at once; past it a new connection is closed as soon as it
+    /// is accepted.
+    #[arg(long, default_value_t = 8_192, env = "MODEL_RELAY_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// A request's headers, and the next ones on an idle connection, must arrive within
+    /// this; its body within this or 10 s of the headers, whichever is shorter.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", env = "MODEL_RELAY_READ_TIMEOUT")]
+    read_timeout: Duration,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -205,6 +213,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_wait: args.max_wait,
         recheck_every: args.recheck_every,
         max_waiting: args.max_waiting,
+        max_connections: args.max_connections,
+        read_timeout: args.read_timeout,
         ..Settings::default()
     };
     let url = args.database.resolve()?;

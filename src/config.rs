@@ -135,6 +135,11 @@ pub struct Settings {
     /// The most waiting calls held at once; past it a waiting call is answered 503 `too
     /// many waiting calls` at once, so that they never starve ordinary calls.
     pub max_waiting: usize,
+    /// The most connections open at once; past it a new one is closed as it is accepted.
+    pub max_connections: usize,
+    /// A request's headers (and the next request's, on an idle connection) must arrive
+    /// within this; its body within this or 10 s of the headers, whichever is shorter.
+    pub read_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -150,6 +155,8 @@ impl Default for Settings {
             recheck_every: Duration::from_secs(1),
             listen: true,
             max_waiting: 10_000,
+            max_connections: 8_192,
+            read_timeout: Duration::from_secs(30),
         }
     }
 }

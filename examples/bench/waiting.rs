@@ -128,6 +128,8 @@ pub fn run(
         "1h",
         "--max-waiting",
         "20000",
+        "--max-connections",
+        "20000",
     ];
     let plain = start_server_with(&options.server, &database, &log("connections"), &flags)?;
     let (rss_fresh, rss_idle_connections) = runtime.block_on(idle_connections(&plain))?;

@@ -23,6 +23,8 @@ pub enum ApiError {
     Conflict(String),
     /// The body is larger than the configured limit.
     PayloadTooLarge(usize),
+    /// The body did not arrive in time.
+    RequestTimeout,
     /// The runtime's daemon has not heartbeated within `offline_after`.
     RuntimeOffline,
     /// `--max-waiting` calls are held already.
@@ -60,6 +62,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::RuntimeOffline | ApiError::TooManyWaiting | ApiError::StoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -75,6 +78,7 @@ impl ApiError {
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::MethodNotAllowed(allowed) => format!("method not allowed; use {allowed}"),
             ApiError::PayloadTooLarge(limit) => format!("body larger than {limit} bytes"),
+            ApiError::RequestTimeout => "body not received in time".to_owned(),
             ApiError::RuntimeOffline => "runtime is offline".to_owned(),
             ApiError::TooManyWaiting => "too many waiting calls".to_owned(),
             ApiError::StoreUnavailable(_) => "store unavailable".to_owned(),

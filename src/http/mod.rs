@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 // The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
@@ -116,10 +117,6 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Failed accepts are logged at most this often.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a client may take to send its request headers (stops idle connections from
-/// holding sockets forever).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, answers
 /// every held call at once, and lets in-flight requests finish (up to a bound).
 pub async fn serve(
@@ -129,6 +126,12 @@ pub async fn serve(
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // One permit per open connection: past `--max-connections` a new connection is closed
+    // as soon as it is accepted, never queued, so the server's descriptors stay bounded.
+    let slots = Arc::new(Semaphore::new(app.settings.max_connections));
+    let read_timeout = app.settings.read_timeout;
+    let mut refused_since_logged = 0u64;
+    let mut refusal_logged_at: Option<Instant> = None;
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     let mut failed_since_logged = 0u64;
     let mut logged_at: Option<Instant> = None;
@@ -159,6 +162,19 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            refused_since_logged += 1;
+            if refusal_logged_at.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+                tracing::warn!(
+                    refused = refused_since_logged,
+                    "connection refused: --max-connections reached"
+                );
+                refusal_logged_at = Some(Instant::now());
+                refused_since_logged = 0;
+            }
+            continue;
+        };
         // Small JSON answers: send them now rather than wait to fill a segment.
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
@@ -168,10 +184,13 @@ pub async fn serve(
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // A request's headers must arrive within `--read-timeout`, and so must the next
+            // request's on a connection left idle: an idle connection is closed then.
+            .header_read_timeout(read_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -208,11 +208,19 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
     }
 }
 
+/// The longest a body may take to arrive after its headers, however long `--read-timeout`.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The whole body, or 413 once it passes the limit (checked as it streams in, so a large
-/// body is refused without being held in memory).
+/// body is refused without being held in memory), or 408 when it has not all arrived
+/// within [`BODY_TIMEOUT`] (or `--read-timeout`, if shorter) of its headers.
 async fn read_body(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
     let limit = app.settings.body_limit;
-    match Limited::new(body, limit).collect().await {
+    let deadline = BODY_TIMEOUT.min(app.settings.read_timeout);
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge(limit))
