@@ -108,6 +108,10 @@ struct ServeArgs {
     /// this; its body within this or 10 s of the headers, whichever is shorter.
     #[arg(long, value_parser = parse_duration, default_value = "30s", env = "MODEL_RELAY_READ_TIMEOUT")]
     read_timeout: Duration,
+    /// An origin whose pages may call the UI routes from a browser, e.g.
+    /// https://app.example.com (repeatable). The daemon's routes never answer CORS.
+    #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
+    cors_origins: Vec<String>,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -222,7 +226,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let store = url
         .open_with(settings.timeouts, args.store_timeout)
         .map_err(|e| format!("cannot open {}: {}", shown_url(&url), error_chain(&e)))?;
-    let app = Arc::new(App::new(store, Arc::new(SystemClock), settings));
+    let app = Arc::new(
+        App::new(store, Arc::new(SystemClock), settings).with_cors_origins(args.cors_origins),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,6 +251,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     drop(app);
     tracing::info!("model-relay stopped");
     served
+}
+
+/// An origin as a browser sends it: `http://` or `https://`, a host, maybe a port, and
+/// nothing after (no path, no trailing slash), else it could never match.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?}: an origin starts with http:// or https://"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return Err(format!(
+            "{s:?}: an origin is scheme://host[:port], with no path or trailing slash"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Raises this process's soft limit on open files to its hard limit, and answers the
@@ -311,4 +332,26 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_origin;
+
+    #[test]
+    fn cors_origins_are_scheme_host_and_port_only() {
+        for good in ["https://app.example.com", "http://localhost:3000"] {
+            assert_eq!(parse_origin(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "app.example.com",
+            "https://",
+            "https://app.example.com/",
+            "https://app.example.com/ui",
+            "ftp://x",
+            "*",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+    }
 }

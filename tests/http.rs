@@ -1003,3 +1003,132 @@ async fn a_body_is_never_awaited_for_a_caller_without_a_valid_token() {
         }
     }
 }
+
+/// CORS, for the UI routes only and only for listed origins (`--cors-origin`).
+mod cors {
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper::{HeaderMap, Method, Request, StatusCode};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use model_relay::App;
+    use model_relay::model::Timeouts;
+    use model_relay::store::Storer;
+    use model_relay::store::memory::MemoryStore;
+    use serde_json::json;
+
+    use super::support::server::{Instance, T0, clock, settings, workspace};
+
+    const LISTED: &str = "https://ui.example.com";
+    const OTHER: &str = "https://evil.example.com";
+
+    /// One call with the headers given; the answer's status and headers.
+    async fn call(
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> (StatusCode, HeaderMap) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut request = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let _ = response.into_body().collect().await;
+        (status, headers)
+    }
+
+    #[tokio::test]
+    async fn listed_origins_get_preflight_and_their_origin_echoed_on_ui_routes_only() {
+        let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
+        let (_, api) = workspace(store.as_ref(), T0);
+        let app = App::new(store, clock(), settings()).with_cors_origins(vec![LISTED.into()]);
+        let instance = Instance::start_app(app).await;
+        let url = |path: &str| format!("{}{path}", instance.base);
+        let bearer = format!("Bearer {api}");
+
+        // Preflight from the listed origin: answered, with what its page may send.
+        let (status, headers) = call(
+            Method::OPTIONS,
+            &url("/api/runtimes"),
+            &[
+                ("origin", LISTED),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type",
+                ),
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(headers["access-control-allow-origin"], LISTED);
+        assert_eq!(headers["access-control-allow-methods"], "GET, HEAD, POST");
+        let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+        assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+
+        // The call itself: its origin echoed; another origin gets none.
+        let created = call(
+            Method::POST,
+            &url("/api/runtimes"),
+            &[("origin", LISTED), ("authorization", &bearer)],
+            Some(json!({"name": "laptop", "provider": "claude"}).to_string()),
+        )
+        .await;
+        assert_eq!(created.0, StatusCode::CREATED);
+        assert_eq!(created.1["access-control-allow-origin"], LISTED);
+        assert_eq!(created.1["vary"], "Origin");
+        let foreign = call(
+            Method::GET,
+            &url("/api/runtimes"),
+            &[("origin", OTHER), ("authorization", &bearer)],
+            None,
+        )
+        .await;
+        assert_eq!(foreign.0, StatusCode::OK);
+        assert!(!foreign.1.contains_key("access-control-allow-origin"));
+
+        // A preflight from another origin is no preflight: OPTIONS is not served.
+        let (status, headers) = call(
+            Method::OPTIONS,
+            &url("/api/runtimes"),
+            &[("origin", OTHER), ("access-control-request-method", "GET")],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(!headers.contains_key("access-control-allow-origin"));
+
+        // The daemon's routes never answer CORS, whatever the origin.
+        let (status, headers) = call(
+            Method::OPTIONS,
+            &url("/api/daemon/heartbeat"),
+            &[
+                ("origin", LISTED),
+                ("access-control-request-method", "POST"),
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(!headers.contains_key("access-control-allow-origin"));
+        let (_, headers) = call(
+            Method::POST,
+            &url("/api/daemon/heartbeat"),
+            &[("origin", LISTED)],
+            Some("{}".into()),
+        )
+        .await;
+        assert!(!headers.contains_key("access-control-allow-origin"));
+        instance.stop().await;
+    }
+}

@@ -82,6 +82,15 @@ impl<'a> Route<'a> {
         }
     }
 
+    /// The routes a browser page calls with an API token: the only ones that answer CORS.
+    /// The daemon's routes never do.
+    pub fn is_ui(self) -> bool {
+        matches!(
+            self,
+            Route::Runtimes | Route::Runtime(_) | Route::Models(_) | Route::Model(..)
+        )
+    }
+
     /// The path as a template, for metric labels and logs: never the ids themselves, so
     /// the number of label values stays fixed.
     pub fn template(self) -> &'static str {
@@ -126,6 +135,10 @@ struct Head {
     path: String,
     query: Option<String>,
     token: Option<Token>,
+    /// The `Origin` of a browser's cross-origin call, when it is one of `--cors-origin`.
+    allowed_origin: Option<header::HeaderValue>,
+    /// Whether it is a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`).
+    preflight: bool,
 }
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -139,8 +152,24 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         token: wire::bearer(parts.headers.get(header::AUTHORIZATION)),
+        allowed_origin: parts
+            .headers
+            .get(header::ORIGIN)
+            .filter(|origin| {
+                app.cors_origins
+                    .iter()
+                    .any(|allowed| origin.as_bytes() == allowed.as_bytes())
+            })
+            // A copy: the original is a slice of the connection's read buffer.
+            .and_then(|origin| header::HeaderValue::from_bytes(origin.as_bytes()).ok()),
+        preflight: parts.method == Method::OPTIONS
+            && parts
+                .headers
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD),
     };
     drop(parts);
+    let ui = Route::resolve(&head.path).is_some_and(Route::is_ui);
+    let cors = head.allowed_origin.clone().filter(|_| ui);
     let route = Route::resolve(&head.path).map_or(UNMATCHED, Route::template);
     let method = method_label(&head.method);
     let api = head.path.starts_with("/api/");
@@ -155,6 +184,17 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
             header::CACHE_CONTROL,
             header::HeaderValue::from_static("no-store"),
         );
+    }
+    if let Some(origin) = cors {
+        response
+            .headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    if ui {
+        // The answer depends on the Origin sent: no cache may give one origin's to another.
+        response
+            .headers_mut()
+            .insert(header::VARY, header::HeaderValue::from_static("Origin"));
     }
     let took = started.elapsed();
     let status = response.status().as_u16();
@@ -173,8 +213,13 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
         path,
         query,
         token,
+        allowed_origin,
+        preflight,
     } = head;
     let route = Route::resolve(&path).ok_or(ApiError::NotFound("route"))?;
+    if preflight && allowed_origin.is_some() && route.is_ui() {
+        return Ok(preflight_answer(route));
+    }
     // HEAD is answered as GET; hyper sends the head of the answer without its body.
     let method = match method {
         Method::HEAD => Method::GET,
@@ -210,6 +255,27 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
 
 /// The longest a body may take to arrive after its headers, however long `--read-timeout`.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The answer to a CORS preflight from a listed origin, for a UI route: which methods and
+/// headers its page may use. `handle` adds the origin itself.
+fn preflight_answer(route: Route<'_>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::HeaderValue::from_static(route.allowed()),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static("authorization, content-type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        header::HeaderValue::from_static("600"),
+    );
+    response
+}
 
 /// The whole body, or 413 once it passes the limit (checked as it streams in, so a large
 /// body is refused without being held in memory), or 408 when it has not all arrived

@@ -38,6 +38,8 @@ pub struct App {
     /// True once shutdown has begun: held calls answer at once, so that draining does not
     /// wait for them.
     stopping: watch::Sender<bool>,
+    /// Origins whose pages may call the UI routes from a browser (`--cors-origin`).
+    pub cors_origins: Vec<String>,
 }
 
 impl App {
@@ -51,7 +53,14 @@ impl App {
             waiters: Waiters::new(Arc::clone(&metrics), settings.max_waiting),
             metrics,
             stopping: watch::Sender::new(false),
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// The same instance, answering CORS for pages on `origins` (UI routes only).
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
     }
 
     /// Shutdown begins: every held call answers now, and no new call is held.

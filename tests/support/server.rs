@@ -39,9 +39,14 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(store: Arc<dyn Storer>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
+        Self::start_app(App::new(store, clock, settings)).await
+    }
+
+    /// An instance of `app` as it is built (with CORS origins, say).
+    pub async fn start_app(app: App) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = Arc::new(App::new(store, clock, settings));
+        let app = Arc::new(app);
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(run(listener, app, async {
             let _ = stopped.await;
