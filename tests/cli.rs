@@ -9,10 +9,25 @@ use serde_json::{Value, json};
 use support::process::{BIN, Serve, workspace_create};
 use support::server::Http;
 
-#[test]
-fn workspace_create_json_prints_exactly_one_object_with_id_and_token() {
+/// A database URL of an SQLite file in a directory of its own, kept as long as the
+/// directory is.
+fn sqlite_file() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    (dir, db)
+}
+
+/// The API token of a workspace made with `workspace create` on `db`.
+fn api_token(db: &str) -> String {
+    workspace_create(db)["api_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn workspace_create_json_prints_exactly_one_object_with_id_and_token() {
+    let (_dir, db) = sqlite_file();
     let created = workspace_create(&db);
     let object = created.as_object().unwrap();
     assert_eq!(object.len(), 2, "{created}");
@@ -117,8 +132,7 @@ async fn two_processes_alternating(database: &str) {
 
 #[tokio::test]
 async fn two_serve_processes_on_one_sqlite_file_answer_each_others_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let (_dir, db) = sqlite_file();
     two_processes_alternating(&db).await;
 }
 
@@ -136,12 +150,8 @@ async fn two_serve_processes_on_one_postgres_database_answer_each_others_calls()
 /// client's 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_in_one_process_wakes_a_heartbeat_held_in_another() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
-    let api = workspace_create(&db)["api_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_dir, db) = sqlite_file();
+    let api = api_token(&db);
     let flags = [
         "--max-wait",
         "60s",
@@ -199,8 +209,7 @@ async fn a_create_in_one_process_wakes_a_heartbeat_held_in_another() {
 #[cfg(unix)]
 #[test]
 fn serve_raises_its_open_files_limit_to_the_hard_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let (_dir, db) = sqlite_file();
     let serve = Serve::start_with_open_files(&db, &[], 256, 4096);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.pid())).unwrap();
     let open_files = limits
@@ -226,8 +235,7 @@ fn serve_raises_its_open_files_limit_to_the_hard_limit() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let (_dir, db) = sqlite_file();
     let serve = Serve::start_with_open_files(&db, &[], 64, 64);
     let addr = serve.base.trim_start_matches("http://").to_owned();
     // More connections than it has descriptors left; each waits in the listen queue or
@@ -293,12 +301,8 @@ async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
 /// line. Ctrl-C (SIGINT) ends it with status 0.
 #[tokio::test]
 async fn json_logs_carry_requests_and_transitions_but_never_a_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
-    let api = workspace_create(&db)["api_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_dir, db) = sqlite_file();
+    let api = api_token(&db);
     let mut serve = Serve::start_with(&db, &["--log-format", "json"], "trace");
     let url = |path: &str| format!("{}{path}", serve.base);
     let http = Http::default();

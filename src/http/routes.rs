@@ -1,12 +1,13 @@
 //! Routing and handlers. A path resolves to a [`Route`] first, then the method picks the
 //! handler, so a known path with the wrong method gets 405 rather than 404.
 //!
-//! Each handler makes its store calls in one `spawn_blocking` closure: authentication and
-//! the operation together, one trip to the blocking pool per request. The two most frequent
-//! calls, a poll and a heartbeat, are usually one read: where the store's reads are local
-//! (SQLite, memory) that read runs on the async worker, and only a call that turns out to
-//! write (an overdue request, a claim, a stale `last_seen_at`) goes to the blocking pool
-//! (`App::read_then`).
+//! Handlers reach the store through `StoreCalls`: reads run on the async worker where the
+//! store's reads are local (SQLite, memory), and anything that may write goes to the
+//! blocking pool. A route with a body reads its token's owner first and only then the
+//! body. The two most frequent calls, a poll and a heartbeat, are usually one read, and go
+//! to the blocking pool only when they turn out to write (an overdue request, a claim, a
+//! stale `last_seen_at`). Waiting calls (`wait_ms`) register with the instance's waiters
+//! and park until woken, until their wait ends, or until shutdown begins.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,9 +169,10 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD),
     };
     drop(parts);
-    let ui = Route::resolve(&head.path).is_some_and(Route::is_ui);
+    let resolved = Route::resolve(&head.path);
+    let ui = resolved.is_some_and(Route::is_ui);
+    let route = resolved.map_or(UNMATCHED, Route::template);
     let cors = head.allowed_origin.clone().filter(|_| ui);
-    let route = Route::resolve(&head.path).map_or(UNMATCHED, Route::template);
     let method = method_label(&head.method);
     let api = head.path.starts_with("/api/");
     let mut response = match dispatch(&app, head, body).await {
@@ -591,8 +593,8 @@ async fn claim_if_pending(
             }
             Ok((daemon.pending, daemon.pending))
         },
-        // Where the store's reads are not in place, this step runs whatever the read said
-        // (one trip to the blocking pool for both): it must check again.
+        // `read_then` runs this step whatever the read said (in place when it writes
+        // nothing): it must look at the read's answer itself.
         move |app, pending| match pending {
             true => Ok(app.store.claim_next_pending(rt, app.clock.now())?.claimed),
             false => Ok(None),
@@ -617,11 +619,9 @@ async fn report(
     }
     let body = read_body(app, body).await?;
     let report = wire::parse_report(&body)?;
-    let (outcome, ended) = app
-        .blocking(move |app| {
-            let outcome = app.store.report(rt, id, &report, app.clock.now())?;
-            Ok((outcome, matches!(report, Report::Ended(_))))
-        })
+    let ended = matches!(report, Report::Ended(_));
+    let outcome = app
+        .blocking(move |app| Ok(app.store.report(rt, id, &report, app.clock.now())?))
         .await?;
     if ended && outcome == ReportOutcome::Recorded {
         app.waiters.wake_request(id, Source::Local);
