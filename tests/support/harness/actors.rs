@@ -57,12 +57,6 @@ async fn work<C: Cluster>(
     plan: Plan,
     seed: u64,
 ) {
-    let (actor, rt, token, id) = (
-        actor.to_owned(),
-        rt.to_owned(),
-        token.to_owned(),
-        id.to_owned(),
-    );
     let mut dice = Dice::new(seed, 7);
     let delay = run.schedule.daemon_delay_ms;
     run.pause(delay).await;
@@ -70,11 +64,11 @@ async fn work<C: Cluster>(
         Plan::Abandon => return,
         Plan::RenewThenComplete => {
             run.report(
-                &actor,
+                actor,
                 &mut dice,
-                &rt,
-                &token,
-                &id,
+                rt,
+                token,
+                id,
                 &json!({"status": "running"}),
             )
             .await;
@@ -83,13 +77,12 @@ async fn work<C: Cluster>(
         _ => {}
     }
     let body = report_body(plan, false);
-    run.report(&actor, &mut dice, &rt, &token, &id, &body).await;
+    run.report(actor, &mut dice, rt, token, id, &body).await;
     match plan {
-        Plan::CompleteTwice => run.report(&actor, &mut dice, &rt, &token, &id, &body).await,
+        Plan::CompleteTwice => run.report(actor, &mut dice, rt, token, id, &body).await,
         Plan::FailThenComplete => {
             let second = report_body(plan, true);
-            run.report(&actor, &mut dice, &rt, &token, &id, &second)
-                .await;
+            run.report(actor, &mut dice, rt, token, id, &second).await;
         }
         _ => {}
     }
