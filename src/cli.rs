@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +12,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{DatabaseUrl, Settings, parse_duration, redact};
 use crate::errors::error_chain;
+use crate::http::Listener;
 use crate::ids::{Token, WorkspaceId};
 use crate::instance::App;
 use crate::model::Timeouts;
 use crate::store::Storer;
+use crate::tls::ServerCertificate;
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +115,23 @@ struct ServeArgs {
     /// https://app.example.com (repeatable). The daemon's routes never answer CORS.
     #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
     cors_origins: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); with --tls-key. SIGHUP
+    /// reads both files again.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "MODEL_RELAY_TLS_CERT"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "MODEL_RELAY_TLS_KEY"
+    )]
+    tls_key: Option<PathBuf>,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -222,6 +242,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ..Settings::default()
     };
     let url = args.database.resolve()?;
+    let certificate = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            ServerCertificate::load(cert, key).map_err(|e| format!("--tls-cert/--tls-key: {e}"))?,
+        ),
+        _ => None,
+    };
     // Opened before the async runtime starts: the PostgreSQL client must not block on one.
     let store = url
         .open_with(settings.timeouts, args.store_timeout)
@@ -234,11 +260,24 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let tcp = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(listen = %local, database = %shown_url(&url), "model-relay serving");
+        let local = tcp.local_addr().map_err(|e| e.to_string())?;
+        let listener = match &certificate {
+            None => Listener::from(tcp),
+            Some(certificate) => {
+                let config = certificate.server_config().map_err(|e| e.to_string())?;
+                tokio::spawn(reload_on_hangup(Arc::clone(certificate)));
+                Listener::tls(tcp, config)
+            }
+        };
+        let scheme = if certificate.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(listen = %local, scheme, database = %shown_url(&url), "model-relay serving");
         crate::run(listener, Arc::clone(&app), shutdown_signal())
             .await
             .map_err(|e| format!("server failed: {e}"))
@@ -307,6 +346,33 @@ fn shown_url(url: &DatabaseUrl) -> String {
         DatabaseUrl::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
         DatabaseUrl::Postgres(url) => redact(url),
     }
+}
+
+/// On every SIGHUP, reads the certificate and key files again; a bad pair keeps the one in
+/// force. Connections already up are not touched either way.
+async fn reload_on_hangup(certificate: Arc<ServerCertificate>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match certificate.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: certificate not reloaded; keeping the one in force"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(certificate);
 }
 
 /// Ctrl-C or SIGTERM.

@@ -20,6 +20,7 @@
 //! - [`config`]: durations and database URLs as the command line gives them.
 //! - [`cli`]: the `model-relay` command line.
 //! - [`errors`]: the one-line cause chain every layer logs.
+//! - [`tls`]: rustls at both ends: the server's reloadable certificate, the daemon's roots.
 //! - [`daemon`]: the reference daemon: heartbeats, discovery, lease renewal, reports.
 //! - [`demo`]: `model-relay demo`, the whole flow in one process.
 //! - [`web`]: the page at `GET /`, embedded in the binary.
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod store;
 pub mod sweeper;
+pub mod tls;
 pub mod web;
 
 pub use instance::App;
@@ -44,16 +46,17 @@ pub use instance::App;
 use std::future::Future;
 use std::sync::Arc;
 
-/// Runs one instance on `listener` until `shutdown` completes: its background work (the
+/// Runs one instance on `listener` (a `TcpListener` for plain HTTP, or an
+/// [`http::Listener::tls`]) until `shutdown` completes: its background work (the
 /// sweeper, the wake-up thread) and the HTTP server. On shutdown, held calls are answered
 /// at once, in-flight requests drain (up to a bound), then the background work stops.
 pub async fn run(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<http::Listener>,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let background = app.start_background();
-    let served = http::serve(listener, app, shutdown).await;
+    let served = http::serve(listener.into(), app, shutdown).await;
     background.stop().await;
     served
 }

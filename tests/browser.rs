@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use driver::{Driver, announce};
 use fantoccini::key::Key;
 use fantoccini::{Client, Locator};
+use http_body_util::Full;
 use hyper::StatusCode;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
 use model_relay::clock::SystemClock;
 use model_relay::daemon::{self, Discovery, Source};
 use model_relay::ids::{RuntimeId, Token};
@@ -333,4 +336,158 @@ async fn type_model(client: &Client, name: &str, model: &str) {
 
 async fn chosen(client: &Client, name: &str) -> String {
     text_of(client, &format!("{} .chosen", runtime(name))).await
+}
+
+/// `fetch(url, {method, Authorization: Bearer token, body})` from the page open in the
+/// browser: `{"status", "body"}` when the browser let the page see the answer, `{"error"}`
+/// when it blocked it (CORS).
+async fn fetch_from_page(
+    client: &Client,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let script = r#"
+        const [method, url, token, body, done] = arguments;
+        const init = { method, headers: { Authorization: 'Bearer ' + token } };
+        if (body !== null) {
+            init.headers['Content-Type'] = 'application/json';
+            init.body = JSON.stringify(body);
+        }
+        fetch(url, init)
+            .then(r => r.text().then(text => done({ status: r.status, body: text })))
+            .catch(e => done({ error: String(e) }));
+    "#;
+    let args = vec![
+        json!(method),
+        json!(url),
+        json!(token),
+        body.unwrap_or(serde_json::Value::Null),
+    ];
+    client.execute_async(script, args).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_a_listed_origin_calls_the_ui_routes_and_never_the_daemon_routes() {
+    let Some(tools) =
+        driver::tools("a_page_on_a_listed_origin_calls_the_ui_routes_and_never_the_daemon_routes")
+    else {
+        return;
+    };
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let (_, api) = workspace(store.as_ref(), 0);
+    // The platform's UI: a page of its own, on another server. It is reached under two
+    // origins, http://localhost:PORT (listed) and http://127.0.0.1:PORT (not listed).
+    let ui_port = ui_page_server().await;
+    let listed = format!("http://localhost:{ui_port}");
+    let not_listed = format!("http://127.0.0.1:{ui_port}");
+    let app = model_relay::App::new(store, Arc::new(SystemClock), settings())
+        .with_cors_origins(vec![listed.clone()]);
+    let server = Instance::start_app(app).await;
+    let relay = server.base.clone();
+    let http = Http::default();
+    let created = http
+        .post(
+            &format!("{relay}/api/runtimes"),
+            &api,
+            json!({"name": "box", "provider": "test"}),
+        )
+        .await;
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let daemon_token = created.json["daemon_token"].as_str().unwrap().to_owned();
+
+    let driver = Driver::start(&tools, &artifacts.join("chromedriver-cors.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let client = driver.session(&tools, profile.path()).await;
+    let outcome = tokio::spawn({
+        let client = client.clone();
+        let (listed, not_listed, relay, api) =
+            (listed.clone(), not_listed, relay.clone(), api.clone());
+        async move {
+            // The page of the listed origin calls the relay: the preflight (the
+            // Authorization header needs one) is answered, and the page sees the answer.
+            client.goto(&format!("{listed}/")).await.unwrap();
+            let runtimes =
+                fetch_from_page(&client, "GET", &format!("{relay}/api/runtimes"), &api, None).await;
+            assert_eq!(runtimes["status"], 200, "{runtimes}");
+            assert!(
+                runtimes["body"].as_str().unwrap().contains(&rt),
+                "{runtimes}"
+            );
+            let created = fetch_from_page(
+                &client,
+                "POST",
+                &format!("{relay}/api/runtimes"),
+                &api,
+                Some(json!({"name": "from-the-page", "provider": "test"})),
+            )
+            .await;
+            assert_eq!(created["status"], 201, "{created}");
+
+            // The daemon's routes never answer CORS: the browser blocks the call before
+            // it is made, so the runtime never comes online.
+            let beat = fetch_from_page(
+                &client,
+                "POST",
+                &format!("{relay}/api/daemon/heartbeat"),
+                &daemon_token,
+                Some(json!({"runtime_id": rt})),
+            )
+            .await;
+            assert!(beat["error"].is_string(), "{beat}");
+
+            // The same page on an origin not listed cannot read the UI routes.
+            client.goto(&format!("{not_listed}/")).await.unwrap();
+            let refused =
+                fetch_from_page(&client, "GET", &format!("{relay}/api/runtimes"), &api, None).await;
+            assert!(refused["error"].is_string(), "{refused}");
+        }
+    })
+    .await;
+    let _ = client.close().await;
+    drop(driver);
+    let runtimes = http.get(&format!("{relay}/api/runtimes"), &api).await;
+    server.stop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    let statuses: Vec<_> = runtimes.json["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].clone(), r["status"].clone()))
+        .collect();
+    assert_eq!(
+        statuses.len(),
+        2,
+        "the page's create went through: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|(_, status)| status == "offline"),
+        "no heartbeat reached the server: {statuses:?}"
+    );
+}
+
+/// A server that answers every request with one small HTML page, as the platform's own UI
+/// would be served; its port on 127.0.0.1.
+async fn ui_page_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let page = service_fn(|_request| async {
+                let html = "<!doctype html><title>Platform UI</title><p>platform UI</p>";
+                hyper::Response::builder()
+                    .header(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8")
+                    .body(Full::new(Bytes::from(html)))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), page);
+            tokio::spawn(connection);
+        }
+    });
+    port
 }

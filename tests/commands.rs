@@ -190,13 +190,30 @@ fn daemon_command_refuses_bad_arguments_with_a_message() {
     refused(
         &[
             "--server",
-            "https://h",
+            "ftp://h",
             "--runtime-id",
             rt,
             "--discover-cmd",
             "true",
         ],
-        "https is not supported",
+        "expected https://HOST[:PORT]",
+    );
+    refused(
+        &with(&["--discover-cmd", "true", "--ca-cert", "ca.pem"]),
+        "--ca-cert is for an https:// server",
+    );
+    refused(
+        &[
+            "--server",
+            "https://127.0.0.1:9",
+            "--runtime-id",
+            rt,
+            "--discover-cmd",
+            "true",
+            "--ca-cert",
+            "/nonexistent/ca.pem",
+        ],
+        "/nonexistent/ca.pem",
     );
     refused(
         &with(&["--discover-cmd", "true", "--heartbeat-interval", "0s"]),

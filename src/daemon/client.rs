@@ -1,13 +1,16 @@
-//! The daemon's side of the wire: a heartbeat and a report, over plain HTTP/1 with hyper's
-//! client, and the rule for which failures are worth retrying.
+//! The daemon's side of the wire: a heartbeat and a report, over HTTP/1.1 with hyper's
+//! client — HTTPS with rustls for an `https://` server — and the rule for which failures are
+//! worth retrying.
 
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode, Uri, header};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -30,6 +33,9 @@ pub enum CallError {
     Status(StatusCode, String),
     /// A 200 whose body is not what the contract says.
     BadAnswer(String),
+    /// The server's TLS certificate does not verify: the call stopped at the handshake,
+    /// before anything of it (the token above all) was sent.
+    Certificate(String),
 }
 
 impl CallError {
@@ -38,7 +44,7 @@ impl CallError {
         match self {
             CallError::Network(_) => true,
             CallError::Status(status, _) => status.is_server_error(),
-            CallError::BadAnswer(_) => false,
+            CallError::BadAnswer(_) | CallError::Certificate(_) => false,
         }
     }
 }
@@ -49,6 +55,7 @@ impl fmt::Display for CallError {
             CallError::Network(e) => write!(f, "no answer: {e}"),
             CallError::Status(status, message) => write!(f, "{status}: {message}"),
             CallError::BadAnswer(e) => write!(f, "unexpected answer: {e}"),
+            CallError::Certificate(e) => write!(f, "the server's certificate does not verify: {e}"),
         }
     }
 }
@@ -100,8 +107,8 @@ impl ReportBody {
 
 /// Talks to one relay server as one runtime.
 pub struct RelayClient {
-    http: Client<HttpConnector, Full<Bytes>>,
-    /// `http://host:port` with no trailing slash; paths are appended.
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `http(s)://host:port` with no trailing slash; paths are appended.
     base: String,
     runtime_id: RuntimeId,
     token: Token,
@@ -111,14 +118,37 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    pub fn new(base: String, runtime_id: RuntimeId, token: Token, call_timeout: Duration) -> Self {
-        RelayClient {
-            http: Client::builder(TokioExecutor::new()).build_http(),
+    /// A client of `base`; for an `https://` base, one that trusts the operating system's
+    /// roots and the certificates in `ca_cert`.
+    pub fn new(
+        base: String,
+        ca_cert: Option<&Path>,
+        runtime_id: RuntimeId,
+        token: Token,
+        call_timeout: Duration,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let connector = if base.starts_with("https://") {
+            HttpsConnectorBuilder::new()
+                .with_tls_config(crate::tls::client_config(ca_cert)?)
+                .https_only()
+                .enable_http1()
+                .build()
+        } else {
+            // No TLS config is ever used on a plain `http://` server: the connector only
+            // makes TCP connections, so it gets one that trusts nothing.
+            HttpsConnectorBuilder::new()
+                .with_tls_config(crate::tls::client_config_trusting_nothing()?)
+                .https_or_http()
+                .enable_http1()
+                .build()
+        };
+        Ok(RelayClient {
+            http: Client::builder(TokioExecutor::new()).build(connector),
             base,
             runtime_id,
             token,
             call_timeout,
-        }
+        })
     }
 
     /// One heartbeat, asking the server to hold it up to `wait` (zero: answer at once) and
@@ -180,11 +210,14 @@ impl RelayClient {
             .body(Full::new(Bytes::from(json)))
             .map_err(|e| CallError::Network(format!("cannot build the request: {e}")))?;
         let call = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| CallError::Network(crate::errors::error_chain(&e)))?;
+            let response =
+                self.http
+                    .request(request)
+                    .await
+                    .map_err(|e| match certificate_error(&e) {
+                        Some(error) => CallError::Certificate(error.to_string()),
+                        None => CallError::Network(crate::errors::error_chain(&e)),
+                    })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
@@ -206,6 +239,32 @@ impl RelayClient {
                 )))
             })
     }
+}
+
+/// The certificate verification failure somewhere in `error`'s causes, if that is why it
+/// failed. rustls's error travels inside an `io::Error` (inside another, at times), whose
+/// `source()` skips what it wraps, so the walk steps into each `io::Error` instead.
+fn certificate_error<'e>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e rustls::Error> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(
+            tls @ (rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::UnsupportedNameType),
+        ) = error.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls);
+        }
+        cause = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    None
 }
 
 /// `{"runtime_id", "wait_ms"?, "working_on"}`. No `wait_ms` when there is no wait: a v1

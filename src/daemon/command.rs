@@ -13,9 +13,13 @@ use crate::ids::{RuntimeId, Token};
 
 #[derive(Args)]
 pub struct DaemonArgs {
-    /// The relay's base URL, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
+    /// The relay's base URL, e.g. https://relay.example.com or http://127.0.0.1:8080.
+    #[arg(long, env = "MODEL_RELAY_SERVER")]
     server: String,
+    /// A PEM file of CA certificates to trust for an https:// server, besides the
+    /// system's (a private CA).
+    #[arg(long, value_name = "FILE", env = "MODEL_RELAY_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The runtime this daemon serves (its id from `POST /api/runtimes`).
     #[arg(long)]
     runtime_id: String,
@@ -65,6 +69,10 @@ impl DaemonArgs {
             (None, None) => return Err("give --models-file or --discover-cmd".to_owned()),
         };
         let mut config = Config::new(&self.server, runtime_id, Token::from_header(token), source)?;
+        if self.ca_cert.is_some() && !config.server.starts_with("https://") {
+            return Err("--ca-cert is for an https:// server".to_owned());
+        }
+        config.ca_cert = self.ca_cert;
         config.heartbeat_interval = self.heartbeat_interval;
         config.heartbeat_wait = self.heartbeat_wait;
         config.discover_timeout = self.discover_timeout;

@@ -16,6 +16,7 @@ mod pace;
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -43,8 +44,11 @@ pub const REPORT_BACKOFF: [Duration; 4] = [
 /// Everything one daemon needs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The relay's base URL, `http://host:port`, without a trailing slash.
+    /// The relay's base URL, `http(s)://host:port`, without a trailing slash.
     pub server: String,
+    /// Certificates (PEM) trusted for an `https://` server besides the system's roots: a
+    /// private CA's.
+    pub ca_cert: Option<PathBuf>,
     pub runtime_id: RuntimeId,
     /// The runtime's daemon token.
     pub token: Token,
@@ -67,7 +71,7 @@ pub struct Config {
 
 impl Config {
     /// A config with the documented defaults: heartbeats held up to 25 s, an interval of
-    /// 15 s, discovery bounded at 30 s. `server` must be an `http://` URL.
+    /// 15 s, discovery bounded at 30 s. `server` must be an `http://` or `https://` root.
     pub fn new(
         server: &str,
         runtime_id: RuntimeId,
@@ -76,6 +80,7 @@ impl Config {
     ) -> Result<Self, String> {
         Ok(Config {
             server: server_base(server)?,
+            ca_cert: None,
             runtime_id,
             token,
             source,
@@ -89,27 +94,43 @@ impl Config {
     }
 }
 
-/// `http://host[:port][/]` → `http://host[:port]`. Only plain HTTP: this build has no TLS
-/// client, and saying so beats failing on the first heartbeat.
+/// `http(s)://host[:port][/]` → `http(s)://host[:port]`.
 fn server_base(url: &str) -> Result<String, String> {
     let trimmed = url.trim().trim_end_matches('/');
-    if trimmed.starts_with("https://") {
-        return Err(format!(
-            "{url:?}: https is not supported by this build; use http:// (e.g. through a local TLS-terminating proxy)"
-        ));
-    }
     let uri: hyper::Uri = trimmed
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(format!("{url:?}: expected http://HOST[:PORT]"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+    let (Some(scheme @ ("http" | "https")), Some(authority)) = (uri.scheme_str(), uri.authority())
+    else {
         return Err(format!(
-            "{url:?}: give the server's root, without a path or query"
+            "{url:?}: expected https://HOST[:PORT] or http://HOST[:PORT]"
+        ));
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() || authority.as_str().contains('@')
+    {
+        return Err(format!(
+            "{url:?}: give the server's root, without a path, query or user"
         ));
     }
-    Ok(trimmed.to_owned())
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// Whether a daemon token sent to `base` crosses a network in clear: plain `http://` to a
+/// host that is not this machine.
+fn token_in_clear(base: &str) -> bool {
+    let Some(rest) = base.strip_prefix("http://") else {
+        return false;
+    };
+    let Ok(authority) = rest.parse::<hyper::http::uri::Authority>() else {
+        return true;
+    };
+    let host = authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// Why the daemon stopped on its own.
@@ -118,6 +139,14 @@ pub enum DaemonError {
     /// A heartbeat got a 4xx: a wrong token, a deleted runtime. Heartbeating on cannot fix it.
     #[error("the server refused the heartbeat ({0}); check --server, --runtime-id and the token")]
     Refused(CallError),
+    /// The server's certificate does not verify: nothing was sent, and nothing will be.
+    #[error(
+        "{0}; nothing was sent to the server. Check --server, or give the CA that signed its certificate with --ca-cert"
+    )]
+    Certificate(CallError),
+    /// `--ca-cert` cannot be read or holds no certificate.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Heartbeats and serves requests until `shutdown` completes (then stops cleanly: running
@@ -133,10 +162,17 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(),
     let config = Arc::new(config);
     let client = Arc::new(RelayClient::new(
         config.server.clone(),
+        config.ca_cert.as_deref(),
         config.runtime_id,
         config.token.clone(),
         config.call_timeout,
-    ));
+    )?);
+    if token_in_clear(&config.server) {
+        tracing::warn!(
+            server = %config.server,
+            "plain http:// to a host that is not this machine: the daemon token travels in clear; use https://"
+        );
+    }
     let (stop, stopping) = watch::channel(false);
     let worker = Worker {
         client: Arc::clone(&client),
@@ -181,6 +217,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(),
                 tracing::warn!(error = %e, retry_in = ?wait, "heartbeat failed; trying again");
                 wait
             }
+            Err(e @ CallError::Certificate(_)) => break Err(DaemonError::Certificate(e)),
             Err(e) => break Err(DaemonError::Refused(e)),
         };
         next_beat = from_now(wait);
@@ -369,10 +406,10 @@ async fn stop_signalled(stopping: &mut watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use super::server_base;
+    use super::{server_base, token_in_clear};
 
     #[test]
-    fn the_server_url_is_an_http_root() {
+    fn the_server_url_is_an_http_or_https_root() {
         assert_eq!(
             server_base("http://127.0.0.1:8080/").as_deref(),
             Ok("http://127.0.0.1:8080")
@@ -381,15 +418,40 @@ mod tests {
             server_base("http://relay.internal").as_deref(),
             Ok("http://relay.internal")
         );
+        assert_eq!(
+            server_base(" HTTPS://relay.example:8443/ ").as_deref(),
+            Ok("https://relay.example:8443")
+        );
         for bad in [
-            "https://relay.example",
             "relay:8080",
+            "https://user:secret@relay.example",
             "ftp://h",
             "http://h/api",
             "http://h?x=1",
             "",
         ] {
             assert!(server_base(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_plain_http_off_this_machine_sends_the_token_in_clear() {
+        for clear in [
+            "http://relay.example",
+            "http://10.0.0.7:8080",
+            "http://[2001:db8::1]",
+        ] {
+            assert!(token_in_clear(clear), "{clear}");
+        }
+        for safe in [
+            "https://relay.example",
+            "http://localhost:8080",
+            "http://LOCALHOST",
+            "http://127.0.0.1:8080",
+            "http://127.8.0.1",
+            "http://[::1]:8080",
+        ] {
+            assert!(!token_in_clear(safe), "{safe}");
         }
     }
 }

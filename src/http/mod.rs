@@ -1,4 +1,5 @@
-//! The HTTP server: an accept loop over hyper's HTTP/1 connections, shut down gracefully.
+//! The HTTP server: an accept loop over hyper's connections — HTTP/1.1, or HTTP/2 when TLS
+//! negotiated it — shut down gracefully.
 //! It only serves: the instance's background work is started by [`crate::run`], the seam
 //! every caller uses — `main` with a real listener, tests with one bound to `127.0.0.1:0`.
 
@@ -12,12 +13,18 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::server::conn::http1;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 pub use error::ApiError;
 // The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
@@ -117,19 +124,44 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Failed accepts are logged at most this often.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// Where [`serve`] takes connections: a TCP listener, plain or with TLS in front.
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Listener {
+    /// HTTPS on `tcp`: HTTP/2 or HTTP/1.1 as the client's ALPN chooses (HTTP/1.1 without).
+    pub fn tls(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
+        Listener {
+            tcp,
+            tls: Some(TlsAcceptor::from(config)),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    /// Plain HTTP/1.1 on `tcp`.
+    fn from(tcp: TcpListener) -> Self {
+        Listener { tcp, tls: None }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, answers
 /// every held call at once, and lets in-flight requests finish (up to a bound).
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let graceful = GracefulShutdown::new();
+    let Listener { tcp, tls } = listener;
     tokio::pin!(shutdown);
+    let (stop, stopping) = watch::channel(false);
     // One permit per open connection: past `--max-connections` a new connection is closed
     // as soon as it is accepted, never queued, so the server's descriptors stay bounded.
-    let slots = Arc::new(Semaphore::new(app.settings.max_connections));
-    let read_timeout = app.settings.read_timeout;
+    // Having them all back again is also how the drain knows every connection has ended.
+    let capacity = u32::try_from(app.settings.max_connections).unwrap_or(u32::MAX);
+    let slots = Arc::new(Semaphore::new(capacity as usize));
     let mut refused_since_logged = 0u64;
     let mut refusal_logged_at: Option<Instant> = None;
     let mut backoff = ACCEPT_BACKOFF_FIRST;
@@ -137,7 +169,7 @@ pub async fn serve(
     let mut logged_at: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = tcp.accept() => match accepted {
                 Ok(conn) => {
                     backoff = ACCEPT_BACKOFF_FIRST;
                     conn
@@ -177,18 +209,7 @@ pub async fn serve(
         };
         // Small JSON answers: send them now rather than wait to fill a segment.
         let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
-        let service = service_fn(move |request| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(routes::handle(app, request).await) }
-        });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            // A request's headers must arrive within `--read-timeout`, and so must the next
-            // request's on a connection left idle: an idle connection is closed then.
-            .header_read_timeout(read_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let connection = connection(stream, tls.clone(), Arc::clone(&app), stopping.clone());
         tokio::spawn(async move {
             let _slot = slot;
             if let Err(e) = connection.await {
@@ -196,9 +217,11 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+    drop(tcp);
     app.begin_shutdown();
-    if tokio::time::timeout(app.settings.drain_timeout, graceful.shutdown())
+    let _ = stop.send(true);
+    let drained = slots.acquire_many(capacity);
+    if tokio::time::timeout(app.settings.drain_timeout, drained)
         .await
         .is_err()
     {
@@ -206,4 +229,155 @@ pub async fn serve(
     }
     tracing::debug!("shutdown: drained");
     Ok(())
+}
+
+/// One connection, from the TLS handshake (if any) to its end: HTTP/1.1, or HTTP/2 when
+/// ALPN chose it. It shuts down gracefully once `stopping` turns true.
+async fn connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    app: Arc<App>,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let read_timeout = app.settings.read_timeout;
+    let Some(acceptor) = tls else {
+        return http1(TokioIo::new(stream), app, stopping).await;
+    };
+    // A client that opens a connection and never finishes its handshake holds a slot like
+    // one that never finishes its headers, and gets as long.
+    let stream = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => return Err("no TLS handshake within --read-timeout".to_owned()),
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        http2(TokioIo::new(stream), app, stopping).await
+    } else {
+        http1(TokioIo::new(stream), app, stopping).await
+    }
+}
+
+async fn http1<I>(io: I, app: Arc<App>, stopping: watch::Receiver<bool>) -> Result<(), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let read_timeout = app.settings.read_timeout;
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A request's headers must arrive within `--read-timeout`, and so must the next
+        // request's on a connection left idle: an idle connection is closed then.
+        .header_read_timeout(read_timeout)
+        .serve_connection(io, service(app, None));
+    drive(connection, stopping, None).await
+}
+
+async fn http2<I>(io: I, app: Arc<App>, stopping: watch::Receiver<bool>) -> Result<(), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let read_timeout = app.settings.read_timeout;
+    let activity = Arc::new(Activity::default());
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(io, service(app, Some(Arc::clone(&activity))));
+    drive(connection, stopping, Some((activity, read_timeout))).await
+}
+
+/// The requests of one HTTP/2 connection: hyper has no idle timeout for HTTP/2 (its
+/// `header_read_timeout` is HTTP/1's), so the connection counts them itself.
+#[derive(Default)]
+struct Activity {
+    /// Requests being answered now (a held call among them).
+    in_flight: AtomicUsize,
+    /// Requests started and answered since the connection opened: a connection is idle
+    /// from its last answer, not from its last request's start.
+    events: AtomicU64,
+}
+
+/// Counts one request as in flight while it lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: Arc<Activity>) -> Self {
+        activity.events.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The routes as hyper calls them, counting requests in `activity` when given.
+fn service(
+    app: Arc<App>,
+    activity: Option<Arc<Activity>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Send
++ 'static {
+    service_fn(move |request| {
+        let app = Arc::clone(&app);
+        let in_flight = activity.clone().map(InFlight::begin);
+        async move {
+            let response = routes::handle(app, request).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+/// Runs `connection` to its end. Once `stopping` turns true it shuts down gracefully: the
+/// request in flight is answered, then the connection closes. With `idle`, the connection
+/// also shuts down when a whole period passed with no request in flight, none started and
+/// none answered: between one and two periods after its last answer.
+async fn drive<C>(
+    connection: C,
+    mut stopping: watch::Receiver<bool>,
+    idle: Option<(Arc<Activity>, Duration)>,
+) -> Result<(), String>
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut ticks = idle.as_ref().map(|(_, period)| {
+        tokio::time::interval_at(tokio::time::Instant::now() + *period, *period)
+    });
+    let mut seen = 0;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => return ended.map_err(|e| e.to_string()),
+            // Sent once, or its sender dropped: either way the server is stopping.
+            _ = stopping.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = next_tick(&mut ticks), if !closing => {
+                let Some((activity, _)) = &idle else { continue };
+                let events = activity.events.load(Ordering::Relaxed);
+                if events == seen && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                seen = events;
+            }
+        }
+    }
+}
+
+/// The next tick of `ticks`, or never.
+async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(ticks) => drop(ticks.tick().await),
+        None => std::future::pending().await,
+    }
 }

@@ -7,3 +7,4 @@ pub mod postgres;
 pub mod process;
 pub mod prom;
 pub mod server;
+pub mod tls;

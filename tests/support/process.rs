@@ -78,6 +78,7 @@ impl Serve {
         let stderr = child.stderr.take().expect("stderr is piped");
         let mut lines = BufReader::new(stderr).lines();
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut scheme = "http";
         let addr = loop {
             let line = lines
                 .next()
@@ -88,6 +89,9 @@ impl Serve {
             let json = serde_json::from_str::<Value>(&line)
                 .ok()
                 .and_then(|v| v["fields"]["listen"].as_str().map(str::to_owned));
+            if line.contains(r#"scheme="https""#) || line.contains(r#""scheme":"https""#) {
+                scheme = "https";
+            }
             if let Some(addr) = text.or(json) {
                 break addr
                     .split_whitespace()
@@ -105,7 +109,7 @@ impl Serve {
         });
         Serve {
             child,
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             logs,
             reader: Some(reader),
         }
@@ -113,12 +117,17 @@ impl Serve {
 
     /// `kill -SIGNAL`, then the exit status.
     pub fn signal(&mut self, signal: &str) -> ExitStatus {
+        self.send(signal);
+        self.child.wait().expect("wait for serve")
+    }
+
+    /// `kill -SIGNAL`, without waiting for anything.
+    pub fn send(&self, signal: &str) {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill")
             .args([&format!("-{signal}"), &pid])
             .status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
-        self.child.wait().expect("wait for serve")
     }
 
     /// SIGTERM, then the exit status.

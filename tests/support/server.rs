@@ -7,11 +7,13 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use model_relay::clock::{Clock, FakeClock};
 use model_relay::config::Settings;
+use model_relay::http::Listener;
 use model_relay::ids::{Token, WorkspaceId};
 use model_relay::store::Storer;
 use model_relay::{App, run};
@@ -46,6 +48,17 @@ impl Instance {
     pub async fn start_app(app: App) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        Self::serve(app, listener.into(), base)
+    }
+
+    /// An instance serving HTTPS with `config`, at `https://127.0.0.1:PORT`.
+    pub async fn start_tls(app: App, config: Arc<rustls::ServerConfig>) -> Self {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("https://{}", tcp.local_addr().unwrap());
+        Self::serve(app, Listener::tls(tcp, config), base)
+    }
+
+    fn serve(app: App, listener: Listener, base: String) -> Self {
         let app = Arc::new(app);
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(run(listener, app, async {
@@ -99,7 +112,7 @@ impl RawAnswer {
 
 #[derive(Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 /// An answer: status, headers of interest, and the body as JSON (`Null` when empty).
@@ -112,9 +125,28 @@ pub struct Answer {
 }
 
 impl Default for Http {
+    /// A client of plain `http://` servers only.
     fn default() -> Self {
+        let tls = model_relay::tls::client_config_trusting_nothing().unwrap();
+        Http::with_tls(tls)
+    }
+}
+
+impl Http {
+    /// A client of `https://` servers whose certificates the CA in `ca_cert` signed (and of
+    /// plain `http://` ones).
+    pub fn trusting(ca_cert: &std::path::Path) -> Self {
+        Http::with_tls(model_relay::tls::client_config(Some(ca_cert)).unwrap())
+    }
+
+    fn with_tls(tls: rustls::ClientConfig) -> Self {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
         Http {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 }
