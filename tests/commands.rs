@@ -151,6 +151,41 @@ async fn daemon_command_serves_its_runtime_and_stops_cleanly_on_sigterm() {
         "{log}"
     );
     assert!(!log.contains(&token), "the token is never logged");
+    assert!(
+        !log.contains("travels in clear"),
+        "no warning for a server on this machine:\n{log}"
+    );
+}
+
+#[test]
+fn a_daemon_warns_at_start_that_its_token_travels_in_clear_to_a_remote_http_server() {
+    // 192.0.2.1 is TEST-NET-1: never reached, and the warning does not wait for it.
+    let mut daemon = Command::new(BIN)
+        .args(["daemon", "--server", "http://192.0.2.1:9"])
+        .args(["--runtime-id", "f40ded99-5e02-4ce0-95b4-efd3589327d8"])
+        .args(["--discover-cmd", "true"])
+        .env("MODEL_RELAY_DAEMON_TOKEN", "mrd_x")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = daemon.stderr.take().unwrap();
+    let mut said = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let started = line.contains("daemon started");
+        said.push(line);
+        if started {
+            break;
+        }
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        said.iter()
+            .any(|line| line.contains("the daemon token travels in clear")),
+        "{said:#?}"
+    );
 }
 
 #[test]

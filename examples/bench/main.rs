@@ -22,9 +22,12 @@
 //! heartbeats and waiting reads, and the cost of 10,000 held heartbeats and 1,000 waiting
 //! reads with nothing happening.
 //!
+//! Last, stalled requests ([`stalled`]): what 1,000 connections that start a request and
+//! never finish its body cost the server, and when they are cut off.
+//!
 //! To look at one part (with `perf`, say): `--engine sqlite|postgres`, `--empty-only` and
-//! `--phase healthz|poll|idle|full|waiting` run only that part, print its figures and write
-//! no report.
+//! `--phase healthz|poll|idle|full|waiting|stalled` run only that part, print its figures
+//! and write no report.
 //!
 //! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
 //! single-row write transactions with the service's pragmas, on the same disk; and
@@ -33,6 +36,7 @@
 //! `src/store` lives here: the baselines and the seeding of retained rows are not the
 //! service's.
 
+mod stalled;
 mod waiting;
 
 use std::error::Error;
@@ -75,6 +79,8 @@ struct Options {
     phase_only: Option<Op>,
     /// Exploring the waiting calls only.
     waiting_only: bool,
+    /// Exploring the stalled requests only.
+    stalled_only: bool,
 }
 
 fn parse_options() -> Res<Options> {
@@ -90,6 +96,7 @@ fn parse_options() -> Res<Options> {
         empty_only: false,
         phase_only: None,
         waiting_only: false,
+        stalled_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -118,11 +125,15 @@ fn parse_options() -> Res<Options> {
                     options.waiting_only = true;
                     continue;
                 }
+                if name == "stalled" {
+                    options.stalled_only = true;
+                    continue;
+                }
                 let op = [Op::Healthz, Op::Poll, Op::IdleHeartbeat, Op::Cycle]
                     .into_iter()
                     .find(|op| op.name().starts_with(name.as_str()))
                     .ok_or(format!(
-                        "--phase healthz|poll|idle|full|waiting, not {name}"
+                        "--phase healthz|poll|idle|full|waiting|stalled, not {name}"
                     ))?;
                 options.phase_only = Some(op);
             }
@@ -139,7 +150,8 @@ fn main() -> Res<()> {
     let exploring = options.only.is_some()
         || options.empty_only
         || options.phase_only.is_some()
-        || options.waiting_only;
+        || options.waiting_only
+        || options.stalled_only;
 
     // The baselines are for the report's ratios; exploring writes no report.
     let baselines = if exploring {
@@ -153,7 +165,10 @@ fn main() -> Res<()> {
 
     let mut runs = Vec::new();
     for engine in [Engine::Sqlite, Engine::Postgres] {
-        if options.only.is_some_and(|only| only != engine) || options.waiting_only {
+        if options.only.is_some_and(|only| only != engine)
+            || options.waiting_only
+            || options.stalled_only
+        {
             continue;
         }
         for retained in [0, RETAINED_ROWS] {
@@ -171,7 +186,7 @@ fn main() -> Res<()> {
         }
     }
     let mut waits = Vec::new();
-    if options.phase_only.is_none() {
+    if options.phase_only.is_none() && !options.stalled_only {
         for engine in [Engine::Sqlite, Engine::Postgres] {
             if options.only.is_some_and(|only| only != engine) {
                 continue;
@@ -182,6 +197,17 @@ fn main() -> Res<()> {
                 print_waiting(&waited);
             }
             waits.push(waited);
+        }
+    }
+    let stalled = if options.phase_only.is_none() && !options.waiting_only {
+        eprintln!("bench: stalled requests");
+        stalled::run(&runtime, &options.server, scratch.path())?
+    } else {
+        Vec::new()
+    };
+    if exploring {
+        for s in &stalled {
+            println!("{}", stalled_row(s));
         }
     }
     let watcher = waiting::watcher(scratch.path())?;
@@ -196,6 +222,7 @@ fn main() -> Res<()> {
     };
     let mut report = render(&options, raw_sqlite, pgbench, &runs)?;
     let at = report.find(NOTES).unwrap_or(report.len());
+    report.insert_str(at, &render_stalled(&stalled)?);
     report.insert_str(at, &render_waiting(&waits, &watcher)?);
     std::fs::write(&options.out, report)?;
     eprintln!("bench: wrote {}", options.out.display());
@@ -1413,6 +1440,58 @@ fn render_waiting(waits: &[waiting::Waiting], watcher: &waiting::Watcher) -> Res
         watcher.table_read_us / 5000.0 * 100.0,
         watcher.table_write_us
     )?;
+    Ok(out)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn stalled_row(s: &stalled::Stalled) -> String {
+    let growth = s.rss_stalled.saturating_sub(s.rss_before);
+    let answers: Vec<String> = s
+        .answers
+        .iter()
+        .map(|(line, n)| format!("{n} × `{line}`"))
+        .collect();
+    format!(
+        "| {} | {} | {:.1} KiB | {:.1} MiB | {:.1} MiB | {:.1} KiB | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+        s.kind,
+        stalled::CONNECTIONS,
+        s.sent as f64 / 1024.0,
+        mib(s.rss_before),
+        mib(s.rss_stalled),
+        growth as f64 / 1024.0 / stalled::CONNECTIONS as f64,
+        answers.join(", "),
+        s.cut_after.as_secs_f64(),
+        mib(s.rss_after),
+        mib(s.rss_stalled_again),
+        mib(s.rss_after_again),
+    )
+}
+
+fn render_stalled(stalled: &[stalled::Stalled]) -> Res<String> {
+    let mut out = String::new();
+    writeln!(out, "## Stalled requests\n")?;
+    writeln!(
+        out,
+        "{} connections each send the head of a heartbeat announcing a 1,000,000-byte body, \
+         maybe part of it, then nothing; one fresh server per kind, default limits \
+         (`--read-timeout` 30 s: a body within 10 s of its head). RSS from `/proc` before, \
+         once all are stalled, and 2 s after the last was answered and closed; then the same \
+         again on the same server: its peak, and RSS after it. *Cut after*: the longest time \
+         from a connection's start to its answer.\n",
+        stalled::CONNECTIONS
+    )?;
+    writeln!(
+        out,
+        "| kind | connections | body sent | RSS before | RSS stalled | per connection | answers | cut after | RSS after close | 2nd round: stalled | after |\n\
+         |---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+    )?;
+    for s in stalled {
+        writeln!(out, "{}", stalled_row(s))?;
+    }
+    writeln!(out)?;
     Ok(out)
 }
 

@@ -146,7 +146,7 @@ pub fn run(
     })
 }
 
-async fn ready(addr: SocketAddr) -> Res<Conn> {
+pub async fn ready(addr: SocketAddr) -> Res<Conn> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut conn) = Conn::open(addr).await
@@ -309,7 +309,7 @@ async fn wait_for_held(probe: &mut Conn, kind: &str, n: usize, pid: Option<u32>)
 }
 
 /// Resident set size of process `pid`, in bytes (0 if unreadable).
-fn rss(pid: u32) -> u64 {
+pub fn rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

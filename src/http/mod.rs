@@ -239,13 +239,24 @@ async fn connection(
     app: Arc<App>,
     stopping: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let read_timeout = app.settings.read_timeout;
-    let Some(acceptor) = tls else {
-        return http1(TokioIo::new(stream), app, stopping).await;
-    };
+    match tls {
+        None => http1(TokioIo::new(stream), app, stopping).await,
+        // Boxed: the handshake's state and an HTTP/2 connection are large, and a task's
+        // size is its future's largest state, so a plain connection would carry them too.
+        Some(acceptor) => Box::pin(over_tls(stream, acceptor, app, stopping)).await,
+    }
+}
+
+async fn over_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    app: Arc<App>,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), String> {
     // A client that opens a connection and never finishes its handshake holds a slot like
     // one that never finishes its headers, and gets as long.
-    let stream = match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
+    let handshake = acceptor.accept(stream);
+    let stream = match tokio::time::timeout(app.settings.read_timeout, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
         Err(_) => return Err("no TLS handshake within --read-timeout".to_owned()),
