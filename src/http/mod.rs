@@ -23,7 +23,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 pub use error::ApiError;
@@ -168,7 +168,7 @@ pub async fn serve(
     let mut failed_since_logged = 0u64;
     let mut logged_at: Option<Instant> = None;
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, _) = tokio::select! {
             accepted = tcp.accept() => match accepted {
                 Ok(conn) => {
                     backoff = ACCEPT_BACKOFF_FIRST;
@@ -209,13 +209,15 @@ pub async fn serve(
         };
         // Small JSON answers: send them now rather than wait to fill a segment.
         let _ = stream.set_nodelay(true);
-        let connection = connection(stream, tls.clone(), Arc::clone(&app), stopping.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        // Spawned as it is: wrapped in another async block, the task would hold the
+        // future twice over (once before it starts, once while it runs).
+        tokio::spawn(connection(
+            stream,
+            tls.clone(),
+            Arc::clone(&app),
+            stopping.clone(),
+            slot,
+        ));
     }
     drop(tcp);
     app.begin_shutdown();
@@ -232,19 +234,26 @@ pub async fn serve(
 }
 
 /// One connection, from the TLS handshake (if any) to its end: HTTP/1.1, or HTTP/2 when
-/// ALPN chose it. It shuts down gracefully once `stopping` turns true.
+/// ALPN chose it. It shuts down gracefully once `stopping` turns true, and holds its `slot`
+/// until it ends.
 async fn connection(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     app: Arc<App>,
     stopping: watch::Receiver<bool>,
-) -> Result<(), String> {
-    match tls {
+    slot: OwnedSemaphorePermit,
+) {
+    let peer = stream.peer_addr().ok();
+    let ended = match tls {
         None => http1(TokioIo::new(stream), app, stopping).await,
         // Boxed: the handshake's state and an HTTP/2 connection are large, and a task's
         // size is its future's largest state, so a plain connection would carry them too.
         Some(acceptor) => Box::pin(over_tls(stream, acceptor, app, stopping)).await,
+    };
+    if let Err(e) = ended {
+        tracing::debug!(?peer, error = %e, "connection ended with an error");
     }
+    drop(slot);
 }
 
 async fn over_tls(
