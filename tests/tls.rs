@@ -72,6 +72,35 @@ impl Setup {
     }
 }
 
+/// A workspace and a runtime in it, made over HTTPS, and a client that trusts the CA.
+struct World {
+    http: Http,
+    api: String,
+    rt: String,
+    token: String,
+}
+
+impl Setup {
+    /// `serve` over HTTPS (serial 1) with a workspace and a runtime; the CA's file.
+    async fn serve_a_runtime(&self) -> (Serve, std::path::PathBuf, World) {
+        let api = api_token(&self.database);
+        let (serve, _) = self.serve(1);
+        let ca = self.ca.write(self.path(), "ca.pem");
+        let http = Http::trusting(&ca);
+        let (rt, token) = runtime(&http, &serve.base, &api).await;
+        (
+            serve,
+            ca,
+            World {
+                http,
+                api,
+                rt,
+                token,
+            },
+        )
+    }
+}
+
 /// A process whose stderr is read on a thread; killed if the test ends first.
 struct Daemon {
     child: Child,
@@ -174,11 +203,16 @@ fn api_token(database: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_discovers_models_from_serve_over_https_with_a_private_ca() {
     let setup = Setup::new();
-    let api = api_token(&setup.database);
-    let (serve, _) = setup.serve(1);
-    let ca = setup.ca.write(setup.path(), "ca.pem");
-    let http = Http::trusting(&ca);
-    let (rt, token) = runtime(&http, &serve.base, &api).await;
+    let (
+        serve,
+        ca,
+        World {
+            http,
+            api,
+            rt,
+            token,
+        },
+    ) = setup.serve_a_runtime().await;
     let models = setup.path().join("models.json");
     std::fs::write(&models, r#"[{"id":"m1","label":"Model one"}]"#).unwrap();
     let daemon = Daemon::spawn(&serve.base, &rt, &token, &models, Some(&ca));
@@ -223,11 +257,16 @@ async fn the_daemon_discovers_models_from_serve_over_https_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_stops_before_sending_anything_to_a_server_it_cannot_verify() {
     let setup = Setup::new();
-    let api = api_token(&setup.database);
-    let (serve, _) = setup.serve(1);
-    let ca = setup.ca.write(setup.path(), "ca.pem");
-    let http = Http::trusting(&ca);
-    let (rt, token) = runtime(&http, &serve.base, &api).await;
+    let (
+        serve,
+        _,
+        World {
+            http,
+            api,
+            rt,
+            token,
+        },
+    ) = setup.serve_a_runtime().await;
     let models = setup.path().join("models.json");
     std::fs::write(&models, "[]").unwrap();
     let other_ca = Ca::new("someone else").write(setup.path(), "other-ca.pem");

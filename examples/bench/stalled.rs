@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{Res, create_runtimes, create_workspace, start_server_with};
-use crate::waiting::{ready, rss};
+use crate::waiting::{ready, rss, settled_rss};
 
 pub const CONNECTIONS: usize = 1_000;
 const ANNOUNCED: usize = 1_000_000;
@@ -130,16 +130,7 @@ async fn stall(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut last = rss(pid);
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = rss(pid);
-        if now <= last {
-            break;
-        }
-        last = now;
-    }
-    let rss_stalled = rss(pid);
+    let rss_stalled = settled_rss(pid).await;
 
     let mut answers: Vec<(String, usize)> = Vec::new();
     let mut cut_after = Duration::ZERO;

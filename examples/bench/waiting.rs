@@ -295,17 +295,23 @@ async fn wait_for_held(probe: &mut Conn, kind: &str, n: usize, pid: Option<u32>)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if let Some(pid) = pid {
-        let mut last = rss(pid);
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = rss(pid);
-            if now <= last {
-                break;
-            }
-            last = now;
-        }
+        settled_rss(pid).await;
     }
     Ok(())
+}
+
+/// Waits until the resident memory of process `pid` stops growing between two readings
+/// half a second apart; the last reading.
+pub async fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss(pid);
+        if now <= last {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Resident set size of process `pid`, in bytes (0 if unreadable).
