@@ -38,6 +38,8 @@ pub fn catalogue() -> Vec<ModelEntry> {
         label: label.to_owned(),
         provider: Some("anthropic".to_owned()),
         default: default.then_some(true),
+        thinking: None,
+        service_tiers: None,
     };
     vec![
         model("claude-sonnet-4-6", "Claude Sonnet 4.6", true),

@@ -46,7 +46,8 @@ impl Status {
     }
 }
 
-/// One model a runtime offers, as the daemon reported it.
+/// One model a runtime offers, as the daemon reported it. Stored and returned as sent;
+/// fields not named here are dropped.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ModelEntry {
     pub id: String,
@@ -55,6 +56,105 @@ pub struct ModelEntry {
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<bool>,
+    /// The reasoning-effort levels the model takes, for the page's effort picker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<Thinking>,
+    /// The service tiers the model is offered in, for the page's tier picker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tiers: Option<Vec<ServiceTier>>,
+}
+
+/// The most reasoning-effort levels, and the most service tiers, one model entry may list.
+pub const MAX_MODEL_CHOICES: usize = 32;
+/// The longest level value or label, tier id or name, in characters.
+pub const MAX_CHOICE_TEXT: usize = 200;
+/// The longest description of a level or a tier, in characters.
+pub const MAX_DESCRIPTION: usize = 1000;
+
+impl ModelEntry {
+    /// The bounds of `thinking` and `service_tiers`: at most [`MAX_MODEL_CHOICES`] of each,
+    /// no empty level value or tier id, and texts bounded. Nothing else: a `default_level`
+    /// that names no level is kept as sent, like the rest (the page then preselects none).
+    /// The error names the field (`thinking.supported_levels[2].value …`).
+    /// An empty `id` is not an error: such an entry is dropped, not refused.
+    pub fn check(&self) -> Result<(), String> {
+        fn text(what: &str, value: &str, max: usize, required: bool) -> Result<(), String> {
+            if required && value.trim().is_empty() {
+                return Err(format!("{what} must not be empty"));
+            }
+            if value.chars().count() > max {
+                return Err(format!("{what} must be at most {max} characters"));
+            }
+            Ok(())
+        }
+        if let Some(thinking) = &self.thinking {
+            let levels = &thinking.supported_levels;
+            if levels.len() > MAX_MODEL_CHOICES {
+                return Err(format!(
+                    "thinking.supported_levels must list at most {MAX_MODEL_CHOICES} levels"
+                ));
+            }
+            for (j, level) in levels.iter().enumerate() {
+                let at = format!("thinking.supported_levels[{j}]");
+                text(&format!("{at}.value"), &level.value, MAX_CHOICE_TEXT, true)?;
+                text(&format!("{at}.label"), &level.label, MAX_CHOICE_TEXT, false)?;
+                let description = level.description.as_deref().unwrap_or_default();
+                text(
+                    &format!("{at}.description"),
+                    description,
+                    MAX_DESCRIPTION,
+                    false,
+                )?;
+            }
+            let default = thinking.default_level.as_deref().unwrap_or_default();
+            text("thinking.default_level", default, MAX_CHOICE_TEXT, false)?;
+        }
+        let tiers = self.service_tiers.as_deref().unwrap_or_default();
+        if tiers.len() > MAX_MODEL_CHOICES {
+            return Err(format!(
+                "service_tiers must list at most {MAX_MODEL_CHOICES} tiers"
+            ));
+        }
+        for (j, tier) in tiers.iter().enumerate() {
+            let at = format!("service_tiers[{j}]");
+            text(&format!("{at}.id"), &tier.id, MAX_CHOICE_TEXT, true)?;
+            text(&format!("{at}.name"), &tier.name, MAX_CHOICE_TEXT, false)?;
+            let description = tier.description.as_deref().unwrap_or_default();
+            text(
+                &format!("{at}.description"),
+                description,
+                MAX_DESCRIPTION,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `{"supported_levels": [...], "default_level"?}`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Thinking {
+    pub supported_levels: Vec<ThinkingLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_level: Option<String>,
+}
+
+/// `{"value", "label", "description"?}`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ThinkingLevel {
+    pub value: String,
+    pub label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `{"id", "name", "description"?}`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ServiceTier {
+    pub id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// One model-list discovery request for one runtime.

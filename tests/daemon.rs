@@ -252,6 +252,8 @@ fn found(id: &str) -> Source {
             label: id.to_uppercase(),
             provider: None,
             default: None,
+            thinking: None,
+            service_tiers: None,
         }],
         supported: true,
     })

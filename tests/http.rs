@@ -443,6 +443,52 @@ async fn bad_bodies_are_400_with_a_message_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn thinking_and_service_tiers_come_back_as_sent_and_blank_ids_are_dropped() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let gpt = json!({
+        "id": "gpt-5", "label": "GPT-5", "provider": "openai",
+        "thinking": {
+            "supported_levels": [
+                {"value": "low", "label": "Low"},
+                {"value": "high", "label": "High", "description": "Slower"}
+            ],
+            "default_level": "low"
+        },
+        "service_tiers": [{"id": "flex", "name": "Flex", "description": "Cheaper"}]
+    });
+    let report = json!({
+        "status": "completed",
+        "models": [{"id": " ", "label": "blank"}, gpt, sonnet()]
+    });
+    assert_eq!(
+        w.report(&rt, &id, &daemon, report.clone()).await.status,
+        StatusCode::OK
+    );
+    let read = w.poll(&rt, &id).await;
+    assert_eq!(read.json["models"], json!([gpt, sonnet()]));
+    // The same report again is a replay of what was recorded, blank entry and all.
+    assert_eq!(
+        w.report(&rt, &id, &daemon, report).await.status,
+        StatusCode::OK
+    );
+
+    let id = w.claimed(&rt, &daemon).await;
+    let too_many = json!({
+        "status": "completed",
+        "models": [{"id": "m", "label": "M", "service_tiers": vec![json!({"id": "t", "name": "T"}); 33]}]
+    });
+    let refused = w.report(&rt, &id, &daemon, too_many).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused.json,
+        json!({"error": "models[0].service_tiers must list at most 32 tiers"})
+    );
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+}
+
+#[tokio::test]
 async fn bodies_past_the_limit_are_413() {
     let w = World::new().await;
     let (rt, daemon) = w.online_runtime().await;

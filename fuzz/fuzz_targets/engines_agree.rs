@@ -55,6 +55,8 @@ impl ReportKind {
             label: id.to_uppercase(),
             provider: default.then(|| "anthropic".to_owned()),
             default: default.then_some(true),
+            thinking: None,
+            service_tiers: None,
         };
         match *self {
             ReportKind::Running => Report::Running,

@@ -83,8 +83,10 @@ fn read_models_file(path: &std::path::Path) -> Discovery {
 }
 
 /// A models document: `[{"id","label",…}, …]` or `{"models": […], "supported": bool}`.
-/// Unknown fields are ignored, as the server does; a model without an id or label is refused
-/// here, with its index, rather than by the server with a 400 the daemon cannot act on.
+/// `thinking` and `service_tiers` pass through; other unknown fields are ignored and an
+/// entry with an empty id is dropped, as the server does. A model without an id or label,
+/// or out of the server's bounds, is refused here, with its index, rather than by the
+/// server with a 400 the daemon cannot act on.
 pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
     #[derive(Deserialize)]
     struct Document {
@@ -110,10 +112,11 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
     for (i, entry) in entries.into_iter().enumerate() {
         let model: ModelEntry =
             serde_json::from_value(entry).map_err(|e| format!("models[{i}]: {e}"))?;
-        if model.id.trim().is_empty() {
-            return Err(format!("models[{i}]: id must not be empty"));
+        model.check().map_err(|e| format!("models[{i}].{e}"))?;
+        // The server's rule: an entry with an empty id is dropped, the others stand.
+        if !model.id.trim().is_empty() {
+            models.push(model);
         }
-        models.push(model);
     }
     Ok(Discovery::Found { models, supported })
 }
@@ -283,6 +286,8 @@ mod tests {
             label: label.into(),
             provider: None,
             default: None,
+            thinking: None,
+            service_tiers: None,
         }
     }
 
@@ -312,12 +317,33 @@ mod tests {
     }
 
     #[test]
+    fn thinking_and_service_tiers_pass_through_and_entries_without_an_id_are_dropped() {
+        let entry = serde_json::json!({
+            "id": "gpt-5", "label": "GPT-5",
+            "thinking": {
+                "supported_levels": [{"value": "low", "label": "Low"}],
+                "default_level": "low"
+            },
+            "service_tiers": [{"id": "flex", "name": "Flex", "description": "Cheaper"}]
+        });
+        let document = serde_json::json!([{"id": " ", "label": "Blank"}, entry]).to_string();
+        let Ok(Discovery::Found { models, .. }) = parse_models(document.as_bytes()) else {
+            panic!("not found")
+        };
+        assert_eq!(models.len(), 1);
+        assert_eq!(serde_json::to_value(&models[0]).unwrap(), entry);
+    }
+
+    #[test]
     fn a_bad_models_document_says_what_is_wrong() {
         let err = |json: &[u8]| parse_models(json).unwrap_err();
         assert!(err(b"nope").contains("invalid JSON"));
         assert!(err(b"3").contains("expected a JSON array"));
         assert!(err(br#"[{"id":"a","label":"A"},{"id":"b"}]"#).starts_with("models[1]: "));
-        assert!(err(br#"[{"id":" ","label":"A"}]"#).contains("id must not be empty"));
+        assert!(
+            err(br#"[{"id":"a","label":"A","service_tiers":[{"id":"","name":"T"}]}]"#)
+                .contains("models[0].service_tiers[0].id must not be empty")
+        );
         assert!(err(br#"{"models":{}}"#).contains("invalid models document"));
     }
 

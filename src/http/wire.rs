@@ -246,12 +246,15 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
             ));
         }
     };
-    let models = raw.models.unwrap_or_default();
-    if let Some(i) = models.iter().position(|m| m.id.trim().is_empty()) {
-        return Err(ApiError::BadRequest(format!(
-            "models[{i}].id must not be empty"
-        )));
+    let mut models = raw.models.unwrap_or_default();
+    for (i, model) in models.iter().enumerate() {
+        model
+            .check()
+            .map_err(|e| ApiError::BadRequest(format!("models[{i}].{e}")))?;
     }
+    // An entry with an empty id is dropped and the rest of the report stands: refused
+    // whole, the report would be lost (the reference daemon does not retry a 4xx).
+    models.retain(|m| !m.id.trim().is_empty());
     Ok(Report::Ended(Outcome {
         status,
         models,
@@ -386,7 +389,6 @@ mod tests {
             br#"{"status":1}"#,
             br#"{"status":"completed","models":{}}"#,
             br#"{"status":"completed","models":[{"label":"no id"}]}"#,
-            br#"{"status":"completed","models":[{"id":"","label":"empty"}]}"#,
             br#"{"status":"completed","supported":"yes"}"#,
             b"not json",
             b"",
@@ -396,6 +398,114 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    fn ended(body: &str) -> Outcome {
+        match parse_report(body.as_bytes()) {
+            Ok(Report::Ended(outcome)) => outcome,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn entries_with_an_empty_id_are_dropped_and_the_rest_of_the_report_stands() {
+        let o = ended(
+            r#"{"status":"completed","models":[{"id":"","label":"empty"},{"id":"m","label":"M"},{"id":"  ","label":"blank"}]}"#,
+        );
+        let ids: Vec<&str> = o.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["m"]);
+        assert!(
+            ended(r#"{"status":"completed","models":[{"id":"","label":"x"}]}"#)
+                .models
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn thinking_and_service_tiers_are_kept_as_sent() {
+        let entry = serde_json::json!({
+            "id": "gpt-5", "label": "GPT-5",
+            "thinking": {
+                "supported_levels": [
+                    {"value": "low", "label": "Low"},
+                    {"value": "high", "label": "High", "description": "Slower", "extra": 1}
+                ],
+                "default_level": "high"
+            },
+            "service_tiers": [{"id": "flex", "name": "Flex", "description": "Cheaper"}],
+            "unknown": true
+        });
+        let body = serde_json::json!({"status": "completed", "models": [entry]}).to_string();
+        let stored = serde_json::to_value(&ended(&body).models[0]).unwrap();
+        let mut expected = entry.clone();
+        expected.as_object_mut().unwrap().remove("unknown");
+        expected["thinking"]["supported_levels"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("extra");
+        assert_eq!(stored, expected);
+        // An empty list of tiers stays an empty list.
+        let o =
+            ended(r#"{"status":"completed","models":[{"id":"m","label":"M","service_tiers":[]}]}"#);
+        assert_eq!(o.models[0].service_tiers, Some(vec![]));
+    }
+
+    #[test]
+    fn thinking_and_service_tiers_out_of_bounds_are_refused_with_the_place() {
+        let with = |fields: &str| {
+            format!(r#"{{"status":"completed","models":[{{"id":"m","label":"M",{fields}}}]}}"#)
+        };
+        let level = r#"{"value":"v","label":"V"}"#;
+        let tier = r#"{"id":"t","name":"T"}"#;
+        let long = "x".repeat(201);
+        let cases = [
+            (
+                format!(
+                    r#""thinking":{{"supported_levels":[{}]}}"#,
+                    vec![level; 33].join(",")
+                ),
+                "models[0].thinking.supported_levels must list at most 32",
+            ),
+            (
+                r#""thinking":{"supported_levels":[{"value":" ","label":"V"}]}"#.to_owned(),
+                "models[0].thinking.supported_levels[0].value must not be empty",
+            ),
+            (
+                format!(r#""thinking":{{"supported_levels":[{{"value":"{long}","label":"V"}}]}}"#),
+                "models[0].thinking.supported_levels[0].value must be at most 200",
+            ),
+            (
+                format!(r#""thinking":{{"supported_levels":[{level}],"default_level":"{long}"}}"#),
+                "models[0].thinking.default_level must be at most 200",
+            ),
+            (
+                r#""thinking":{"default_level":"v"}"#.to_owned(),
+                "supported_levels",
+            ),
+            (
+                format!(r#""service_tiers":[{}]"#, vec![tier; 33].join(",")),
+                "models[0].service_tiers must list at most 32",
+            ),
+            (
+                r#""service_tiers":[{"id":"","name":"T"}]"#.to_owned(),
+                "models[0].service_tiers[0].id must not be empty",
+            ),
+            (
+                format!(
+                    r#""service_tiers":[{{"id":"t","name":"T","description":"{}"}}]"#,
+                    "d".repeat(1001)
+                ),
+                "models[0].service_tiers[0].description must be at most 1000",
+            ),
+            (r#""service_tiers":{}"#.to_owned(), "invalid JSON body"),
+        ];
+        for (fields, message) in cases {
+            let body = with(&fields);
+            match parse_report(body.as_bytes()) {
+                Err(ApiError::BadRequest(m)) => assert!(m.contains(message), "{body}: {m}"),
+                other => panic!("{body}: {other:?}"),
+            }
         }
     }
 

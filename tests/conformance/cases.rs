@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
-    ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
+    ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, ServiceTier, Status, Thinking,
+    ThinkingLevel, Timeouts,
 };
 use model_relay::store::{
     Active, Change, Claim, Daemon, Expired, Heartbeat, Listener, NewRuntime, RequestCounts, Scoped,
@@ -122,12 +123,35 @@ fn models() -> Vec<ModelEntry> {
             label: "Claude Sonnet 4.6".into(),
             provider: Some("anthropic".into()),
             default: Some(true),
+            // The newest daemons' fields, stored and returned as sent by every engine.
+            thinking: Some(Thinking {
+                supported_levels: vec![
+                    ThinkingLevel {
+                        value: "low".into(),
+                        label: "Low".into(),
+                        description: None,
+                    },
+                    ThinkingLevel {
+                        value: "high".into(),
+                        label: "High".into(),
+                        description: Some("Slower; for hard problems — 深く考える".into()),
+                    },
+                ],
+                default_level: Some("low".into()),
+            }),
+            service_tiers: Some(vec![ServiceTier {
+                id: "priority".into(),
+                name: "Priority".into(),
+                description: None,
+            }]),
         },
         ModelEntry {
             id: "claude-opus-4-1".into(),
             label: "Claude Opus 4.1".into(),
             provider: None,
             default: None,
+            thinking: None,
+            service_tiers: None,
         },
     ]
 }

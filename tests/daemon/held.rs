@@ -25,6 +25,8 @@ fn found() -> Source {
             label: "M".into(),
             provider: None,
             default: None,
+            thinking: None,
+            service_tiers: None,
         }],
         supported: true,
     })
