@@ -78,57 +78,61 @@ impl ModelEntry {
     /// The error names the field (`thinking.supported_levels[2].value …`).
     /// An empty `id` is not an error: such an entry is dropped, not refused.
     pub fn check(&self) -> Result<(), String> {
-        fn text(what: &str, value: &str, max: usize, required: bool) -> Result<(), String> {
-            if required && value.trim().is_empty() {
-                return Err(format!("{what} must not be empty"));
-            }
-            if value.chars().count() > max {
-                return Err(format!("{what} must be at most {max} characters"));
-            }
-            Ok(())
-        }
         if let Some(thinking) = &self.thinking {
-            let levels = &thinking.supported_levels;
-            if levels.len() > MAX_MODEL_CHOICES {
-                return Err(format!(
-                    "thinking.supported_levels must list at most {MAX_MODEL_CHOICES} levels"
-                ));
-            }
-            for (j, level) in levels.iter().enumerate() {
-                let at = format!("thinking.supported_levels[{j}]");
-                text(&format!("{at}.value"), &level.value, MAX_CHOICE_TEXT, true)?;
-                text(&format!("{at}.label"), &level.label, MAX_CHOICE_TEXT, false)?;
-                let description = level.description.as_deref().unwrap_or_default();
-                text(
-                    &format!("{at}.description"),
-                    description,
-                    MAX_DESCRIPTION,
-                    false,
-                )?;
-            }
-            let default = thinking.default_level.as_deref().unwrap_or_default();
-            text("thinking.default_level", default, MAX_CHOICE_TEXT, false)?;
-        }
-        let tiers = self.service_tiers.as_deref().unwrap_or_default();
-        if tiers.len() > MAX_MODEL_CHOICES {
-            return Err(format!(
-                "service_tiers must list at most {MAX_MODEL_CHOICES} tiers"
-            ));
-        }
-        for (j, tier) in tiers.iter().enumerate() {
-            let at = format!("service_tiers[{j}]");
-            text(&format!("{at}.id"), &tier.id, MAX_CHOICE_TEXT, true)?;
-            text(&format!("{at}.name"), &tier.name, MAX_CHOICE_TEXT, false)?;
-            let description = tier.description.as_deref().unwrap_or_default();
-            text(
-                &format!("{at}.description"),
-                description,
-                MAX_DESCRIPTION,
-                false,
+            let levels = thinking.supported_levels.iter();
+            let levels = levels.map(|l| (&*l.value, &*l.label, l.description.as_deref()));
+            check_choices(
+                "thinking.supported_levels",
+                "levels",
+                ["value", "label"],
+                levels,
             )?;
+            let default = thinking.default_level.as_deref().unwrap_or_default();
+            check_text("thinking.default_level", default, MAX_CHOICE_TEXT, false)?;
         }
-        Ok(())
+        let tiers = self.service_tiers.as_deref().unwrap_or_default().iter();
+        let tiers = tiers.map(|t| (&*t.id, &*t.name, t.description.as_deref()));
+        check_choices("service_tiers", "tiers", ["id", "name"], tiers)
     }
+}
+
+/// A list of choices (reasoning-effort levels, service tiers): at most
+/// [`MAX_MODEL_CHOICES`], each a key that must not be empty, a name and maybe a
+/// description, all bounded. `fields` names the key and the name.
+fn check_choices<'a>(
+    list: &str,
+    noun: &str,
+    [key_field, name_field]: [&str; 2],
+    choices: impl ExactSizeIterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+) -> Result<(), String> {
+    if choices.len() > MAX_MODEL_CHOICES {
+        return Err(format!(
+            "{list} must list at most {MAX_MODEL_CHOICES} {noun}"
+        ));
+    }
+    for (j, (key, name, description)) in choices.enumerate() {
+        let at = format!("{list}[{j}]");
+        check_text(&format!("{at}.{key_field}"), key, MAX_CHOICE_TEXT, true)?;
+        check_text(&format!("{at}.{name_field}"), name, MAX_CHOICE_TEXT, false)?;
+        let description = description.unwrap_or_default();
+        check_text(
+            &format!("{at}.description"),
+            description,
+            MAX_DESCRIPTION,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+fn check_text(what: &str, value: &str, max: usize, required: bool) -> Result<(), String> {
+    if required && value.trim().is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(format!("{what} must be at most {max} characters"));
+    }
+    Ok(())
 }
 
 /// `{"supported_levels": [...], "default_level"?}`.

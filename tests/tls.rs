@@ -203,16 +203,13 @@ fn api_token(database: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_discovers_models_from_serve_over_https_with_a_private_ca() {
     let setup = Setup::new();
-    let (
-        serve,
-        ca,
-        World {
-            http,
-            api,
-            rt,
-            token,
-        },
-    ) = setup.serve_a_runtime().await;
+    let (serve, ca, world) = setup.serve_a_runtime().await;
+    let World {
+        http,
+        api,
+        rt,
+        token,
+    } = world;
     let models = setup.path().join("models.json");
     std::fs::write(&models, r#"[{"id":"m1","label":"Model one"}]"#).unwrap();
     let daemon = Daemon::spawn(&serve.base, &rt, &token, &models, Some(&ca));
@@ -257,16 +254,13 @@ async fn the_daemon_discovers_models_from_serve_over_https_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_stops_before_sending_anything_to_a_server_it_cannot_verify() {
     let setup = Setup::new();
-    let (
-        serve,
-        _,
-        World {
-            http,
-            api,
-            rt,
-            token,
-        },
-    ) = setup.serve_a_runtime().await;
+    let (serve, _, world) = setup.serve_a_runtime().await;
+    let World {
+        http,
+        api,
+        rt,
+        token,
+    } = world;
     let models = setup.path().join("models.json");
     std::fs::write(&models, "[]").unwrap();
     let other_ca = Ca::new("someone else").write(setup.path(), "other-ca.pem");
