@@ -79,21 +79,21 @@ impl DatabaseArg {
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = "127.0.0.1:8080", env = "MODEL_RELAY_LISTEN")]
     listen: SocketAddr,
     #[command(flatten)]
     database: DatabaseArg,
     /// How long a request waits for a daemon to claim it.
-    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = parse_duration, default_value = "30s", env = "MODEL_RELAY_PENDING_TIMEOUT")]
     pending_timeout: Duration,
     /// How long a claimed request may run without a report or renewal.
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = parse_duration, default_value = "60s", env = "MODEL_RELAY_RUNNING_TIMEOUT")]
     running_timeout: Duration,
     /// How long an ended request stays readable.
-    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    #[arg(long, value_parser = parse_duration, default_value = "10m", env = "MODEL_RELAY_RETENTION")]
     retention: Duration,
     /// A runtime with no heartbeat for this long is offline.
-    #[arg(long, value_parser = parse_duration, default_value = "45s")]
+    #[arg(long, value_parser = parse_duration, default_value = "45s", env = "MODEL_RELAY_OFFLINE_AFTER")]
     offline_after: Duration,
     /// The longest a waiting call (a held heartbeat, a read with wait_ms) is held; longer
     /// waits are clamped. Keep it under the idle timeout of any proxy in front.
@@ -113,7 +113,14 @@ struct ServeArgs {
     read_timeout: Duration,
     /// An origin whose pages may call the UI routes from a browser, e.g.
     /// https://app.example.com (repeatable). The daemon's routes never answer CORS.
-    #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
+    /// In the environment: several origins separated by commas.
+    #[arg(
+        long = "cors-origin",
+        value_name = "ORIGIN",
+        value_parser = parse_origin,
+        env = "MODEL_RELAY_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     cors_origins: Vec<String>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); with --tls-key. SIGHUP
     /// reads both files again.
@@ -134,17 +141,17 @@ struct ServeArgs {
     tls_key: Option<PathBuf>,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = parse_duration, default_value = "1s", env = "MODEL_RELAY_RECHECK_EVERY")]
     recheck_every: Duration,
     /// How often this instance's sweeper runs.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "MODEL_RELAY_SWEEP_EVERY")]
     sweep_every: Duration,
     /// The longest a store call waits for a connection, a lock or a statement; past it the
     /// caller gets 503 store unavailable.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "MODEL_RELAY_STORE_TIMEOUT")]
     store_timeout: Duration,
     /// Log lines as text or as one JSON object each. The level comes from RUST_LOG.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "MODEL_RELAY_LOG_FORMAT")]
     log_format: LogFormat,
 }
 
@@ -402,7 +409,32 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_origin;
+    use clap::CommandFactory;
+
+    use super::{Cli, parse_origin};
+
+    #[test]
+    fn every_serve_flag_can_come_from_the_environment() {
+        let cli = Cli::command();
+        let serve = cli
+            .get_subcommands()
+            .find(|c| c.get_name() == "serve")
+            .expect("a serve subcommand");
+        let flags: Vec<_> = serve
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help"))
+            .collect();
+        assert!(flags.len() > 10, "{} flags", flags.len());
+        for flag in flags {
+            let long = flag.get_long().unwrap_or_default();
+            let env = flag.get_env().and_then(|e| e.to_str());
+            let expected = format!("MODEL_RELAY_{}", long.to_uppercase().replace('-', "_"));
+            assert!(
+                env.is_some_and(|e| e == expected || e == format!("{expected}S")),
+                "--{long} reads {env:?}, not {expected}"
+            );
+        }
+    }
 
     #[test]
     fn cors_origins_are_scheme_host_and_port_only() {
