@@ -72,11 +72,18 @@ pub const MAX_CHOICE_TEXT: usize = 200;
 pub const MAX_DESCRIPTION: usize = 1000;
 
 impl ModelEntry {
+    /// An entry whose id is empty or white space: dropped from a report, the rest of the
+    /// report standing (refused whole, the report would be lost: the reference daemon does
+    /// not retry a 4xx). The server and the daemon both apply it.
+    pub fn has_no_id(&self) -> bool {
+        self.id.trim().is_empty()
+    }
+
     /// The bounds of `thinking` and `service_tiers`: at most [`MAX_MODEL_CHOICES`] of each,
     /// no empty level value or tier id, and texts bounded. Nothing else: a `default_level`
     /// that names no level is kept as sent, like the rest (the page then preselects none).
     /// The error names the field (`thinking.supported_levels[2].value …`).
-    /// An empty `id` is not an error: such an entry is dropped, not refused.
+    /// An empty `id` is not an error: such an entry is dropped ([`has_no_id`](Self::has_no_id)), not refused.
     pub fn check(&self) -> Result<(), String> {
         if let Some(thinking) = &self.thinking {
             let levels = thinking.supported_levels.iter();

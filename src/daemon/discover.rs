@@ -113,8 +113,7 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
         let model: ModelEntry =
             serde_json::from_value(entry).map_err(|e| format!("models[{i}]: {e}"))?;
         model.check().map_err(|e| format!("models[{i}].{e}"))?;
-        // The server's rule: an entry with an empty id is dropped, the others stand.
-        if !model.id.trim().is_empty() {
+        if !model.has_no_id() {
             models.push(model);
         }
     }

@@ -252,9 +252,7 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
             .check()
             .map_err(|e| ApiError::BadRequest(format!("models[{i}].{e}")))?;
     }
-    // An entry with an empty id is dropped and the rest of the report stands: refused
-    // whole, the report would be lost (the reference daemon does not retry a 4xx).
-    models.retain(|m| !m.id.trim().is_empty());
+    models.retain(|m| !m.has_no_id());
     Ok(Report::Ended(Outcome {
         status,
         models,
