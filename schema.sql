@@ -1,22 +1,24 @@
--- model-relay schema, version 3. Both SQLite and PostgreSQL apply this file at start-up;
--- every statement is idempotent. A column added after version 2 is also added to an older
--- table by each engine's `migrate` (SQLite has no ADD COLUMN IF NOT EXISTS). Times are milliseconds since the Unix epoch, written by
--- the service's one clock, never by the database's now().
+-- model-relay schema, version 4: the whole of the newest schema, to read. Databases are
+-- built and upgraded by each dialect's numbered migrations (src/store/<engine>/migration/),
+-- and a test holds this file equal to what they build; both SQLite and PostgreSQL accept
+-- it. PostgreSQL's migrations also add the triggers that wake waiting calls. Times are
+-- milliseconds since the Unix epoch, written by the service's one clock, never by the
+-- database's now().
 
-CREATE TABLE IF NOT EXISTS workspaces (
+CREATE TABLE workspaces (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
     created_at  BIGINT NOT NULL
 );
 
 -- Tokens are stored only as SHA-256 hashes (hex).
-CREATE TABLE IF NOT EXISTS api_tokens (
+CREATE TABLE api_tokens (
     token_hash    TEXT PRIMARY KEY,
     workspace_id  TEXT NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
     created_at    BIGINT NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS runtimes (
+CREATE TABLE runtimes (
     id                 TEXT PRIMARY KEY,
     workspace_id       TEXT NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
     name               TEXT NOT NULL,
@@ -26,9 +28,9 @@ CREATE TABLE IF NOT EXISTS runtimes (
     created_at         BIGINT NOT NULL
 );
 
-CREATE INDEX IF NOT EXISTS runtimes_by_workspace ON runtimes (workspace_id, created_at);
+CREATE INDEX runtimes_by_workspace ON runtimes (workspace_id, created_at);
 
-CREATE TABLE IF NOT EXISTS requests (
+CREATE TABLE requests (
     id           TEXT PRIMARY KEY,
     runtime_id   TEXT NOT NULL REFERENCES runtimes (id) ON DELETE CASCADE,
     status       TEXT NOT NULL
@@ -40,26 +42,38 @@ CREATE TABLE IF NOT EXISTS requests (
     updated_at   BIGINT NOT NULL,
     deadline_at  BIGINT NOT NULL,               -- pending: claim by; running: lease end
     ended_at     BIGINT,                        -- set with the terminal status
-    renewed_at   BIGINT                         -- version 3: last lease renewal while running;
-                                                -- NULL: not renewed since it was handed out
+    renewed_at   BIGINT,                        -- last lease renewal while running; NULL:
+                                                -- not renewed since it was handed out
+    fallback     BOOLEAN NOT NULL DEFAULT FALSE, -- the report was a static stand-in list
+    cached_at    BIGINT,                        -- an answer from the catalog: when the
+                                                -- catalog was reported
+    refresh_id   TEXT                           -- ... and the discovery it started
 );
 
 -- Create-coalescing: at most one active request per runtime, enforced by the database so
 -- that two instances racing to create cannot both insert.
-CREATE UNIQUE INDEX IF NOT EXISTS requests_one_active_per_runtime
+CREATE UNIQUE INDEX requests_one_active_per_runtime
     ON requests (runtime_id) WHERE status IN ('pending', 'running');
 
 -- The claim: a runtime's pending requests, oldest first.
-CREATE INDEX IF NOT EXISTS requests_pending_by_runtime
+CREATE INDEX requests_pending_by_runtime
     ON requests (runtime_id, created_at) WHERE status = 'pending';
 
 -- The sweeper: ended requests by end time, for deletion after retention.
-CREATE INDEX IF NOT EXISTS requests_ended
+CREATE INDEX requests_ended
     ON requests (ended_at) WHERE ended_at IS NOT NULL;
 
--- Version 2. Requests by status and deadline: the sweeper expires one phase at a time in
--- deadline order, and the metrics count each status, both as a range of this index rather
--- than a scan of the table. It replaces version 1's index of active requests by deadline.
-CREATE INDEX IF NOT EXISTS requests_by_status
+-- Requests by status and deadline: the sweeper expires one phase at a time in deadline
+-- order, and the metrics count each status, both as a range of this index rather than a
+-- scan of the table.
+CREATE INDEX requests_by_status
     ON requests (status, deadline_at);
-DROP INDEX IF EXISTS requests_active_by_deadline;
+
+-- Each runtime's last good model list (its catalog), written in the transaction of the
+-- report that earned it; it goes with its runtime.
+CREATE TABLE catalogs (
+    runtime_id   TEXT PRIMARY KEY REFERENCES runtimes (id) ON DELETE CASCADE,
+    models       TEXT NOT NULL,                 -- JSON array of model entries, never empty
+    supported    BOOLEAN NOT NULL,
+    reported_at  BIGINT NOT NULL
+);

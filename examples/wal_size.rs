@@ -177,6 +177,7 @@ fn cycle(store: &dyn Storer, runtime: RuntimeId) -> RequestId {
                 models: Vec::new(),
                 supported: true,
                 error: None,
+                fallback: false,
             });
             if let Err(e) = store.apply_report(runtime, created.request.id, &report, now) {
                 eprintln!("report: {e}");

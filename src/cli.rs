@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{DatabaseUrl, Settings, parse_duration, redact};
+use crate::config::{DatabaseUrl, Settings, parse_duration, parse_window, redact};
 use crate::errors::error_chain;
 use crate::http::Listener;
 use crate::ids::{Token, WorkspaceId};
@@ -99,6 +99,15 @@ struct ServeArgs {
     /// waits are clamped. Keep it under the idle timeout of any proxy in front.
     #[arg(long, value_parser = parse_duration, default_value = "25s", env = "MODEL_RELAY_MAX_WAIT")]
     max_wait: Duration,
+    /// A runtime's last good model list (its catalog) younger than this answers the
+    /// picker at once, without asking the daemon (0s: never).
+    #[arg(long, value_parser = parse_window, default_value = "60s", env = "MODEL_RELAY_CATALOG_FRESH")]
+    catalog_fresh: Duration,
+    /// A catalog older than --catalog-fresh but younger than this still answers at once,
+    /// while the daemon is asked again in the background, or while it is offline (0s:
+    /// never).
+    #[arg(long, value_parser = parse_window, default_value = "24h", env = "MODEL_RELAY_CATALOG_SERVE")]
+    catalog_serve: Duration,
     /// The most waiting calls held at once; past it a waiting call is answered 503 "too
     /// many waiting calls".
     #[arg(long, default_value_t = 10_000, env = "MODEL_RELAY_MAX_WAITING")]
@@ -246,6 +255,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_waiting: args.max_waiting,
         max_connections: args.max_connections,
         read_timeout: args.read_timeout,
+        catalog_fresh: args.catalog_fresh,
+        catalog_serve: args.catalog_serve,
         ..Settings::default()
     };
     let url = args.database.resolve()?;

@@ -107,6 +107,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// [`parse_duration`] that also takes zero: for the catalog's windows, where zero turns
+/// the window off.
+pub fn parse_window(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e}"))
+}
+
 /// The service's timing rules. Defaults are those of DESIGN.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -140,6 +146,11 @@ pub struct Settings {
     /// A request's headers (and the next request's, on an idle connection) must arrive
     /// within this; its body within this or 10 s of the headers, whichever is shorter.
     pub read_timeout: Duration,
+    /// A catalog younger than this is answered from without asking the daemon.
+    pub catalog_fresh: Duration,
+    /// A catalog younger than this (and older than `catalog_fresh`) is answered from while
+    /// a discovery runs in the background.
+    pub catalog_serve: Duration,
 }
 
 impl Default for Settings {
@@ -157,6 +168,8 @@ impl Default for Settings {
             max_waiting: 10_000,
             max_connections: 8_192,
             read_timeout: Duration::from_secs(30),
+            catalog_fresh: Duration::from_secs(60),
+            catalog_serve: Duration::from_secs(24 * 3600),
         }
     }
 }

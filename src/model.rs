@@ -185,6 +185,12 @@ pub struct ModelRequest {
     pub deadline_at: Millis,
     /// When it reached a terminal status; retention counts from here.
     pub ended_at: Option<Millis>,
+    /// The report was a static stand-in list, not a real discovery: never cached.
+    pub fallback: bool,
+    /// An answer from the runtime's catalog: when the catalog was reported.
+    pub cached_at: Option<Millis>,
+    /// An answer from a stale catalog: the discovery it started in the background.
+    pub refresh_id: Option<RequestId>,
 }
 
 impl ModelRequest {
@@ -202,6 +208,7 @@ pub struct Outcome {
     pub models: Vec<ModelEntry>,
     pub supported: bool,
     pub error: Option<String>,
+    pub fallback: bool,
 }
 
 impl Outcome {
@@ -211,7 +218,30 @@ impl Outcome {
             && request.models == self.models
             && request.supported == self.supported
             && request.error == self.error
+            && request.fallback == self.fallback
     }
+
+    /// What this outcome does to the runtime's catalog, in the transaction that records
+    /// it: a real discovery that found models replaces it; one that found none, or found
+    /// that the runtime cannot list models, removes it; a failure or a stand-in list
+    /// leaves it.
+    pub fn catalog(&self) -> CatalogChange {
+        match self.status {
+            Status::Completed if self.fallback => CatalogChange::Keep,
+            Status::Completed if self.supported && !self.models.is_empty() => CatalogChange::Write,
+            Status::Completed => CatalogChange::Remove,
+            _ => CatalogChange::Keep,
+        }
+    }
+}
+
+/// See [`Outcome::catalog`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CatalogChange {
+    Keep,
+    /// The outcome's models and `supported` become the catalog, reported now.
+    Write,
+    Remove,
 }
 
 /// What a daemon may report about a request it holds.
@@ -244,6 +274,8 @@ pub struct Runtime {
     pub provider: String,
     pub last_seen_at: Option<Millis>,
     pub created_at: Millis,
+    /// When its catalog was reported, if it has one.
+    pub catalog_at: Option<Millis>,
 }
 
 impl Runtime {
@@ -344,6 +376,47 @@ mod tests {
     }
 
     #[test]
+    fn only_a_real_discovery_with_models_writes_the_catalog() {
+        let found = Outcome {
+            status: Status::Completed,
+            models: vec![ModelEntry {
+                id: "m".into(),
+                label: "M".into(),
+                provider: None,
+                default: None,
+                thinking: None,
+                service_tiers: None,
+            }],
+            supported: true,
+            error: None,
+            fallback: false,
+        };
+        assert_eq!(found.catalog(), CatalogChange::Write);
+        let stand_in = Outcome {
+            fallback: true,
+            ..found.clone()
+        };
+        assert_eq!(stand_in.catalog(), CatalogChange::Keep);
+        let none = Outcome {
+            models: vec![],
+            ..found.clone()
+        };
+        assert_eq!(none.catalog(), CatalogChange::Remove);
+        let unsupported = Outcome {
+            supported: false,
+            ..found.clone()
+        };
+        assert_eq!(unsupported.catalog(), CatalogChange::Remove);
+        let failed = Outcome {
+            status: Status::Failed,
+            models: vec![],
+            error: Some("no".into()),
+            ..found
+        };
+        assert_eq!(failed.catalog(), CatalogChange::Keep);
+    }
+
+    #[test]
     fn a_runtime_is_online_until_offline_after_passes() {
         let rt = Runtime {
             id: RuntimeId::random().unwrap(),
@@ -352,6 +425,7 @@ mod tests {
             provider: "p".into(),
             last_seen_at: Some(10_000),
             created_at: 0,
+            catalog_at: None,
         };
         let after = Duration::from_secs(45);
         assert!(rt.is_online(10_000 + 44_999, after));

@@ -116,9 +116,20 @@ impl World {
             .await
     }
 
+    /// A discovery that skips the catalog (the page's "Refresh").
+    async fn refresh(&self, rt: &str) -> support::server::Answer {
+        self.http
+            .post(
+                &self.url(&format!("/api/runtimes/{rt}/models")),
+                &self.api,
+                json!({"refresh": true}),
+            )
+            .await
+    }
+
     /// A request that the runtime's daemon has claimed: its id.
     async fn claimed(&self, rt: &str, daemon: &str) -> String {
-        let id = self.create_request(rt).await.json["id"]
+        let id = self.refresh(rt).await.json["id"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -750,6 +761,16 @@ impl Storer for DownStore {
     fn active_requests(&self) -> StoreResult<Vec<Active>> {
         down()
     }
+    fn answer_from_catalog(
+        &self,
+        _: RuntimeId,
+        _: RequestId,
+        _: Option<RequestId>,
+        _: i64,
+        _: i64,
+    ) -> StoreResult<Option<ModelRequest>> {
+        down()
+    }
     fn listen(&self) -> StoreResult<Box<dyn Listener>> {
         down()
     }
@@ -896,8 +917,13 @@ async fn alternate_between_instances(a: Arc<dyn Storer>, b: Arc<dyn Storer>) {
             .status,
             StatusCode::OK
         );
+        // Each round asks the daemon again, whatever the catalog holds.
         let request = http
-            .post_empty(&at(round, &format!("/api/runtimes/{rt}/models")), &api)
+            .post(
+                &at(round, &format!("/api/runtimes/{rt}/models")),
+                &api,
+                json!({"refresh": true}),
+            )
             .await;
         assert_eq!(request.status, StatusCode::OK, "{}", request.json);
         let id = request.json["id"].as_str().unwrap().to_owned();

@@ -75,13 +75,23 @@ impl World {
         ack.json
     }
 
+    /// A request for the daemon, never an answer from the catalog.
     async fn create_request(&self, rt: &str) -> String {
+        self.ask(rt, true).await["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The page's "list the models": the record answered.
+    async fn ask(&self, rt: &str, refresh: bool) -> Value {
         let created = self
             .http
-            .post_empty(&self.url(&format!("/api/runtimes/{rt}/models")), &self.api)
+            .post(
+                &self.url(&format!("/api/runtimes/{rt}/models")),
+                &self.api,
+                json!({ "refresh": refresh }),
+            )
             .await;
         assert_eq!(created.status, StatusCode::OK, "{}", created.json);
-        created.json["id"].as_str().unwrap().to_owned()
+        created.json
     }
 
     async fn poll(&self, rt: &str, id: &str) -> support::server::Answer {
@@ -248,6 +258,43 @@ async fn metrics_show_every_family_labelled_by_route_template() {
     assert_eq!((timeouts("pending"), timeouts("running")), (1.0, 1.0));
     assert_eq!(m.value("model_relay_oldest_pending_age_seconds", &[]), 5.0);
 
+    w.instance.stop().await;
+}
+
+#[tokio::test]
+async fn answers_from_the_catalog_and_background_refreshes_are_counted() {
+    let w = World::new(settings()).await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.create_request(&rt).await;
+    w.heartbeat(&rt, &daemon).await;
+    let report = w
+        .http
+        .post(
+            &w.url(&format!("/api/daemon/runtimes/{rt}/models/{id}/result")),
+            &daemon,
+            json!({"status": "completed", "models": [{"id": "m", "label": "M"}]}),
+        )
+        .await;
+    assert_eq!(report.status, StatusCode::OK);
+
+    assert_eq!(w.ask(&rt, false).await["cached"], true);
+    w.clock.advance(Duration::from_secs(61));
+    w.heartbeat(&rt, &daemon).await;
+    let stale = w.ask(&rt, false).await;
+    assert!(stale["refresh_id"].is_string(), "{stale}");
+    // The discovery it started is still pending: served stale again, nothing new started.
+    let again = w.ask(&rt, false).await;
+    assert_eq!(again["refresh_id"], stale["refresh_id"]);
+
+    let (text, m) = w.scrape().await;
+    let answers = |freshness| {
+        m.value(
+            "model_relay_catalog_answers_total",
+            &[("freshness", freshness)],
+        )
+    };
+    assert_eq!((answers("fresh"), answers("stale")), (1.0, 2.0), "{text}");
+    assert_eq!(m.value("model_relay_catalog_refreshes_total", &[]), 1.0);
     w.instance.stop().await;
 }
 

@@ -81,6 +81,7 @@ fn report() -> impl Strategy<Value = Report> {
             models: model_lists()[models].clone(),
             supported,
             error: None,
+            fallback: false,
         })),
         2 => prop::sample::select(vec!["not logged in", "timed out locally"]).prop_map(|e| {
             Report::Ended(Outcome {
@@ -88,6 +89,7 @@ fn report() -> impl Strategy<Value = Report> {
                 models: Vec::new(),
                 supported: true,
                 error: Some(e.to_owned()),
+                fallback: false,
             })
         }),
         2 => Just(Report::Running),
@@ -164,6 +166,9 @@ impl Model {
             updated_at: now,
             deadline_at: now + 30_000,
             ended_at: None,
+            fallback: false,
+            cached_at: None,
+            refresh_id: None,
         };
         self.requests.push((rt, r.clone()));
         Some(Created {
@@ -220,6 +225,7 @@ impl Model {
                     r.models = o.models.clone();
                     r.supported = o.supported;
                     r.error = o.error.clone();
+                    r.fallback = o.fallback;
                     r.ended_at = Some(now);
                 }
             }

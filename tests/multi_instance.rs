@@ -44,6 +44,8 @@ fn settings() -> Settings {
         retention: Duration::from_secs(600),
         offline_after: Duration::from_secs(3600),
         sweep_every: Duration::from_millis(100),
+        // Runs see catalogs fresh, then stale with a discovery in the background.
+        catalog_fresh: Duration::from_millis(100),
         ..Settings::default()
     }
 }

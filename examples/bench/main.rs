@@ -438,6 +438,7 @@ fn store_cycles(database: &str, workers: usize, length: Duration) -> Res<f64> {
                         models: Vec::new(),
                         supported: true,
                         error: None,
+                        fallback: false,
                     });
                     if !store.apply_report(rt, id, &done, SystemClock.now())? {
                         return Err("store cycles: the report was refused".into());

@@ -19,11 +19,12 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use super::error::ApiError;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
 use super::{App, StoreCalls};
+use crate::clock::millis;
 use crate::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use crate::instance::Source;
 use crate::metrics;
 use crate::model::{ModelRequest, Report, ReportOutcome};
-use crate::store::{Daemon, Heartbeat, NewRuntime, Scoped};
+use crate::store::{Ask, Asked, Daemon, Heartbeat, NewRuntime, Scoped};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
 /// id that cannot exist gets the same 404 as one that does not.
@@ -244,7 +245,7 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
         (&Method::POST, Route::Runtimes) => create_runtime(app, token, body).await,
         (&Method::GET, Route::Runtimes) => list_runtimes(app, token).await,
         (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
-        (&Method::POST, Route::Models(rt)) => create_request(app, token, rt).await,
+        (&Method::POST, Route::Models(rt)) => create_request(app, token, rt, body).await,
         (&Method::GET, Route::Model(rt, id)) => {
             let wait_ms = wire::parse_wait_query(query.as_deref())?;
             get_request(app, token, rt, id, wait_ms).await
@@ -382,31 +383,54 @@ async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answe
     Ok(response)
 }
 
-async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Incoming) -> Answer {
     let rt = parse_runtime_id(rt)?;
-    let id = RequestId::random()?;
-    let request = app
+    let workspace = app
+        .read(move |app| workspace_of(app, token.as_ref()))
+        .await?;
+    let refresh = wire::parse_ask(&read_body(app, body).await?)?;
+    let (id, cached) = (RequestId::random()?, RequestId::random()?);
+    let asked = app
         .blocking(move |app| {
-            let workspace = workspace_of(app, token.as_ref())?;
             let runtime = app
                 .store
                 .find_runtime(workspace, rt)?
                 .ok_or(ApiError::NotFound("runtime"))?;
             let now = app.clock.now();
-            if !runtime.is_online(now, app.settings.offline_after) {
-                return Err(ApiError::RuntimeOffline);
-            }
-            app.store
-                .create_or_coalesce(rt, id, now)?
-                .map(|created| created.request)
-                .ok_or(ApiError::NotFound("runtime"))
+            let settings = &app.settings;
+            let ask = Ask {
+                id,
+                cached,
+                refresh,
+                online: runtime.is_online(now, settings.offline_after),
+                fresh: millis(settings.catalog_fresh),
+                serve: millis(settings.catalog_serve),
+            };
+            Ok(app.store.ask_for_models(&runtime, &ask, now)?)
         })
         .await?;
-    if request.id == id {
+    let (answer, created) = match asked {
+        Asked::Cached {
+            answer,
+            stale,
+            refresh,
+        } => {
+            let started = refresh.filter(|r| r.request.id == id);
+            app.metrics.answered_from_catalog(stale, started.is_some());
+            (answer, started)
+        }
+        Asked::Discovery(created) => {
+            let request = created.request.clone();
+            (request, Some(created).filter(|c| c.request.id == id))
+        }
+        Asked::Offline => return Err(ApiError::RuntimeOffline),
+        Asked::NoRuntime => return Err(ApiError::NotFound("runtime")),
+    };
+    if created.is_some() {
         tracing::info!(request = %id, runtime = %rt, "request created");
         app.waiters.wake_runtime(rt, Source::Local);
     }
-    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&answer)))
 }
 
 /// How long a waiting call asking for `wait_ms` is held: never past `--max-wait`, and

@@ -234,6 +234,8 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
         supported: Option<bool>,
         #[serde(default)]
         error: Option<String>,
+        #[serde(default)]
+        fallback: bool,
     }
     let raw: Raw = parse_json(body)?;
     let status = match raw.status.as_str() {
@@ -258,7 +260,23 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
         models,
         supported: raw.supported.unwrap_or(true),
         error: raw.error.filter(|e| !e.is_empty()),
+        fallback: raw.fallback,
     }))
+}
+
+/// `POST /api/runtimes/{id}/models`: no body, or `{"refresh": bool}` — whether to skip the
+/// catalog. Unknown fields are ignored.
+pub fn parse_ask(body: &[u8]) -> Result<bool, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        refresh: bool,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(false);
+    }
+    let raw: Raw = parse_json(body)?;
+    Ok(raw.refresh)
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -281,6 +299,14 @@ pub struct RequestRecord<'a> {
     supported: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    fallback: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cached_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_id: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -294,6 +320,10 @@ impl<'a> From<&'a ModelRequest> for RequestRecord<'a> {
             models: &r.models,
             supported: r.supported,
             error: r.error.as_deref().filter(|e| !e.is_empty()),
+            fallback: r.fallback,
+            cached: r.cached_at.is_some(),
+            cached_at: r.cached_at.map(rfc3339),
+            refresh_id: r.refresh_id.map(|id| id.to_string()),
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }

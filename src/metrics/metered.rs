@@ -187,6 +187,19 @@ impl Storer for MeteredStore {
         self.timed("active_requests", |s| s.active_requests())
     }
 
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        self.timed("answer_from_catalog", |s| {
+            s.answer_from_catalog(runtime, id, refresh, reported_after, now)
+        })
+    }
+
     fn listen(&self) -> Result<Box<dyn Listener>> {
         self.timed("listen", |s| s.listen())
     }

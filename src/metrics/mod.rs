@@ -55,6 +55,10 @@ pub struct Metrics {
     listener_up: IntGauge,
     /// Keys whose waiters were woken, by who woke them (local, notification, recheck).
     wakeups: IntCounterVec,
+    /// Answers from a runtime's catalog, by freshness (fresh, stale).
+    catalog_answers: IntCounterVec,
+    /// Discoveries started in the background because a stale catalog was answered from.
+    catalog_refreshes: IntCounter,
 }
 
 impl Default for Metrics {
@@ -124,6 +128,17 @@ impl Metrics {
             ),
             &["source"],
         );
+        let catalog_answers = IntCounterVec::new(
+            Opts::new(
+                "model_relay_catalog_answers_total",
+                "Model lists answered from a runtime's catalog without waiting for its daemon, by freshness (fresh: younger than --catalog-fresh; stale: older, served while a discovery runs).",
+            ),
+            &["freshness"],
+        );
+        let catalog_refreshes = IntCounter::new(
+            "model_relay_catalog_refreshes_total",
+            "Discoveries started in the background because a stale catalog was answered from.",
+        );
         // The names and labels above are constants; they are valid and distinct, so
         // neither making nor registering them can fail (the tests render every family).
         let metrics = Metrics {
@@ -136,6 +151,8 @@ impl Metrics {
             held_calls: held_calls.expect("valid metric"),
             listener_up: listener_up.expect("valid metric"),
             wakeups: wakeups.expect("valid metric"),
+            catalog_answers: catalog_answers.expect("valid metric"),
+            catalog_refreshes: catalog_refreshes.expect("valid metric"),
             registry,
         };
         for collector in [
@@ -148,6 +165,8 @@ impl Metrics {
             Box::new(metrics.held_calls.clone()),
             Box::new(metrics.listener_up.clone()),
             Box::new(metrics.wakeups.clone()),
+            Box::new(metrics.catalog_answers.clone()),
+            Box::new(metrics.catalog_refreshes.clone()),
         ] {
             metrics
                 .registry
@@ -163,6 +182,9 @@ impl Metrics {
         }
         for source in ["local", "notification", "recheck"] {
             metrics.wakeups.with_label_values(&[source]);
+        }
+        for freshness in ["fresh", "stale"] {
+            metrics.catalog_answers.with_label_values(&[freshness]);
         }
         metrics
     }
@@ -198,6 +220,15 @@ impl Metrics {
     /// The waiters of one key were woken by `source`.
     pub fn woke(&self, source: &str) {
         self.wakeups.with_label_values(&[source]).inc();
+    }
+
+    /// A model list answered from a catalog; `refreshed`: a discovery was started beside it.
+    pub fn answered_from_catalog(&self, stale: bool, refreshed: bool) {
+        let freshness = if stale { "stale" } else { "fresh" };
+        self.catalog_answers.with_label_values(&[freshness]).inc();
+        if refreshed {
+            self.catalog_refreshes.inc();
+        }
     }
 
     pub fn claimed(&self) {

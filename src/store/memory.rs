@@ -13,7 +13,7 @@ use super::{
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::model::{CatalogChange, ModelEntry, ModelRequest, Report, Runtime, Status, Timeouts};
 
 #[derive(Default)]
 struct State {
@@ -25,6 +25,24 @@ struct State {
     requests: HashMap<RequestId, ModelRequest>,
     /// Running requests renewed since they were handed out (the SQL engines' `renewed_at`).
     renewed: HashSet<RequestId>,
+    catalogs: HashMap<RuntimeId, Catalog>,
+}
+
+/// A runtime's last good model list.
+struct Catalog {
+    models: Vec<ModelEntry>,
+    supported: bool,
+    reported_at: Millis,
+}
+
+impl State {
+    /// The runtime as the SQL engines read it, joined with its catalog.
+    fn runtime(&self, runtime: &Runtime) -> Runtime {
+        Runtime {
+            catalog_at: self.catalogs.get(&runtime.id).map(|c| c.reported_at),
+            ..runtime.clone()
+        }
+    }
 }
 
 pub struct MemoryStore {
@@ -161,6 +179,7 @@ impl Storer for MemoryStore {
             provider: new.provider.clone(),
             last_seen_at: None,
             created_at: now,
+            catalog_at: None,
         };
         let mut state = self.state();
         state.runtimes.insert(new.id, runtime.clone());
@@ -169,24 +188,24 @@ impl Storer for MemoryStore {
     }
 
     fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
-        let mut list: Vec<Runtime> = self
-            .state()
+        let state = self.state();
+        let mut list: Vec<Runtime> = state
             .runtimes
             .values()
             .filter(|r| r.workspace_id == workspace)
-            .cloned()
+            .map(|r| state.runtime(r))
             .collect();
         list.sort_by_key(|r| (r.created_at, r.id));
         Ok(list)
     }
 
     fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
-        Ok(self
-            .state()
+        let state = self.state();
+        Ok(state
             .runtimes
             .get(&id)
             .filter(|r| r.workspace_id == workspace)
-            .cloned())
+            .map(|r| state.runtime(r)))
     }
 
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
@@ -199,6 +218,7 @@ impl Storer for MemoryStore {
             return Ok(false);
         }
         state.runtimes.remove(&id);
+        state.catalogs.remove(&id);
         state.daemon_tokens.retain(|_, rt| *rt != id);
         let State {
             requests, renewed, ..
@@ -316,6 +336,9 @@ impl Storer for MemoryStore {
             updated_at: now,
             deadline_at: timeouts.pending_deadline(now),
             ended_at: None,
+            fallback: false,
+            cached_at: None,
+            refresh_id: None,
         };
         state.requests.insert(id, request.clone());
         Ok(Some(Created { request, expired }))
@@ -379,8 +402,23 @@ impl Storer for MemoryStore {
                 request.models = outcome.models.clone();
                 request.supported = outcome.supported;
                 request.error = outcome.error.clone();
+                request.fallback = outcome.fallback;
                 request.ended_at = Some(now);
                 state.renewed.remove(&id);
+                match outcome.catalog() {
+                    CatalogChange::Keep => {}
+                    CatalogChange::Write => {
+                        let catalog = Catalog {
+                            models: outcome.models.clone(),
+                            supported: outcome.supported,
+                            reported_at: now,
+                        };
+                        state.catalogs.insert(runtime, catalog);
+                    }
+                    CatalogChange::Remove => {
+                        state.catalogs.remove(&runtime);
+                    }
+                }
             }
         }
         Ok(true)
@@ -490,6 +528,41 @@ impl Storer for MemoryStore {
                 deadline_at: r.deadline_at,
             })
             .collect())
+    }
+
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        let mut state = self.writing();
+        let Some(catalog) = state
+            .catalogs
+            .get(&runtime)
+            .filter(|c| c.reported_at > reported_after)
+        else {
+            return Ok(None);
+        };
+        let answer = ModelRequest {
+            id,
+            runtime_id: runtime,
+            status: Status::Completed,
+            models: catalog.models.clone(),
+            supported: catalog.supported,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            deadline_at: now,
+            ended_at: Some(now),
+            fallback: false,
+            cached_at: Some(catalog.reported_at),
+            refresh_id: refresh,
+        };
+        state.requests.insert(id, answer.clone());
+        Ok(Some(answer))
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {

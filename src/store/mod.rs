@@ -32,8 +32,16 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database file: {0}")]
     File(#[from] std::io::Error),
-    #[error("the database schema is version {found}; this build knows up to {known}")]
+    #[error(
+        "the database schema is version {found}, newer than this build of model-relay knows \
+         (up to {known}): run the release that wrote it, or a newer one"
+    )]
     SchemaTooNew { found: i64, known: i64 },
+    #[error("schema migration {name}: {source}")]
+    Migration {
+        name: &'static str,
+        source: Box<StoreError>,
+    },
     #[error(transparent)]
     Random(#[from] RandomError),
     #[error("the store is closed")]
@@ -42,9 +50,46 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// The schema every engine applies at start-up (idempotent), and its version.
+/// The newest schema as one readable file. The engines build it from their numbered
+/// migrations; a test holds the two equal.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
-pub const SCHEMA_VERSION: i64 = 3;
+
+/// The schema version this build writes: the number of the last migration, the same for
+/// every dialect.
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// One numbered step of a dialect's schema, applied at most once, in order, in the
+/// transaction that records its number.
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// A dialect's migrations, from `migration/main/<name>.sql` beside the invoking module.
+macro_rules! migrations {
+    ($($version:literal $name:literal),* $(,)?) => {
+        &[$($crate::store::Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("main/", $name, ".sql")),
+        }),*]
+    };
+}
+use migrations;
+
+/// The migrations a database at version `found` still needs; a database newer than this
+/// build is refused rather than run by code that does not know its schema.
+fn migrations_after(migrations: &[Migration], found: i64) -> Result<&[Migration]> {
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(&migrations[migrations.partition_point(|m| m.version <= found)..])
+}
 
 /// How long a store call waits, by default, for a pooled connection, for SQLite's write
 /// lock, or for a PostgreSQL statement, before it fails (and its caller gets 503).
@@ -169,6 +214,41 @@ impl std::ops::AddAssign for Expired {
 pub struct Created {
     pub request: ModelRequest,
     pub expired: Expired,
+}
+
+/// What [`Storer::ask_for_models`] is asked.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask {
+    /// The id of a new request, if one is made.
+    pub id: RequestId,
+    /// The id of an answer from the catalog, if one is made.
+    pub cached: RequestId,
+    /// Skip the catalog (the page's "Refresh").
+    pub refresh: bool,
+    /// Whether the runtime is online: an offline one gets no new discovery.
+    pub online: bool,
+    /// A catalog younger than this is answered from without asking the daemon.
+    pub fresh: Millis,
+    /// A catalog younger than this is answered from while the daemon is asked again.
+    pub serve: Millis,
+}
+
+/// What [`Storer::ask_for_models`] did.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Asked {
+    /// Answered from the catalog, `stale` when no longer fresh; `refresh` is the discovery
+    /// started beside it (new, or the runtime's active one).
+    Cached {
+        answer: ModelRequest,
+        stale: bool,
+        refresh: Option<Created>,
+    },
+    /// A new request, or the runtime's active one.
+    Discovery(Created),
+    /// No catalog to answer from, and the runtime is offline.
+    Offline,
+    /// The runtime is gone.
+    NoRuntime,
 }
 
 /// What `claim_next_pending` did: the request it claimed, and the overdue pending ones it
@@ -346,6 +426,20 @@ pub trait Storer: Send + Sync {
     /// calls compares against.
     fn active_requests(&self) -> Result<Vec<Active>>;
 
+    /// Inserts request `id` as an answer from the runtime's catalog, if the catalog was
+    /// reported after `reported_after`: `completed`, with the catalog's models and
+    /// `supported`, `cached_at` when the catalog was reported, and `refresh` (the discovery
+    /// started beside it, if any). One statement, so the answer is exactly one catalog as
+    /// it stood. `None` when there is no such catalog (any more).
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>>;
+
     /// Opens a listener for changes made through any handle of this store. Blocking (it
     /// may connect): the instance calls it on its wake-up thread.
     fn listen(&self) -> Result<Box<dyn Listener>>;
@@ -398,6 +492,55 @@ pub trait Storer: Send + Sync {
         Ok(match report {
             Report::Ended(outcome) if outcome.is_recorded_in(&request) => ReportOutcome::Replayed,
             _ => ReportOutcome::NotRunning(request.status),
+        })
+    }
+
+    /// The UI's "list the models" for `runtime`, as read by [`Storer::find_runtime`]: an
+    /// answer from its catalog when that is young enough (and a discovery in the background
+    /// when it is no longer fresh), else a new request or the active one. Two steps at most,
+    /// each atomic; a catalog that went away between them is not answered from.
+    fn ask_for_models(&self, runtime: &Runtime, ask: &Ask, now: Millis) -> Result<Asked> {
+        let catalog_age = runtime
+            .catalog_at
+            .filter(|_| !ask.refresh)
+            .map(|at| now.saturating_sub(at));
+        if catalog_age.is_some_and(|age| age < ask.fresh) {
+            let after = now - ask.fresh;
+            if let Some(answer) =
+                self.answer_from_catalog(runtime.id, ask.cached, None, after, now)?
+            {
+                return Ok(Asked::Cached {
+                    answer,
+                    stale: false,
+                    refresh: None,
+                });
+            }
+        } else if catalog_age.is_some_and(|age| age < ask.serve) {
+            let refresh = match ask.online {
+                true => self.create_or_coalesce(runtime.id, ask.id, now)?,
+                false => None,
+            };
+            let refresh_id = refresh.as_ref().map(|r| r.request.id);
+            let after = now - ask.serve;
+            if let Some(answer) =
+                self.answer_from_catalog(runtime.id, ask.cached, refresh_id, after, now)?
+            {
+                return Ok(Asked::Cached {
+                    answer,
+                    stale: true,
+                    refresh,
+                });
+            }
+            if let Some(created) = refresh {
+                return Ok(Asked::Discovery(created));
+            }
+        }
+        if !ask.online {
+            return Ok(Asked::Offline);
+        }
+        Ok(match self.create_or_coalesce(runtime.id, ask.id, now)? {
+            Some(created) => Asked::Discovery(created),
+            None => Asked::NoRuntime,
         })
     }
 

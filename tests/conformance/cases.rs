@@ -162,6 +162,7 @@ fn completed() -> Report {
         models: models(),
         supported: true,
         error: None,
+        fallback: false,
     })
 }
 
@@ -171,6 +172,7 @@ fn failed(error: &str) -> Report {
         models: Vec::new(),
         supported: true,
         error: Some(error.into()),
+        fallback: false,
     })
 }
 
@@ -532,6 +534,7 @@ pub fn report_without_models_reads_as_no_models(engine: &dyn Engine) {
         models: Vec::new(),
         supported: false,
         error: None,
+        fallback: false,
     });
     store.report(t.runtime, id, &unsupported, T0 + 1).unwrap();
     let r = get(store.as_ref(), t.runtime, id, T0 + 1);
@@ -635,12 +638,14 @@ pub fn a_different_report_after_the_end_is_refused_and_changes_nothing(engine: &
             models: fewer,
             supported: true,
             error: None,
+            fallback: false,
         }),
         Report::Ended(Outcome {
             status: Status::Completed,
             models: models(),
             supported: false,
             error: None,
+            fallback: false,
         }),
     ];
     for report in different {

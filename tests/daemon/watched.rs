@@ -159,6 +159,17 @@ impl Storer for WatchedStore {
     fn active_requests(&self) -> Result<Vec<Active>> {
         self.inner.active_requests()
     }
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        self.inner
+            .answer_from_catalog(runtime, id, refresh, reported_after, now)
+    }
     fn listen(&self) -> Result<Box<dyn Listener>> {
         self.inner.listen()
     }

@@ -138,10 +138,13 @@ impl Relay {
         (rt, daemon)
     }
 
-    /// Creates a model-list request: its id.
+    /// Creates a model-list request that the daemon answers, never the catalog: its id.
     pub async fn request(&self, rt: &str) -> String {
         let url = self.url(&format!("/api/runtimes/{rt}/models"));
-        let created = self.http.post_empty(&url, &self.api).await;
+        let created = self
+            .http
+            .post(&url, &self.api, serde_json::json!({"refresh": true}))
+            .await;
         assert_eq!(created.status, StatusCode::OK, "{}", created.json);
         created.json["id"].as_str().unwrap().to_owned()
     }

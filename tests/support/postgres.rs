@@ -76,7 +76,7 @@ impl PgSchema {
             .connect(NoTls)
             .expect("connect to the test schema");
         client
-            .batch_execute("TRUNCATE requests, runtimes, api_tokens, workspaces")
+            .batch_execute("TRUNCATE catalogs, requests, runtimes, api_tokens, workspaces")
             .expect("empty the test schema");
     }
 }

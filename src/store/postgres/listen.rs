@@ -1,5 +1,5 @@
 //! How a PostgreSQL instance learns of changes made by any instance: `LISTEN model_relay`
-//! on a connection of its own, outside the pool. The triggers of `notify.sql` send one
+//! on a connection of its own, outside the pool. The triggers of `migration 003` send one
 //! notification per new pending request and per status change, on commit.
 //!
 //! The synchronous client delivers notifications only while it is polled, so [`wait`]
@@ -40,7 +40,7 @@ impl Notifications {
     }
 }
 
-/// A notification's payload, as `notify.sql` writes it. Anything else on the channel
+/// A notification's payload, as `migration 003` writes it. Anything else on the channel
 /// (another release, a person with psql) is taken as "something changed".
 fn parse(notification: &Notification) -> Change {
     let payload = notification.payload();

@@ -15,36 +15,33 @@
 
 mod cached;
 mod listen;
+pub mod migration;
 mod upkeep;
 
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Row};
+use postgres::{NoTls, Row};
 use r2d2_postgres::PostgresConnectionManager;
 
 use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
     Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, SCHEMA, SCHEMA_VERSION, Scoped, StoreError, Storer, models_from_db, models_to_db,
-    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Result, Scoped, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::errors::error_chain;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::model::{CatalogChange, ModelRequest, Report, Runtime, Status, Timeouts};
 
 const POOL_SIZE: u32 = 16;
-/// Any constant works; it only has to be the same for every instance, so that instances
-/// starting together apply the schema one at a time.
-const MIGRATION_LOCK: i64 = 0x6d6f_6465_6c72;
 
-const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
-const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at";
-
-/// The triggers that announce changes to listeners (PostgreSQL only).
-const NOTIFY: &str = include_str!("notify.sql");
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id";
+/// A runtime's columns, and when its catalog was reported (a lookup by primary key).
+const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at,
+     (SELECT reported_at FROM catalogs WHERE runtime_id = runtimes.id)";
 
 pub struct PostgresStore {
     /// Always there until `drop` takes it, to close it on a thread of its own.
@@ -81,7 +78,7 @@ impl PostgresStore {
             config.tcp_user_timeout(wait);
         }
         let mut client = config.connect(NoTls)?;
-        migrate(&mut client)?;
+        migration::migrate(&mut client)?;
         drop(client);
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
@@ -154,34 +151,6 @@ impl r2d2::HandleError<postgres::Error> for LogConnectErrors {
     }
 }
 
-fn migrate(client: &mut Client) -> Result<()> {
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
-    let found: Option<i64> = tx
-        .query_one("SELECT max(version) FROM schema_version", &[])?
-        .try_get(0)?;
-    let found = found.unwrap_or(0);
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found,
-            known: SCHEMA_VERSION,
-        });
-    }
-    if found < SCHEMA_VERSION {
-        tx.batch_execute(SCHEMA)?;
-        // Version 3: a column for a table an older version made, and the wake-ups.
-        tx.batch_execute("ALTER TABLE requests ADD COLUMN IF NOT EXISTS renewed_at BIGINT")?;
-        tx.batch_execute(NOTIFY)?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES ($1)",
-            &[&SCHEMA_VERSION],
-        )?;
-    }
-    tx.commit()?;
-    Ok(())
-}
-
 fn parse_request(row: &Row) -> Result<ModelRequest> {
     Ok(ModelRequest {
         id: request_id_from_db(row.try_get(0)?)?,
@@ -194,6 +163,12 @@ fn parse_request(row: &Row) -> Result<ModelRequest> {
         updated_at: row.try_get(7)?,
         deadline_at: row.try_get(8)?,
         ended_at: row.try_get(9)?,
+        fallback: row.try_get(10)?,
+        cached_at: row.try_get(11)?,
+        refresh_id: row
+            .try_get::<_, Option<&str>>(12)?
+            .map(request_id_from_db)
+            .transpose()?,
     })
 }
 
@@ -205,6 +180,7 @@ fn parse_runtime(row: &Row) -> Result<Runtime> {
         provider: row.try_get(3)?,
         last_seen_at: row.try_get(4)?,
         created_at: row.try_get(5)?,
+        catalog_at: row.try_get(6)?,
     })
 }
 
@@ -221,6 +197,44 @@ fn insert_pending_sql() -> String {
          ON CONFLICT DO NOTHING
          RETURNING {REQUEST_COLUMNS}"
     )
+}
+
+/// The report that ends a request, and what it does to the runtime's catalog, in one
+/// statement: the catalog changes only if the compare-and-set on the request did. Answers
+/// the number of requests it changed.
+fn report_sql(change: CatalogChange) -> &'static str {
+    match change {
+        CatalogChange::Keep => {
+            "WITH done AS (UPDATE requests
+                  SET status = $4, models = $5, supported = $6, error = $7, fallback = $8,
+                      updated_at = $3, ended_at = $3
+                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3
+               RETURNING runtime_id)
+             SELECT count(*) FROM done"
+        }
+        CatalogChange::Write => {
+            "WITH done AS (UPDATE requests
+                  SET status = $4, models = $5::text, supported = $6::boolean, error = $7,
+                      fallback = $8, updated_at = $3::bigint, ended_at = $3::bigint
+                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3::bigint
+               RETURNING runtime_id),
+                  kept AS (INSERT INTO catalogs (runtime_id, models, supported, reported_at)
+               SELECT runtime_id, $5::text, $6::boolean, $3::bigint FROM done
+               ON CONFLICT (runtime_id) DO UPDATE
+                  SET models = excluded.models, supported = excluded.supported,
+                      reported_at = excluded.reported_at)
+             SELECT count(*) FROM done"
+        }
+        CatalogChange::Remove => {
+            "WITH done AS (UPDATE requests
+                  SET status = $4, models = $5, supported = $6, error = $7, fallback = $8,
+                      updated_at = $3, ended_at = $3
+                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3
+               RETURNING runtime_id),
+                  gone AS (DELETE FROM catalogs WHERE runtime_id IN (SELECT runtime_id FROM done))
+             SELECT count(*) FROM done"
+        }
+    }
 }
 
 fn try_create_or_coalesce(
@@ -428,7 +442,7 @@ impl Storer for PostgresStore {
         let row = self.conn()?.query_opt(
             "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
                     r.created_at, r.updated_at, r.deadline_at, r.ended_at,
-                    rt.id IS NOT NULL
+                    r.fallback, r.cached_at, r.refresh_id, rt.id IS NOT NULL
                FROM api_tokens t
                LEFT JOIN runtimes rt ON rt.id = $2 AND rt.workspace_id = t.workspace_id
                LEFT JOIN requests r ON r.id = $3 AND r.runtime_id = rt.id
@@ -438,7 +452,7 @@ impl Storer for PostgresStore {
         let Some(row) = row else {
             return Ok(Scoped::Unauthorized);
         };
-        if !row.try_get::<_, bool>(10)? {
+        if !row.try_get::<_, bool>(13)? {
             return Ok(Scoped::NoRuntime);
         }
         Ok(Scoped::Found(match row.try_get::<_, Option<&str>>(0)? {
@@ -543,21 +557,22 @@ impl Storer for PostgresStore {
                   WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
                 &[&id, &runtime, &now, &self.timeouts.running_deadline(now)],
             )?,
-            Report::Ended(outcome) => conn.execute(
-                "UPDATE requests
-                    SET status = $4, models = $5, supported = $6, error = $7,
-                        updated_at = $3, ended_at = $3
-                  WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
-                &[
-                    &id,
-                    &runtime,
-                    &now,
-                    &outcome.status.as_str(),
-                    &models_to_db(&outcome.models),
-                    &outcome.supported,
-                    &outcome.error,
-                ],
-            )?,
+            Report::Ended(outcome) => {
+                let row = conn.query_one(
+                    report_sql(outcome.catalog()),
+                    &[
+                        &id,
+                        &runtime,
+                        &now,
+                        &outcome.status.as_str(),
+                        &models_to_db(&outcome.models),
+                        &outcome.supported,
+                        &outcome.error,
+                        &outcome.fallback,
+                    ],
+                )?;
+                upkeep::count_from_db(row.try_get(0)?)?
+            }
         };
         Ok(changed == 1)
     }
@@ -612,6 +627,34 @@ impl Storer for PostgresStore {
 
     fn active_requests(&self) -> Result<Vec<Active>> {
         upkeep::active_requests(&mut *self.conn()?)
+    }
+
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        let row = self.conn()?.query_opt(
+            &format!(
+                "INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
+                                       updated_at, deadline_at, ended_at, cached_at, refresh_id)
+                 SELECT $1, runtime_id, 'completed', models, supported, $4::bigint, $4::bigint,
+                        $4::bigint, $4::bigint, reported_at, $3::text
+                   FROM catalogs WHERE runtime_id = $2 AND reported_at > $5
+                 RETURNING {REQUEST_COLUMNS}"
+            ),
+            &[
+                &id.to_string(),
+                &runtime.to_string(),
+                &refresh.map(|r| r.to_string()),
+                &now,
+                &reported_after,
+            ],
+        )?;
+        row.as_ref().map(parse_request).transpose()
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {

@@ -8,6 +8,7 @@
 //!
 //! The sweeper's statements and the WAL checkpoint live in [`upkeep`].
 
+pub mod migration;
 mod rows;
 mod upkeep;
 mod watch;
@@ -22,12 +23,12 @@ use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
     Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, SCHEMA, SCHEMA_VERSION, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
-    runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Result, Scoped, StoreError, Storer, models_to_db, request_id_from_db, runtime_id_from_db,
+    status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
-use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::model::{CatalogChange, ModelRequest, Outcome, Report, Runtime, Status, Timeouts};
 
 /// Connections for writers. SQLite takes one writer at a time; a writer that finds the
 /// lock taken sleeps in the busy handler (1, 2, 5, 10 … ms) however soon it frees, so more
@@ -90,7 +91,7 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
-const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at";
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id";
 
 impl SqliteStore {
     pub fn open(path: &Path, timeouts: Timeouts) -> Result<Self> {
@@ -111,7 +112,7 @@ impl SqliteStore {
                 "journal_mode is {mode}, WAL could not be set"
             )));
         }
-        migrate(&mut conn)?;
+        migration::migrate(&mut conn)?;
         drop(conn);
 
         let manager = || {
@@ -180,29 +181,35 @@ fn create_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Applies the schema once per file. Under `BEGIN IMMEDIATE`, so that processes starting
-/// together on a new file do not race; `user_version` records what was applied.
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found,
-            known: SCHEMA_VERSION,
-        });
-    }
-    if found < SCHEMA_VERSION {
-        tx.execute_batch(SCHEMA)?;
-        // Version 3's column, on a table an older version made (a new table has it).
-        let has_renewed_at = tx
-            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'renewed_at'")?
-            .exists([])?;
-        if !has_renewed_at {
-            tx.execute_batch("ALTER TABLE requests ADD COLUMN renewed_at BIGINT")?;
+/// What a recorded outcome does to its runtime's catalog, inside the report's transaction.
+fn change_catalog(
+    conn: &Connection,
+    runtime: RuntimeId,
+    outcome: &Outcome,
+    now: Millis,
+) -> Result<()> {
+    match outcome.catalog() {
+        CatalogChange::Keep => {}
+        CatalogChange::Write => {
+            conn.prepare_cached(
+                "INSERT INTO catalogs (runtime_id, models, supported, reported_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (runtime_id) DO UPDATE
+                    SET models = excluded.models, supported = excluded.supported,
+                        reported_at = excluded.reported_at",
+            )?
+            .execute(params![
+                runtime.to_string(),
+                models_to_db(&outcome.models),
+                outcome.supported,
+                now
+            ])?;
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        CatalogChange::Remove => {
+            conn.prepare_cached("DELETE FROM catalogs WHERE runtime_id = ?1")?
+                .execute([runtime.to_string()])?;
+        }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -313,6 +320,7 @@ impl Storer for SqliteStore {
             provider: new.provider.clone(),
             last_seen_at: None,
             created_at: now,
+            catalog_at: None,
         })
     }
 
@@ -406,7 +414,7 @@ impl Storer for SqliteStore {
             .prepare_cached(
                 "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
                         r.created_at, r.updated_at, r.deadline_at, r.ended_at,
-                        rt.id IS NOT NULL
+                        r.fallback, r.cached_at, r.refresh_id, rt.id IS NOT NULL
                    FROM api_tokens t
                    LEFT JOIN runtimes rt ON rt.id = ?2 AND rt.workspace_id = t.workspace_id
                    LEFT JOIN requests r ON r.id = ?3 AND r.runtime_id = rt.id
@@ -419,7 +427,7 @@ impl Storer for SqliteStore {
                         Some(_) => Some(RawRequest::from_row(row)?),
                         None => None,
                     };
-                    Ok((request, row.get(10)?))
+                    Ok((request, row.get(13)?))
                 },
             )
             .optional()?;
@@ -543,7 +551,7 @@ impl Storer for SqliteStore {
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
-        let conn = self.conn()?;
+        let mut conn = self.conn()?;
         let changed = match report {
             Report::Running => conn
                 .prepare_cached(
@@ -556,22 +564,31 @@ impl Storer for SqliteStore {
                     now,
                     self.timeouts.running_deadline(now)
                 ])?,
-            Report::Ended(outcome) => conn
-                .prepare_cached(
-                    "UPDATE requests
-                        SET status = ?4, models = ?5, supported = ?6, error = ?7,
-                            updated_at = ?3, ended_at = ?3
-                      WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
-                )?
-                .execute(params![
-                    id.to_string(),
-                    runtime.to_string(),
-                    now,
-                    outcome.status.as_str(),
-                    models_to_db(&outcome.models),
-                    outcome.supported,
-                    outcome.error
-                ])?,
+            Report::Ended(outcome) => {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE requests
+                            SET status = ?4, models = ?5, supported = ?6, error = ?7, fallback = ?8,
+                                updated_at = ?3, ended_at = ?3
+                          WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
+                    )?
+                    .execute(params![
+                        id.to_string(),
+                        runtime.to_string(),
+                        now,
+                        outcome.status.as_str(),
+                        models_to_db(&outcome.models),
+                        outcome.supported,
+                        outcome.error,
+                        outcome.fallback
+                    ])?;
+                if changed == 1 {
+                    change_catalog(&tx, runtime, outcome, now)?;
+                }
+                tx.commit()?;
+                changed
+            }
         };
         Ok(changed == 1)
     }
@@ -615,6 +632,38 @@ impl Storer for SqliteStore {
 
     fn active_requests(&self) -> Result<Vec<Active>> {
         upkeep::active_requests(&*self.reader()?)
+    }
+
+    fn answer_from_catalog(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        refresh: Option<RequestId>,
+        reported_after: Millis,
+        now: Millis,
+    ) -> Result<Option<ModelRequest>> {
+        self.conn()?
+            .prepare_cached(&format!(
+                "INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
+                                       updated_at, deadline_at, ended_at, cached_at, refresh_id)
+                 SELECT ?1, runtime_id, 'completed', models, supported, ?4, ?4, ?4, ?4,
+                        reported_at, ?3
+                   FROM catalogs WHERE runtime_id = ?2 AND reported_at > ?5
+                 RETURNING {REQUEST_COLUMNS}"
+            ))?
+            .query_row(
+                params![
+                    id.to_string(),
+                    runtime.to_string(),
+                    refresh.map(|r| r.to_string()),
+                    now,
+                    reported_after
+                ],
+                RawRequest::from_row,
+            )
+            .optional()?
+            .map(RawRequest::parse)
+            .transpose()
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {

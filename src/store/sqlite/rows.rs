@@ -21,6 +21,9 @@ pub(super) struct RawRequest {
     updated_at: Millis,
     deadline_at: Millis,
     ended_at: Option<Millis>,
+    fallback: bool,
+    cached_at: Option<Millis>,
+    refresh_id: Option<String>,
 }
 
 impl RawRequest {
@@ -36,6 +39,9 @@ impl RawRequest {
             updated_at: row.get(7)?,
             deadline_at: row.get(8)?,
             ended_at: row.get(9)?,
+            fallback: row.get(10)?,
+            cached_at: row.get(11)?,
+            refresh_id: row.get(12)?,
         })
     }
 
@@ -51,6 +57,13 @@ impl RawRequest {
             updated_at: self.updated_at,
             deadline_at: self.deadline_at,
             ended_at: self.ended_at,
+            fallback: self.fallback,
+            cached_at: self.cached_at,
+            refresh_id: self
+                .refresh_id
+                .as_deref()
+                .map(request_id_from_db)
+                .transpose()?,
         })
     }
 }
@@ -63,10 +76,13 @@ pub(super) struct RawRuntime {
     provider: String,
     last_seen_at: Option<Millis>,
     created_at: Millis,
+    catalog_at: Option<Millis>,
 }
 
+/// A runtime's columns, and when its catalog was reported (a lookup by primary key).
 pub(super) const RUNTIME_COLUMNS: &str =
-    "id, workspace_id, name, provider, last_seen_at, created_at";
+    "id, workspace_id, name, provider, last_seen_at, created_at,
+     (SELECT reported_at FROM catalogs WHERE runtime_id = runtimes.id)";
 
 impl RawRuntime {
     pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
@@ -77,6 +93,7 @@ impl RawRuntime {
             provider: row.get(3)?,
             last_seen_at: row.get(4)?,
             created_at: row.get(5)?,
+            catalog_at: row.get(6)?,
         })
     }
 
@@ -88,6 +105,7 @@ impl RawRuntime {
             provider: self.provider,
             last_seen_at: self.last_seen_at,
             created_at: self.created_at,
+            catalog_at: self.catalog_at,
         })
     }
 }

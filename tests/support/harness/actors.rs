@@ -207,7 +207,7 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
         let k = dice.below(runtimes);
         let rt = tenancy.runtimes[k].0.as_str();
         let create = format!("/api/runtimes/{rt}/models");
-        let mut id = None;
+        let mut ids = Vec::new();
         for _ in 0..50 {
             let answer = run
                 .call(
@@ -223,8 +223,14 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
                 )
                 .await;
             match answer {
+                // An answer from the catalog may name the discovery it started: the page
+                // follows that one next.
                 Some((200, json)) => {
-                    id = json["id"].as_str().map(str::to_owned);
+                    ids.extend(
+                        [&json["id"], &json["refresh_id"]]
+                            .into_iter()
+                            .filter_map(|id| id.as_str().map(str::to_owned)),
+                    );
                     break;
                 }
                 // Offline (a paused daemon), or no answer (a stopped instance): try again.
@@ -232,50 +238,53 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
                 Some(_) => break,
             }
         }
-        let Some(id) = id else { continue };
-        if runtimes > 1 {
-            let other = tenancy.runtimes[(k + 1) % runtimes].0.as_str();
-            let path = format!("/api/runtimes/{other}/models/{id}");
-            run.call(
-                &actor,
-                Op::ForeignRead,
-                dice.below(n),
-                other,
-                Some(&id),
-                Method::GET,
-                &path,
-                api,
-                None,
-            )
-            .await;
-        }
-        let poll = match s.read_wait_ms {
-            0 => format!("/api/runtimes/{rt}/models/{id}"),
-            ms => format!("/api/runtimes/{rt}/models/{id}?wait_ms={ms}"),
-        };
-        let until = SystemClock.now() + patience;
-        while SystemClock.now() < until {
-            run.pause(s.poll_every_ms).await;
-            let answer = run
-                .call(
+        for id in ids {
+            if runtimes > 1 {
+                let other = tenancy.runtimes[(k + 1) % runtimes].0.as_str();
+                let path = format!("/api/runtimes/{other}/models/{id}");
+                run.call(
                     &actor,
-                    Op::Poll,
+                    Op::ForeignRead,
                     dice.below(n),
-                    rt,
+                    other,
                     Some(&id),
                     Method::GET,
-                    &poll,
+                    &path,
                     api,
                     None,
                 )
                 .await;
-            match answer {
-                Some((200, json)) if check::is_terminal(json["status"].as_str().unwrap_or("")) => {
-                    break;
+            }
+            let poll = match s.read_wait_ms {
+                0 => format!("/api/runtimes/{rt}/models/{id}"),
+                ms => format!("/api/runtimes/{rt}/models/{id}?wait_ms={ms}"),
+            };
+            let until = SystemClock.now() + patience;
+            while SystemClock.now() < until {
+                run.pause(s.poll_every_ms).await;
+                let answer = run
+                    .call(
+                        &actor,
+                        Op::Poll,
+                        dice.below(n),
+                        rt,
+                        Some(&id),
+                        Method::GET,
+                        &poll,
+                        api,
+                        None,
+                    )
+                    .await;
+                match answer {
+                    Some((200, json))
+                        if check::is_terminal(json["status"].as_str().unwrap_or("")) =>
+                    {
+                        break;
+                    }
+                    Some((200, _)) | None => {}
+                    // Anything else is a violation already recorded; waiting would not help.
+                    Some(_) => break,
                 }
-                Some((200, _)) | None => {}
-                // Anything else is a violation already recorded; waiting would not help.
-                Some(_) => break,
             }
         }
     }

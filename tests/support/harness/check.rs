@@ -23,6 +23,9 @@ pub enum Invariant {
     ReportNotShown,
     /// 4. A report answered 409 shows up anyway.
     ConflictChangedState,
+    /// 4. An answer from the catalog older than a report of its runtime that had already
+    ///    been answered 200 when the answer was asked for.
+    CachedTooOld,
     /// 5. A read shows a request active past its deadline, or a timeout that should not be.
     DeadlineMissed,
     /// 6. A call crossed a runtime boundary.
@@ -217,9 +220,11 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                         format!("{id}: {sa} then {sb}: {}", b.call),
                     );
                 }
-                // 8. A waiting read that came back early must show a change.
+                // 8. A waiting read that came back early must show a change (a read of
+                // an ended request is answered at once).
                 let early = b.call.completed - b.call.invoked < b.call.wait_ms as i64 - EARLY_MS;
-                if b.call.wait_ms > 0 && early && sa == sb && !restarted(b.call) {
+                if b.call.wait_ms > 0 && early && sa == sb && !is_terminal(sa) && !restarted(b.call)
+                {
                     v(
                         Invariant::AnsweredUnchanged,
                         format!("{id}: {sa} again: {}", b.call),
@@ -353,6 +358,42 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                     Invariant::NotWoken,
                     format!("{id} created {create}, nobody handed it, while held: {held}"),
                 );
+            }
+        }
+    }
+
+    // 4. Answers from the catalog against the reports of their runtime that ended before
+    // they were asked for: the catalog they show was reported no earlier than the first
+    // attempt at the newest such report (a report that found models writes the catalog,
+    // one that found none removes it; failed and stand-in reports leave it).
+    let mut first_attempts: HashMap<&str, i64> = HashMap::new();
+    for call in history.iter().filter(|c| matches!(c.op, Op::Report(_))) {
+        let id = call.request.as_deref().unwrap_or("");
+        let first = first_attempts.entry(id).or_insert(call.invoked);
+        *first = (*first).min(call.invoked);
+    }
+    let catalog_reports: Vec<(&Call, i64)> = history
+        .iter()
+        .filter(|c| {
+            matches!(&c.op, Op::Report(b) if b["status"] == "completed" && b["fallback"] != true)
+                && matches!(c.outcome, Ok((200, _)))
+        })
+        .map(|c| (c, first_attempts[c.request.as_deref().unwrap_or("")]))
+        .collect();
+    for create in history.iter().filter(|c| c.op == Op::Create) {
+        let Ok((200, json)) = &create.outcome else {
+            continue;
+        };
+        if json["cached"] != true {
+            continue;
+        }
+        let cached_at = millis(json, "cached_at");
+        for (report, attempted) in &catalog_reports {
+            if report.runtime == create.runtime
+                && report.completed < create.invoked
+                && cached_at < *attempted
+            {
+                v(Invariant::CachedTooOld, format!("{create} after {report}"));
             }
         }
     }

@@ -330,8 +330,17 @@ pub async fn drive<C: Cluster>(
         let calls = run.calls.lock().unwrap();
         let mut ids: Vec<(String, String)> = calls
             .iter()
-            .filter(|c| c.op == Op::Create && matches!(c.outcome, Ok((200, _))))
-            .filter_map(|c| Some((c.runtime.clone(), c.request.clone()?)))
+            .filter(|c| c.op == Op::Create)
+            .filter_map(|c| match &c.outcome {
+                Ok((200, json)) => Some((c, json)),
+                _ => None,
+            })
+            // An answer from the catalog, and the discovery it started, if any.
+            .flat_map(|(c, json)| {
+                [&json["id"], &json["refresh_id"]]
+                    .into_iter()
+                    .filter_map(|id| Some((c.runtime.clone(), id.as_str()?.to_owned())))
+            })
             .collect();
         ids.sort();
         ids.dedup();
@@ -369,6 +378,8 @@ pub fn summary(history: &[Call]) -> String {
         let outcome = match &call.outcome {
             Ok((status, json)) => match json["status"].as_str() {
                 Some(s) if matches!(call.op, Op::Poll | Op::FinalRead) => format!("{status}:{s}"),
+                _ if json["refresh_id"].is_string() => format!("{status}:cached+refresh"),
+                _ if json["cached"] == true => format!("{status}:cached"),
                 _ if json.get("pending_model_list").is_some() => format!("{status}:claim"),
                 _ => status.to_string(),
             },

@@ -1,0 +1,42 @@
+//! PostgreSQL's numbered migrations. Each applied version is a row of `schema_version`.
+
+use postgres::Client;
+
+use crate::store::{Migration, Result, StoreError, migrations, migrations_after};
+
+pub const MIGRATIONS: &[Migration] = migrations![
+    1 "001_tables",
+    2 "002_requests_by_status",
+    3 "003_renewed_at_and_notify",
+    4 "004_catalog",
+];
+
+/// Any key, the same for every instance: the advisory lock that makes instances starting
+/// together on one database take turns.
+const MIGRATION_LOCK: i64 = 0x6d6f_6465_6c72;
+
+/// Applies what the database still needs, all in one transaction under the lock: a failed
+/// step leaves the database as it was.
+pub fn migrate(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let found: Option<i64> = tx
+        .query_one("SELECT max(version) FROM schema_version", &[])?
+        .try_get(0)?;
+    for m in migrations_after(MIGRATIONS, found.unwrap_or(0))? {
+        tx.batch_execute(m.sql)
+            .and_then(|()| {
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES ($1)",
+                    &[&m.version],
+                )
+            })
+            .map_err(|e| StoreError::Migration {
+                name: m.name,
+                source: Box::new(e.into()),
+            })?;
+    }
+    tx.commit()?;
+    Ok(())
+}
