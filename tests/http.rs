@@ -11,12 +11,12 @@ use model_relay::clock::{Clock, FakeClock, Millis};
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
-use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{
     Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts,
     Result as StoreResult, Scoped, StoreError, Storer,
 };
 use serde_json::{Value, json};
+use support::engines::{Engine, engine_tests};
 use support::server::{Http, Instance, T0, clock, settings, workspace};
 
 /// One instance on a memory store, a workspace, and its API token.
@@ -850,41 +850,13 @@ async fn shutdown_stops_accepting_and_run_returns() {
     );
 }
 
-/// Two instances, each with its own pool on one SQLite file: whatever one instance
-/// creates, the other answers — the bug model-relay exists to fix.
-#[tokio::test]
-async fn two_instances_on_one_sqlite_file_answer_each_others_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.db");
-    let open =
-        || -> Arc<dyn Storer> { Arc::new(SqliteStore::open(&path, Timeouts::default()).unwrap()) };
-    alternate_between_instances(open(), open()).await;
-}
+engine_tests!(async Timeouts::default(); two_instances_answer_each_others_calls);
 
-#[tokio::test]
-async fn two_instances_on_one_postgres_database_answer_each_others_calls() {
-    let Some(schema) = support::postgres::fresh_schema("two_instances_http") else {
-        return;
-    };
-    let config = schema.config();
-    let (a, b) = tokio::task::spawn_blocking(move || {
-        let open = || -> Arc<dyn Storer> {
-            Arc::new(
-                model_relay::store::postgres::PostgresStore::open_config(
-                    config.clone(),
-                    Timeouts::default(),
-                )
-                .unwrap(),
-            )
-        };
-        (open(), open())
-    })
-    .await
-    .unwrap();
-    alternate_between_instances(a, b).await;
-}
-
-async fn alternate_between_instances(a: Arc<dyn Storer>, b: Arc<dyn Storer>) {
+/// Two instances, each with its own handle (its own pool) on one database: whatever one
+/// instance creates, the other answers — the bug model-relay exists to fix.
+async fn two_instances_answer_each_others_calls(engine: &dyn Engine) {
+    // Outside the runtime: the PostgreSQL client blocks on a runtime of its own.
+    let (a, b) = tokio::task::block_in_place(|| (engine.open(), engine.open()));
     let clock = clock();
     let (first, now) = (a.clone(), clock.now());
     let (_, api) = tokio::task::spawn_blocking(move || workspace(first.as_ref(), now))

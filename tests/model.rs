@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use model_relay::clock::Millis;
@@ -15,13 +14,11 @@ use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
     ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
 };
-use model_relay::store::memory::MemoryStore;
-use model_relay::store::postgres::PostgresStore;
-use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{Created, Expired, Heartbeat, NewRuntime, Storer};
 use model_relay::sweeper::{Swept, sweep_once};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use support::engines::{Engine, engine_tests};
 
 const TIMEOUTS: Timeouts = Timeouts {
     pending: Duration::from_secs(30),
@@ -361,8 +358,12 @@ fn cases() -> u32 {
         .unwrap_or(64)
 }
 
-/// Runs the model check with a fresh store per case from `open`.
-fn run_engine(name: &str, open: impl Fn() -> (Arc<dyn Storer>, Box<dyn std::any::Any>)) {
+engine_tests!(TIMEOUTS; engine_matches_the_model);
+
+/// Runs the model check on one store for the whole run: opening a store per case would cost
+/// a PostgreSQL schema, its tables and a pool each time.
+fn engine_matches_the_model(engine: &dyn Engine) {
+    let store = engine.open();
     let mut runner = TestRunner::new(Config {
         cases: cases(),
         // Shrinking re-runs the engine; bound it so a real failure still reports promptly.
@@ -373,47 +374,12 @@ fn run_engine(name: &str, open: impl Fn() -> (Arc<dyn Storer>, Box<dyn std::any:
     });
     let ops = prop::collection::vec(op(), 1..60);
     let outcome = runner.run(&ops, |ops| {
-        let (store, database) = open();
-        let checked = check(store.as_ref(), &ops);
-        // The store lets go of the database before the database goes.
-        drop(store);
-        drop(database);
-        checked
+        // A sweep counts every request in the store, so each case starts with none: the
+        // ones earlier cases left are ended and deleted.
+        sweep_once(store.as_ref(), Millis::MAX, Duration::ZERO).unwrap();
+        check(store.as_ref(), &ops)
     });
     if let Err(e) = outcome {
-        panic!("{name}: {e}");
+        panic!("{e}");
     }
-}
-
-#[test]
-fn memory_engine_matches_the_model() {
-    run_engine("memory", || {
-        (Arc::new(MemoryStore::new(TIMEOUTS)), Box::new(()))
-    });
-}
-
-#[test]
-fn sqlite_engine_matches_the_model() {
-    run_engine("sqlite", || {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("model.db"), TIMEOUTS).unwrap();
-        (Arc::new(store), Box::new(dir))
-    });
-}
-
-#[test]
-fn postgres_engine_matches_the_model() {
-    // One schema and one store for the whole run, emptied before each case.
-    let Some(schema) = support::postgres::fresh_schema("model") else {
-        return;
-    };
-    let store: Arc<dyn Storer> =
-        Arc::new(PostgresStore::open_config(schema.config(), TIMEOUTS).unwrap());
-    run_engine("postgres", || {
-        schema.empty_tables();
-        (store.clone(), Box::new(()))
-    });
-    // The store lets go of the schema before the schema goes.
-    drop(store);
-    drop(schema);
 }

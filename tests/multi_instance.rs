@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +18,8 @@ use model_relay::config::Settings;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
-use model_relay::store::postgres::PostgresStore;
-use model_relay::store::sqlite::SqliteStore;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use support::engines::{Engine, engine_tests};
 use support::harness::check::{Invariant, Limits, Violation, check};
 use support::harness::cluster::{InProcess, Opener, tenancy_in};
 use support::harness::schedule::{Schedule, schedule};
@@ -81,8 +79,10 @@ fn run_once(open: Opener, targets: Vec<Arc<dyn Storer>>, s: &Schedule) -> Vec<Vi
     violations
 }
 
-/// Runs generated schedules; each case gets a fresh database from `database`.
-fn prove(name: &str, database: impl Fn() -> (Opener, Box<dyn std::any::Any>)) {
+engine_tests!(settings().timeouts; instances_on_one_database_keep_every_invariant);
+
+/// Runs generated schedules, each on a fresh database of `engine`'s kind.
+fn instances_on_one_database_keep_every_invariant(engine: &dyn Engine) {
     let mut runner = TestRunner::new(Config {
         cases: cases(8),
         // A case takes about a second: shrink a little, not for minutes.
@@ -92,10 +92,13 @@ fn prove(name: &str, database: impl Fn() -> (Opener, Box<dyn std::any::Any>)) {
         ..Config::default()
     });
     let outcome = runner.run(&schedule(), |s| {
-        let (open, keep) = database();
+        let database = engine.fresh();
+        let shared = database.clone();
+        let open: Opener = Arc::new(move |_| shared.open());
         let targets = vec![open(0)];
         let violations = run_once(open, targets, &s);
-        drop(keep);
+        // The instances let go of the database before it goes.
+        drop(database);
         if violations.is_empty() {
             Ok(())
         } else {
@@ -108,36 +111,8 @@ fn prove(name: &str, database: impl Fn() -> (Opener, Box<dyn std::any::Any>)) {
         }
     });
     if let Err(e) = outcome {
-        panic!("{name}: {e}");
+        panic!("{e}");
     }
-}
-
-#[test]
-fn instances_on_one_sqlite_file_keep_every_invariant() {
-    prove("sqlite", || {
-        let dir = tempfile::tempdir().unwrap();
-        let path: PathBuf = dir.path().join("relay.db");
-        let open: Opener = Arc::new(move |_| {
-            Arc::new(SqliteStore::open(&path, settings().timeouts).unwrap()) as Arc<dyn Storer>
-        });
-        (open, Box::new(dir))
-    });
-}
-
-#[test]
-fn instances_on_one_postgres_database_keep_every_invariant() {
-    if support::postgres::fresh_schema("harness_probe").is_none() {
-        return;
-    }
-    prove("postgres", || {
-        let schema = support::postgres::fresh_schema("harness").unwrap();
-        let config = schema.config();
-        let open: Opener = Arc::new(move |_| {
-            Arc::new(PostgresStore::open_config(config.clone(), settings().timeouts).unwrap())
-                as Arc<dyn Storer>
-        });
-        (open, Box::new(schema))
-    });
 }
 
 /// The original design: each instance keeps requests in its own memory. The harness must

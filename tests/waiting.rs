@@ -17,36 +17,10 @@ use model_relay::config::Settings;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
-use model_relay::store::postgres::PostgresStore;
-use model_relay::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
+use support::engines::{Engine, engine_tests};
 use support::prom::Scrape;
 use support::server::{Http, Instance, T0, clock, settings, workspace};
-
-/// Opens handles on one database: each call a new handle, as a second instance has. It
-/// owns the database (a temp dir, a schema), which lives as long as the opener.
-type Opener = Arc<dyn Fn() -> Arc<dyn Storer> + Send + Sync>;
-
-fn memory() -> Option<Opener> {
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
-    Some(Arc::new(move || Arc::clone(&store)))
-}
-
-fn sqlite() -> Option<Opener> {
-    let dir = tempfile::tempdir().unwrap();
-    Some(Arc::new(move || {
-        let path = dir.path().join("relay.db");
-        Arc::new(SqliteStore::open(&path, Timeouts::default()).unwrap()) as Arc<dyn Storer>
-    }))
-}
-
-fn postgres(test: &str) -> Option<Opener> {
-    let schema = support::postgres::fresh_schema(test)?;
-    Some(Arc::new(move || {
-        Arc::new(PostgresStore::open_config(schema.config(), Timeouts::default()).unwrap())
-            as Arc<dyn Storer>
-    }))
-}
 
 /// Settings where only a notification can wake a held call: the re-check is an hour
 /// apart. Waits are held up to 8 s, under the client's 10 s.
@@ -66,18 +40,14 @@ struct Pair {
     api: String,
     rt: String,
     daemon: String,
-    /// Keeps the database alive (dropped last, after the instances are stopped).
-    _db: Option<Opener>,
 }
 
 impl Pair {
-    async fn start(open: Opener, settings: Settings) -> Pair {
-        // Off the async workers: the PostgreSQL client blocks on a runtime of its own.
-        let opener = Arc::clone(&open);
-        let (a, b) = tokio::task::spawn_blocking(move || (opener(), opener()))
-            .await
-            .unwrap();
-        Self::start_with(a, b, clock(), settings, Some(open)).await
+    /// Two instances, each with a handle of its own on `engine`'s database.
+    async fn start(engine: &dyn Engine, settings: Settings) -> Pair {
+        // Outside the runtime: the PostgreSQL client blocks on a runtime of its own.
+        let (a, b) = tokio::task::block_in_place(|| (engine.open(), engine.open()));
+        Self::start_with(a, b, clock(), settings).await
     }
 
     async fn start_with(
@@ -85,7 +55,6 @@ impl Pair {
         store_b: Arc<dyn Storer>,
         clock: Arc<FakeClock>,
         settings: Settings,
-        db: Option<Opener>,
     ) -> Pair {
         let (store_a, api) = tokio::task::spawn_blocking(move || {
             let (_, api) = workspace(store_a.as_ref(), T0);
@@ -129,7 +98,6 @@ impl Pair {
             api,
             rt,
             daemon,
-            _db: db,
         };
         assert_eq!(pair.heartbeat(&pair.a, json!({})).await.0, StatusCode::OK);
         pair
@@ -217,7 +185,8 @@ async fn held(http: &Http, on: &Instance, kind: &str) -> f64 {
 
 // ---- the rules, each for every engine ----
 
-async fn a_create_on_one_instance_wakes_a_heartbeat_held_on_another(pair: Pair) {
+async fn a_create_on_one_instance_wakes_a_heartbeat_held_on_another(engine: &dyn Engine) {
+    let pair = Pair::start(engine, notified_only()).await;
     let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
     let create = async {
         pair.until_held(&pair.a, "heartbeat", 1.0).await;
@@ -231,7 +200,8 @@ async fn a_create_on_one_instance_wakes_a_heartbeat_held_on_another(pair: Pair) 
     pair.stop().await;
 }
 
-async fn a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another(pair: Pair) {
+async fn a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another(engine: &dyn Engine) {
+    let pair = Pair::start(engine, notified_only()).await;
     let id = pair.create(&pair.a).await;
     let query = "?wait_ms=8000";
     let read = async { pair.read(&pair.b, &id, query).await };
@@ -273,7 +243,8 @@ async fn a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another(pai
 /// A held heartbeat tries a claim only when a request is pending: one claim for the one
 /// request, none while it waits. (On PostgreSQL a read and the write that may follow go to
 /// the blocking pool in one trip, so the write step must check the read's answer again.)
-async fn a_held_heartbeat_tries_no_claim_while_nothing_is_pending(pair: Pair) {
+async fn a_held_heartbeat_tries_no_claim_while_nothing_is_pending(engine: &dyn Engine) {
+    let pair = Pair::start(engine, notified_only()).await;
     // The series appears with the first claim: none yet is zero.
     let claims = |scrape: &Scrape| -> f64 {
         scrape
@@ -311,8 +282,9 @@ fn recheck_only() -> Settings {
 }
 
 async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_another_instance(
-    pair: Pair,
+    engine: &dyn Engine,
 ) {
+    let pair = Pair::start(engine, recheck_only()).await;
     let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
     let create = async {
         pair.until_held(&pair.a, "heartbeat", 1.0).await;
@@ -325,44 +297,11 @@ async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_anot
     pair.stop().await;
 }
 
-/// Each rule, in a module `$group`, for every engine, with the settings `$settings()`.
-macro_rules! every_engine {
-    ($group:ident, $settings:ident: $($rule:ident),* $(,)?) => {
-        mod $group {
-            mod memory {
-                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                   async fn $rule() {
-                       let engine = crate::memory().unwrap();
-                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
-                   } )*
-            }
-            mod sqlite {
-                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                   async fn $rule() {
-                       let engine = crate::sqlite().unwrap();
-                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
-                   } )*
-            }
-            mod postgres {
-                $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                   async fn $rule() {
-                       let Some(engine) = crate::postgres(stringify!($rule)) else { return };
-                       crate::$rule(crate::Pair::start(engine, crate::$settings()).await).await;
-                   } )*
-            }
-        }
-    };
-}
-
-every_engine!(
-    notified, notified_only:
+engine_tests!(
+    async Timeouts::default();
     a_create_on_one_instance_wakes_a_heartbeat_held_on_another,
     a_claim_and_a_report_on_one_instance_wake_a_read_waiting_on_another,
     a_held_heartbeat_tries_no_claim_while_nothing_is_pending,
-);
-
-every_engine!(
-    rechecked, recheck_only:
     with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_another_instance,
 );
 
@@ -379,7 +318,8 @@ fn long_holds() -> Settings {
 }
 
 async fn one_instance(settings: Settings) -> Pair {
-    Pair::start(memory().unwrap(), settings).await
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
+    Pair::start_with(store.clone(), store, clock(), settings).await
 }
 
 #[tokio::test]
@@ -486,7 +426,6 @@ async fn shutdown_answers_held_calls_at_once() {
         api,
         rt,
         daemon,
-        _db,
     } = pair;
     let beat_url = format!("{}/api/daemon/heartbeat", a.base);
     let heartbeat = http.post(

@@ -2,6 +2,7 @@
 // Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod engines;
 pub mod harness;
 pub mod postgres;
 pub mod process;

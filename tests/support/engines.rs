@@ -1,0 +1,162 @@
+//! The engines the store suites run against, in one place: an engine added here (a type and
+//! a line in [`engine_tests!`]) runs in every suite that uses the macro.
+
+use std::sync::Arc;
+
+use model_relay::model::Timeouts;
+use model_relay::store::Storer;
+use model_relay::store::memory::MemoryStore;
+use model_relay::store::postgres::PostgresStore;
+use model_relay::store::sqlite::SqliteStore;
+
+use super::postgres::{PgSchema, fresh_schema};
+
+/// A database under test.
+pub trait Engine: Send + Sync {
+    /// A new handle (its own pool) on the same data, as a second instance of the service
+    /// would have.
+    fn open(&self) -> Arc<dyn Storer>;
+
+    /// Another, empty database of the same engine and timeouts, for a suite that needs one
+    /// per generated case.
+    fn fresh(&self) -> Arc<dyn Engine>;
+}
+
+pub struct Memory {
+    store: Arc<MemoryStore>,
+    timeouts: Timeouts,
+}
+
+impl Memory {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Memory {
+            store: Arc::new(MemoryStore::new(timeouts)),
+            timeouts,
+        }
+    }
+}
+
+impl Engine for Memory {
+    fn open(&self) -> Arc<dyn Storer> {
+        // One process, one map: every handle is the same store.
+        self.store.clone()
+    }
+
+    fn fresh(&self) -> Arc<dyn Engine> {
+        Arc::new(Memory::new(self.timeouts))
+    }
+}
+
+pub struct Sqlite {
+    dir: tempfile::TempDir,
+    timeouts: Timeouts,
+}
+
+impl Sqlite {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Sqlite {
+            dir: tempfile::tempdir().expect("temp dir"),
+            timeouts,
+        }
+    }
+}
+
+impl Engine for Sqlite {
+    fn open(&self) -> Arc<dyn Storer> {
+        let path = self.dir.path().join("relay.db");
+        Arc::new(SqliteStore::open(&path, self.timeouts).expect("open sqlite"))
+    }
+
+    fn fresh(&self) -> Arc<dyn Engine> {
+        Arc::new(Sqlite::new(self.timeouts))
+    }
+}
+
+pub struct Postgres {
+    pub schema: PgSchema,
+    test: String,
+    timeouts: Timeouts,
+}
+
+impl Postgres {
+    /// A fresh schema named after `test`; None when there is no PostgreSQL and
+    /// `REQUIRE_POSTGRES` is unset (see [`fresh_schema`]).
+    pub fn new(test: &str, timeouts: Timeouts) -> Option<Self> {
+        fresh_schema(test).map(|schema| Postgres {
+            schema,
+            test: test.to_owned(),
+            timeouts,
+        })
+    }
+}
+
+impl Engine for Postgres {
+    fn open(&self) -> Arc<dyn Storer> {
+        Arc::new(
+            PostgresStore::open_config(self.schema.config(), self.timeouts).expect("open postgres"),
+        )
+    }
+
+    fn fresh(&self) -> Arc<dyn Engine> {
+        let fresh = Postgres::new(&self.test, self.timeouts);
+        Arc::new(fresh.expect("PostgreSQL was there for this test's first schema"))
+    }
+}
+
+/// `engine_tests!(TIMEOUTS; case, …)`, for cases `fn case(engine: &dyn Engine)`, adds to the
+/// calling module the modules `memory`, `sqlite` and `postgres`, each with one `#[test]` per
+/// case, its engine opened with `TIMEOUTS`. `engine_tests!(async TIMEOUTS; case, …)` does
+/// the same for `async fn case(engine: &dyn Engine)`, on a multi-threaded runtime (so that a
+/// case can open PostgreSQL handles in `tokio::task::block_in_place`). A PostgreSQL test
+/// passes without running only when there is no PostgreSQL and `REQUIRE_POSTGRES` is unset.
+// Not every test binary runs a suite over the engines.
+#[allow(unused_macros)]
+macro_rules! engine_tests {
+    // First: the other arm would take `async …` for the start of an async block.
+    (async $timeouts:expr; $($case:ident),* $(,)?) => {
+        $crate::support::engines::engine_tests!(@engines [async] $timeouts; $($case),*);
+    };
+    ($timeouts:expr; $($case:ident),* $(,)?) => {
+        $crate::support::engines::engine_tests!(@engines [sync] $timeouts; $($case),*);
+    };
+    (@engines $kind:tt $timeouts:expr; $($case:ident),*) => {
+        // Evaluated here, where the caller's names resolve, not in the modules below.
+        fn engine_timeouts() -> ::model_relay::model::Timeouts {
+            $timeouts
+        }
+        mod memory {
+            $($crate::support::engines::engine_tests!(@test $kind $case Some(
+                $crate::support::engines::Memory::new(super::engine_timeouts())
+            ));)*
+        }
+        mod sqlite {
+            $($crate::support::engines::engine_tests!(@test $kind $case Some(
+                $crate::support::engines::Sqlite::new(super::engine_timeouts())
+            ));)*
+        }
+        mod postgres {
+            $($crate::support::engines::engine_tests!(@test $kind $case
+                $crate::support::engines::Postgres::new(stringify!($case), super::engine_timeouts())
+            );)*
+        }
+    };
+    (@test [sync] $case:ident $engine:expr) => {
+        #[test]
+        fn $case() {
+            if let Some(engine) = $engine {
+                super::$case(&engine);
+            }
+        }
+    };
+    (@test [async] $case:ident $engine:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            if let Some(engine) = $engine {
+                super::$case(&engine).await;
+            }
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use engine_tests;
