@@ -13,6 +13,8 @@
 //! `support/postgres.rs`); each test gets its own schema. Under `REQUIRE_POSTGRES=1` a missing
 //! PostgreSQL fails the test instead of skipping it.
 
+#[path = "conformance/catalog.rs"]
+mod catalog;
 #[path = "conformance/claim.rs"]
 mod claim;
 #[path = "conformance/common.rs"]
