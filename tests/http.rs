@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
-use model_relay::clock::{Clock, FakeClock, Millis};
+use model_relay::clock::{Clock, FakeClock, Millis, rfc3339};
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
@@ -497,6 +497,119 @@ async fn thinking_and_service_tiers_come_back_as_sent_and_blank_ids_are_dropped(
         json!({"error": "models[0].service_tiers must list at most 32 tiers"})
     );
     assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+}
+
+#[tokio::test]
+async fn the_next_ask_is_answered_from_the_catalog_and_refresh_asks_the_daemon() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let reported_at = w.clock.now();
+    let body = json!({"status": "completed", "models": [sonnet()]});
+    assert_eq!(
+        w.report(&rt, &id, &daemon, body).await.status,
+        StatusCode::OK
+    );
+
+    w.clock.advance(Duration::from_secs(1));
+    let cached = w.create_request(&rt).await;
+    assert_eq!(cached.status, StatusCode::OK);
+    let cached = cached.json;
+    assert_eq!(cached["status"], "completed");
+    assert_eq!(cached["cached"], true);
+    assert_eq!(cached["cached_at"], rfc3339(reported_at));
+    assert_eq!(cached["models"], json!([sonnet()]));
+    assert!(cached.get("refresh_id").is_none() && cached.get("fallback").is_none());
+    assert_ne!(cached["id"], id.as_str());
+    let read = w.poll(&rt, cached["id"].as_str().unwrap()).await;
+    assert_eq!(read.json, cached, "a stored request, readable by id");
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json,
+        json!({"status": "ok"}),
+        "the daemon was not asked"
+    );
+
+    let refreshed = w.refresh(&rt).await.json;
+    assert_eq!(refreshed["status"], "pending");
+    assert!(refreshed.get("cached").is_none());
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json["pending_model_list"]["id"],
+        refreshed["id"]
+    );
+}
+
+#[tokio::test]
+async fn a_stale_catalog_answers_and_names_the_discovery_it_started() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let body = json!({"status": "completed", "models": [sonnet()]});
+    assert_eq!(
+        w.report(&rt, &id, &daemon, body).await.status,
+        StatusCode::OK
+    );
+
+    w.clock.advance(Duration::from_secs(61));
+    w.heartbeat(&rt, &daemon).await;
+    let stale = w.create_request(&rt).await.json;
+    assert_eq!(stale["cached"], true);
+    let refresh = stale["refresh_id"].as_str().expect("refresh_id").to_owned();
+    assert_eq!(w.poll(&rt, &refresh).await.json["status"], "pending");
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json["pending_model_list"]["id"],
+        refresh.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_fallback_report_is_returned_and_never_answers_from_the_catalog() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let body = json!({"status": "completed", "models": [sonnet()], "fallback": true});
+    assert_eq!(
+        w.report(&rt, &id, &daemon, body).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(w.poll(&rt, &id).await.json["fallback"], true);
+    let next = w.create_request(&rt).await.json;
+    assert_eq!(next["status"], "pending", "{next}");
+}
+
+#[tokio::test]
+async fn bad_ask_bodies_are_400_and_start_nothing() {
+    let w = World::new().await;
+    let (rt, daemon) = w.online_runtime().await;
+    let url = w.url(&format!("/api/runtimes/{rt}/models"));
+    for body in [&b"{"[..], b"[]", br#"{"refresh":"yes"}"#, b"null", b"\xff"] {
+        let answer = w
+            .http
+            .call(Method::POST, &url, Some(&w.api), Some(body.to_vec()))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(answer.json["error"].is_string(), "{}", answer.json);
+    }
+    assert_eq!(
+        w.heartbeat(&rt, &daemon).await.json,
+        json!({"status": "ok"})
+    );
+    for body in [&b"{}"[..], br#"{"refresh":false,"extra":1}"#, b" "] {
+        let answer = w
+            .http
+            .call(Method::POST, &url, Some(&w.api), Some(body.to_vec()))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
 }
 
 #[tokio::test]
@@ -1023,6 +1136,7 @@ async fn a_body_is_never_awaited_for_a_caller_without_a_valid_token() {
     let addr = w.instance.base.trim_start_matches("http://").to_owned();
     let paths = [
         "/api/runtimes".to_owned(),
+        format!("/api/runtimes/{rt}/models"),
         "/api/daemon/heartbeat".to_owned(),
         format!("/api/daemon/runtimes/{rt}/models/0123456789abcdef0123456789abcdef/result"),
     ];

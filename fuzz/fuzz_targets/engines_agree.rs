@@ -13,7 +13,7 @@ use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{ModelEntry, Outcome, Report, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
-use model_relay::store::{NewRuntime, RequestCounts, Storer};
+use model_relay::store::{Ask, NewRuntime, RequestCounts, Storer};
 use model_relay::sweeper::sweep_once;
 
 const TIMEOUTS: Timeouts = Timeouts {
@@ -25,6 +25,9 @@ const RUNTIMES: usize = 3;
 const T0: Millis = 1_777_627_161_000;
 /// Steps around every deadline: just before, at, and past the timeouts and retention.
 const STEPS: [Millis; 8] = [1, 999, 29_999, 30_000, 59_999, 60_000, 600_000, 600_001];
+/// The catalog's windows, short enough that the steps above cross them.
+const CATALOG_FRESH: Millis = 60_000;
+const CATALOG_SERVE: Millis = 600_000;
 /// What the HTTP layer passes by default (a tenth of `offline_after`): heartbeats seen this
 /// recently are answered with reads only, and both engines must agree on which those are.
 const REFRESH_AFTER: Millis = 4_500;
@@ -32,6 +35,8 @@ const REFRESH_AFTER: Millis = 4_500;
 #[derive(Arbitrary, Debug)]
 enum Op {
     Create { rt: u8 },
+    /// The UI's create, through the catalog.
+    Ask { rt: u8, refresh: bool, online: bool },
     Get { rt: u8, req: u8 },
     Heartbeat { rt: u8 },
     Report { rt: u8, req: u8, report: ReportKind },
@@ -44,7 +49,7 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 enum ReportKind {
     Running,
-    Completed { models: u8, supported: bool },
+    Completed { models: u8, supported: bool, fallback: bool },
     Failed { error: bool },
 }
 
@@ -60,7 +65,11 @@ impl ReportKind {
         };
         match *self {
             ReportKind::Running => Report::Running,
-            ReportKind::Completed { models, supported } => Report::Ended(Outcome {
+            ReportKind::Completed {
+                models,
+                supported,
+                fallback,
+            } => Report::Ended(Outcome {
                 status: Status::Completed,
                 models: [entry("sonnet", true), entry("opus", false)]
                     .into_iter()
@@ -68,12 +77,14 @@ impl ReportKind {
                     .collect(),
                 supported,
                 error: None,
+                fallback,
             }),
             ReportKind::Failed { error } => Report::Ended(Outcome {
                 status: Status::Failed,
                 models: Vec::new(),
                 supported: true,
                 error: error.then(|| "not logged in".to_owned()),
+                fallback: false,
             }),
         }
     }
@@ -153,6 +164,27 @@ fuzz_target!(|ops: Vec<Op>| {
                 let id = RequestId::random().unwrap();
                 ids.push(id);
                 let [a, b] = engines.map(|s| s.create_or_coalesce(runtime(rt), id, now).unwrap());
+                assert_eq!(a, b, "step {step}: {op:?}");
+            }
+            Op::Ask {
+                rt,
+                refresh,
+                online,
+            } => {
+                let ask = Ask {
+                    id: RequestId::random().unwrap(),
+                    cached: RequestId::random().unwrap(),
+                    refresh,
+                    online,
+                    fresh: CATALOG_FRESH,
+                    serve: CATALOG_SERVE,
+                };
+                ids.extend([ask.id, ask.cached]);
+                let [a, b] = engines.map(|s| {
+                    let found = s.find_runtime(workspace, runtime(rt)).unwrap();
+                    let asked = found.as_ref().map(|r| s.ask_for_models(r, &ask, now).unwrap());
+                    (found, asked)
+                });
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Get { rt, req } => {

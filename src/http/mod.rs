@@ -31,7 +31,7 @@ pub use error::ApiError;
 // and the OpenAPI agreement test reach exactly what the server runs.
 pub use routes::Route;
 pub use wire::{
-    HeartbeatBody, NewRuntimeBody, parse_heartbeat, parse_new_runtime, parse_report,
+    HeartbeatBody, NewRuntimeBody, parse_ask, parse_heartbeat, parse_new_runtime, parse_report,
     parse_wait_query,
 };
 

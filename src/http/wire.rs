@@ -267,16 +267,15 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
 /// `POST /api/runtimes/{id}/models`: no body, or `{"refresh": bool}` — whether to skip the
 /// catalog. Unknown fields are ignored.
 pub fn parse_ask(body: &[u8]) -> Result<bool, ApiError> {
-    #[derive(Deserialize)]
-    struct Raw {
-        #[serde(default)]
-        refresh: bool,
-    }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(false);
     }
-    let raw: Raw = parse_json(body)?;
-    Ok(raw.refresh)
+    let bad = || ApiError::BadRequest("body must be {\"refresh\": true or false}".to_owned());
+    let value: serde_json::Value = parse_json(body)?;
+    match value.as_object().ok_or_else(bad)?.get("refresh") {
+        None => Ok(false),
+        Some(refresh) => refresh.as_bool().ok_or_else(bad),
+    }
 }
 
 /// The token of an `Authorization: Bearer …` header.
