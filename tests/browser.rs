@@ -1,12 +1,14 @@
 //! The web page in a real browser (headless Chromium over WebDriver) against a real server
-//! and three in-process daemons: one finds models, one finds none, one fails. The page must
-//! tell the three apart, offer the models found, and always take a typed model ID.
+//! and in-process daemons: one finds models, one finds none, one fails. The page must tell
+//! the three apart, offer the models found, and always take a typed model ID. Another
+//! runtime's list is opened again from the server's catalog, refreshed, and offers
+//! reasoning-effort levels and service tiers.
 
 #[path = "browser/driver.rs"]
 mod driver;
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,8 @@ use http_body_util::Full;
 use hyper::StatusCode;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
-use model_relay::clock::SystemClock;
+use model_relay::clock::{Clock, FakeClock, SystemClock};
+use model_relay::config::Settings;
 use model_relay::daemon::{self, Discovery, Source};
 use model_relay::ids::{RuntimeId, Token};
 use model_relay::model::ModelEntry;
@@ -30,6 +33,9 @@ use tokio::sync::watch;
 /// Only a broken page makes a healthy wait take this long.
 const DEADLINE: Duration = Duration::from_secs(30);
 const FAILED_TEXT: &str = "Could not discover models. Type a model ID or try again.";
+/// A catalog younger than this is answered from without asking the daemon; the test moves
+/// the server's clock past it to make the catalog stale.
+const CATALOG_FRESH: Duration = Duration::from_secs(10);
 
 fn catalogue() -> Vec<ModelEntry> {
     let model = |id: &str, label: &str, default| ModelEntry {
@@ -65,9 +71,17 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
         gate.display()
     );
 
+    let catalog = CatalogBox::new(scratch.path());
+
     let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
     let (_, api) = workspace(store.as_ref(), 0);
-    let server = Instance::start(store, Arc::new(SystemClock), settings()).await;
+    // Today's time, so "as of" reads as it would; it moves only when the test says.
+    let clock = Arc::new(FakeClock::new(SystemClock.now()));
+    let settings = Settings {
+        catalog_fresh: CATALOG_FRESH,
+        ..settings()
+    };
+    let server = Instance::start(store, clock.clone(), settings).await;
     let (stop_daemons, daemons_stop) = watch::channel(false);
     let sources = [
         (
@@ -83,6 +97,7 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
             Source::Command("echo 'codex: not signed in' >&2; exit 3".into()),
         ),
         ("slow-box", Source::Command(slow)),
+        ("catalog-box", Source::Command(catalog.command())),
     ];
     let http = Http::default();
     let mut daemons = Vec::new();
@@ -110,7 +125,13 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
     let client = driver.session(&tools, profile.path()).await;
     // The scenario runs in a task so that a failed assertion still lets us take the
     // screenshot and close the browser before the test fails.
-    let scenario = tokio::spawn(scenario(client.clone(), server.base.clone(), api, gate));
+    let scenario = tokio::spawn({
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            scenario(&client, &base, &api, &gate).await;
+            catalog_scenario(&client, &base, &clock, &catalog).await;
+        }
+    });
     let outcome = scenario.await;
     let screenshot = artifacts.join("discovery.png");
     match client.screenshot().await {
@@ -132,21 +153,21 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
     }
 }
 
-async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
+async fn scenario(client: &Client, base: &str, api: &str, gate: &Path) {
     client.goto(&format!("{base}/")).await.unwrap();
     let token = client.find(Locator::Id("token")).await.unwrap();
-    token.send_keys(&api).await.unwrap();
+    token.send_keys(api).await.unwrap();
     // Signs in with the keyboard: Enter in the field submits the form.
     token.send_keys(&Key::Enter).await.unwrap();
 
     for name in ["alpha-laptop", "empty-box", "broken-box", "slow-box"] {
         let badge = format!("{} .badge", runtime(name));
-        wait_for_text(&client, &badge, "online").await;
+        wait_for_text(client, &badge, "online").await;
     }
     // The token was kept: a reload lands signed in, with no token field to fill.
     client.refresh().await.unwrap();
     wait_for_text(
-        &client,
+        client,
         &format!("{} .badge", runtime("broken-box")),
         "online",
     )
@@ -168,7 +189,7 @@ async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
         }
         client.goto(&format!("{base}/#token={api}")).await.unwrap();
         let badge = format!("{} .badge", runtime("empty-box"));
-        wait_for_text(&client, &badge, "online").await;
+        wait_for_text(client, &badge, "online").await;
         let url = client.current_url().await.unwrap();
         assert_eq!(url.fragment(), None, "from {from}: {url}");
     }
@@ -194,22 +215,11 @@ async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
     }
 
     // Models found: the picker offers them, the default first chosen.
-    let found = wait_for_outcome(&client, "alpha-laptop").await;
+    let found = wait_for_outcome(client, "alpha-laptop").await;
     assert_eq!(found, "Found 2 models. Pick one, or type a model ID.");
     let select = format!("{} .model-select", runtime("alpha-laptop"));
-    let options = client
-        .find_all(Locator::Css(&format!("{select} option")))
-        .await
-        .unwrap();
-    let mut offered = Vec::new();
-    for option in &options {
-        offered.push((
-            option.prop("value").await.unwrap().unwrap(),
-            option.text().await.unwrap(),
-        ));
-    }
     assert_eq!(
-        offered,
+        options(client, &select).await,
         [
             (
                 "claude-sonnet-4-6".to_owned(),
@@ -219,19 +229,19 @@ async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
         ]
     );
     assert_eq!(
-        chosen(&client, "alpha-laptop").await,
+        chosen(client, "alpha-laptop").await,
         "Selected model: claude-sonnet-4-6"
     );
     let picker = client.find(Locator::Css(&select)).await.unwrap();
     picker.select_by_value("claude-haiku-4-5").await.unwrap();
     assert_eq!(
-        chosen(&client, "alpha-laptop").await,
+        chosen(client, "alpha-laptop").await,
         "Selected model: claude-haiku-4-5"
     );
 
     // None available: said so, no list to pick from, a model ID can still be typed.
     assert_eq!(
-        wait_for_outcome(&client, "empty-box").await,
+        wait_for_outcome(client, "empty-box").await,
         "No models available"
     );
     let empty_select = format!("{} .model-select", runtime("empty-box"));
@@ -240,24 +250,24 @@ async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
         !hidden.is_displayed().await.unwrap(),
         "no picker without models"
     );
-    type_model(&client, "empty-box", "custom-model").await;
+    type_model(client, "empty-box", "custom-model").await;
     assert_eq!(
-        chosen(&client, "empty-box").await,
+        chosen(client, "empty-box").await,
         "Selected model: custom-model"
     );
 
     // Failed: the fixed text, then the server's error with exit status and stderr.
-    assert_eq!(wait_for_outcome(&client, "broken-box").await, FAILED_TEXT);
+    assert_eq!(wait_for_outcome(client, "broken-box").await, FAILED_TEXT);
     let detail = text_of(
-        &client,
+        client,
         &format!("{} .outcome-detail", runtime("broken-box")),
     )
     .await;
     assert!(detail.contains("exit status 3"), "{detail}");
     assert!(detail.contains("codex: not signed in"), "{detail}");
-    type_model(&client, "broken-box", "gpt-5-codex").await;
+    type_model(client, "broken-box", "gpt-5-codex").await;
     assert_eq!(
-        chosen(&client, "broken-box").await,
+        chosen(client, "broken-box").await,
         "Selected model: gpt-5-codex"
     );
 
@@ -281,11 +291,254 @@ async fn scenario(client: Client, base: String, api: String, gate: PathBuf) {
         assert!(start.elapsed() < DEADLINE, "the page never held a read");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    std::fs::write(&gate, "").unwrap();
+    std::fs::write(gate, "").unwrap();
     assert_eq!(
-        wait_for_outcome(&client, "slow-box").await,
+        wait_for_outcome(client, "slow-box").await,
         "Found 1 model. Pick one, or type a model ID."
     );
+}
+
+/// The catalog runtime's daemon: a models file read afresh by each discovery (so the test
+/// says what the next one finds), a gate each discovery waits for, and a line in `runs`
+/// for each discovery past the gate.
+struct CatalogBox {
+    models: PathBuf,
+    gate: PathBuf,
+    runs: PathBuf,
+}
+
+impl CatalogBox {
+    fn new(dir: &Path) -> Self {
+        let catalog = CatalogBox {
+            models: dir.join("catalog-models.json"),
+            gate: dir.join("catalog-open"),
+            runs: dir.join("catalog-runs"),
+        };
+        std::fs::write(&catalog.gate, "").unwrap();
+        catalog
+    }
+
+    fn command(&self) -> String {
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.05; done; echo run >> '{}'; cat '{}'",
+            self.gate.display(),
+            self.runs.display(),
+            self.models.display()
+        )
+    }
+
+    fn offer(&self, models: &str) {
+        std::fs::write(&self.models, models).unwrap();
+    }
+
+    /// How many discoveries the daemon has run.
+    fn discoveries(&self) -> usize {
+        std::fs::read_to_string(&self.runs).map_or(0, |runs| runs.lines().count())
+    }
+}
+
+/// Requests handed to daemons, and answers from a fresh catalog, as `/metrics` counts them.
+async fn counters(base: &str) -> (f64, f64) {
+    let metrics = Http::default()
+        .get_text(&format!("{base}/metrics"))
+        .await
+        .text();
+    let scrape = support::prom::Scrape::parse(&metrics);
+    let fresh = scrape
+        .matching(
+            "model_relay_catalog_answers_total",
+            &[("freshness", "fresh")],
+        )
+        .map(|sample| sample.value)
+        .sum();
+    (scrape.value("model_relay_claims_total", &[]), fresh)
+}
+
+async fn catalog_scenario(client: &Client, base: &str, clock: &FakeClock, catalog: &CatalogBox) {
+    let name = "catalog-box";
+    let item = runtime(name);
+    let outcome = format!("{item} .outcome-text");
+    let detail = format!("{item} .outcome-detail");
+    let models = format!("{item} .model-select");
+    let effort = format!("{item} .effort-select");
+    let tier = format!("{item} .tier-select");
+    let reasoning = json!({"id": "gpt-5", "label": "GPT-5", "default": true,
+        "thinking": {"supported_levels": [{"value": "low", "label": "Low"},
+                                          {"value": "medium", "label": "Medium"},
+                                          {"value": "high", "label": "High", "description": "Slower"}],
+                     "default_level": "medium"},
+        "service_tiers": [{"id": "flex", "name": "Flex", "description": "Cheaper, slower"}]});
+    let plain = json!({"id": "gpt-4.1", "label": "GPT-4.1"});
+    let mini = json!({"id": "gpt-5-mini", "label": "GPT-5 mini"});
+    catalog.offer(&json!([reasoning, plain]).to_string());
+    wait_for_text(client, &format!("{item} .badge"), "online").await;
+
+    // The first open finds no catalog: a discovery.
+    click(client, &format!("{item} .discover")).await;
+    assert_eq!(
+        wait_for_outcome(client, name).await,
+        "Found 2 models. Pick one, or type a model ID."
+    );
+    assert_eq!(text_of(client, &detail).await, "");
+    assert_eq!(catalog.discoveries(), 1);
+
+    // A model with reasoning-effort levels offers them, its default level first chosen, and
+    // its service tiers after "Default"; a model without hides both pickers.
+    assert_eq!(
+        options(client, &effort).await,
+        [("low", "Low"), ("medium", "Medium"), ("high", "High")].map(owned)
+    );
+    assert_eq!(value_of(client, &effort).await, "medium");
+    assert!(displayed(client, &effort).await, "effort picker for gpt-5");
+    assert_eq!(
+        options(client, &tier).await,
+        [("", "Default"), ("flex", "Flex")].map(owned)
+    );
+    assert_eq!(
+        chosen(client, name).await,
+        "Selected model: gpt-5, reasoning effort: Medium"
+    );
+    select(client, &models, "gpt-4.1").await;
+    assert_eq!(chosen(client, name).await, "Selected model: gpt-4.1");
+    assert!(
+        !displayed(client, &effort).await,
+        "no effort picker for gpt-4.1"
+    );
+    assert!(
+        !displayed(client, &tier).await,
+        "no tier picker for gpt-4.1"
+    );
+    select(client, &models, "gpt-5").await;
+    assert!(
+        displayed(client, &effort).await,
+        "effort picker for gpt-5 again"
+    );
+    select(client, &effort, "high").await;
+    select(client, &tier, "flex").await;
+    assert_eq!(
+        chosen(client, name).await,
+        "Selected model: gpt-5, reasoning effort: High, service tier: Flex"
+    );
+
+    // The second open is answered from the catalog at once: no request reaches a daemon.
+    let (claims, fresh) = counters(base).await;
+    click(client, &format!("{item} .discover")).await;
+    let saved = wait_for(client, &detail, "as of", |text| {
+        text.starts_with("Saved list as of ")
+    })
+    .await;
+    assert!(
+        saved.ends_with('.'),
+        "nothing refreshes a fresh catalog: {saved}"
+    );
+    assert_eq!(
+        text_of(client, &outcome).await,
+        "Found 2 models. Pick one, or type a model ID."
+    );
+    assert_eq!(counters(base).await, (claims, fresh + 1.0));
+    assert_eq!(catalog.discoveries(), 1, "the daemon was not asked again");
+
+    // Refresh skips the catalog: the daemon is asked, and the list is what it finds now.
+    catalog.offer(&json!([reasoning, plain, mini]).to_string());
+    click(client, &format!("{item} .refresh-models")).await;
+    wait_for_text(
+        client,
+        &outcome,
+        "Found 3 models. Pick one, or type a model ID.",
+    )
+    .await;
+    assert_eq!(text_of(client, &detail).await, "");
+    assert_eq!(catalog.discoveries(), 2);
+    assert_eq!(counters(base).await.0, claims + 1.0);
+    let offered: Vec<String> = options(client, &models)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(offered, ["gpt-5", "gpt-4.1", "gpt-5-mini"]);
+
+    // A stale catalog: the saved list at once, while the discovery started behind it runs;
+    // its list then replaces the saved one, and the model chosen meanwhile stays chosen.
+    std::fs::remove_file(&catalog.gate).unwrap();
+    let o3 = json!({"id": "o3", "label": "o3"});
+    catalog.offer(&json!([reasoning, plain, mini, o3]).to_string());
+    clock.advance(CATALOG_FRESH + Duration::from_secs(1));
+    click(client, &format!("{item} .discover")).await;
+    let checking = wait_for(client, &detail, "checking", |text| {
+        text.contains("checking")
+    })
+    .await;
+    assert!(checking.starts_with("Saved list as of "), "{checking}");
+    assert_eq!(
+        text_of(client, &outcome).await,
+        "Found 3 models. Pick one, or type a model ID."
+    );
+    select(client, &models, "gpt-4.1").await;
+    std::fs::write(&catalog.gate, "").unwrap();
+    wait_for_text(
+        client,
+        &outcome,
+        "Found 4 models. Pick one, or type a model ID.",
+    )
+    .await;
+    assert_eq!(text_of(client, &detail).await, "");
+    assert_eq!(chosen(client, name).await, "Selected model: gpt-4.1");
+    assert_eq!(catalog.discoveries(), 3);
+
+    // A refresh behind the saved list that fails leaves the list, and says so.
+    catalog.offer("not a models document");
+    clock.advance(CATALOG_FRESH + Duration::from_secs(1));
+    click(client, &format!("{item} .discover")).await;
+    let failed = wait_for(client, &detail, "could not check", |text| {
+        text.contains("could not check for changes")
+    })
+    .await;
+    assert!(failed.starts_with("Saved list as of "), "{failed}");
+    assert_eq!(
+        text_of(client, &outcome).await,
+        "Found 4 models. Pick one, or type a model ID."
+    );
+    assert_eq!(catalog.discoveries(), 4);
+}
+
+fn owned((value, label): (&str, &str)) -> (String, String) {
+    (value.to_owned(), label.to_owned())
+}
+
+async fn click(client: &Client, css: &str) {
+    let element = client.find(Locator::Css(css)).await.unwrap();
+    element.click().await.unwrap();
+}
+
+async fn select(client: &Client, css: &str, value: &str) {
+    let element = client.find(Locator::Css(css)).await.unwrap();
+    element.select_by_value(value).await.unwrap();
+}
+
+/// A `<select>`'s options: (value, text) each.
+async fn options(client: &Client, css: &str) -> Vec<(String, String)> {
+    let options = client
+        .find_all(Locator::Css(&format!("{css} option")))
+        .await
+        .unwrap();
+    let mut offered = Vec::new();
+    for option in &options {
+        offered.push((
+            option.prop("value").await.unwrap().unwrap(),
+            option.text().await.unwrap(),
+        ));
+    }
+    offered
+}
+
+async fn value_of(client: &Client, css: &str) -> String {
+    let element = client.find(Locator::Css(css)).await.unwrap();
+    element.prop("value").await.unwrap().unwrap_or_default()
+}
+
+async fn displayed(client: &Client, css: &str) -> bool {
+    let element = client.find(Locator::Css(css)).await.unwrap();
+    element.is_displayed().await.unwrap()
 }
 
 fn runtime(name: &str) -> String {
@@ -300,15 +553,23 @@ async fn text_of(client: &Client, css: &str) -> String {
 }
 
 async fn wait_for_text(client: &Client, css: &str, expected: &str) {
+    wait_for(client, css, &format!("{expected:?}"), |text| {
+        text == expected
+    })
+    .await;
+}
+
+/// Waits until the text of `css` passes `check` (`what` says what it waits for); that text.
+async fn wait_for(client: &Client, css: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
         let text = text_of(client, css).await;
-        if text == expected {
-            return;
+        if check(&text) {
+            return text;
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "{css} never read {expected:?}: {text:?}"
+            "{css} never read {what}: {text:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -1,5 +1,7 @@
 // The model-relay page: sign in with an API token, list the workspace's runtimes, ask one
-// for its models and wait until the request ends, then pick a model or type one.
+// for its models (answered at once from the server's catalog when it has a recent list, else
+// by a discovery the page waits for), then pick a model, and its reasoning effort and
+// service tier when it has them, or type a model ID.
 //
 // Everything the server sends is put in the page with textContent, never as HTML.
 'use strict';
@@ -19,18 +21,23 @@ const FAILED_TEXT = 'Could not discover models. Type a model ID or try again.';
 
 const $ = (id) => document.getElementById(id);
 const items = new Map(); // runtime id → its list item
+// list item → {models: the list its picker shows, asks: how many times it was asked}. A
+// background refresh applies only while no later ask has been made.
+const states = new WeakMap();
 let token = null;
 let refreshTimer = null;
 
 class SignedOut extends Error {}
 
-// One API call: {status, body}. A 401 signs the user out; a network failure throws.
-async function api(method, path) {
-  const response = await fetch(path, {
-    method,
-    headers: { Authorization: 'Bearer ' + token },
-    cache: 'no-store',
-  });
+// One API call: {status, body}, sending `payload` as JSON if given. A 401 signs the user
+// out; a network failure throws.
+async function api(method, path, payload) {
+  const init = { method, headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' };
+  if (payload !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(payload);
+  }
+  const response = await fetch(path, init);
   let body = null;
   try {
     body = await response.json();
@@ -139,9 +146,13 @@ function newItem(runtime) {
   const heading = item.querySelector('.runtime-name');
   heading.textContent = runtime.name;
   item.querySelector('.runtime-provider').textContent = runtime.provider;
-  const button = item.querySelector('.discover');
-  button.setAttribute('aria-label', 'Discover models for ' + runtime.name);
-  button.addEventListener('click', () => discover(runtime.id, item));
+  states.set(item, { models: [], asks: 0 });
+  const discoverButton = item.querySelector('.discover');
+  discoverButton.setAttribute('aria-label', 'Discover models for ' + runtime.name);
+  discoverButton.addEventListener('click', () => discover(runtime.id, item, false));
+  const refreshButton = item.querySelector('.refresh-models');
+  refreshButton.setAttribute('aria-label', 'Refresh models for ' + runtime.name);
+  refreshButton.addEventListener('click', () => discover(runtime.id, item, true));
   const select = item.querySelector('.model-select');
   const input = item.querySelector('.model-input');
   select.addEventListener('change', () => {
@@ -149,42 +160,114 @@ function newItem(runtime) {
     showChoice(item);
   });
   input.addEventListener('input', () => showChoice(item));
+  for (const name of ['.effort-select', '.tier-select']) {
+    item.querySelector(name).addEventListener('change', () => showChoice(item));
+  }
   return item;
 }
 
+// Says what is chosen, and offers the chosen model's reasoning-effort levels and service
+// tiers (a typed ID that names a listed model counts as choosing it).
 function showChoice(item) {
   const id = item.querySelector('.model-input').value.trim();
-  item.querySelector('.chosen').textContent = id ? 'Selected model: ' + id : '';
+  const model = states.get(item).models.find((m) => m.id === id);
+  const levels = (model && model.thinking && model.thinking.supported_levels) || [];
+  const effort = showOptions(item, 'effort', id,
+    levels.map((l) => [l.value, l.label || l.value, l.description]),
+    model && model.thinking && model.thinking.default_level);
+  const tiers = (model && model.service_tiers) || [];
+  // No tier is anyone's default, so the first choice is to ask for none.
+  const tier = showOptions(item, 'tier', id, tiers.length === 0 ? [] : [['', 'Default']]
+    .concat(tiers.map((t) => [t.id, t.name || t.id, t.description])), '');
+  let text = id ? 'Selected model: ' + id : '';
+  if (id && effort) text += ', reasoning effort: ' + effort.textContent;
+  if (id && tier && tier.value) text += ', service tier: ' + tier.textContent;
+  item.querySelector('.chosen').textContent = text;
+}
+
+// Fills the `name` picker with `choices` ([value, label, description?] each) and shows it,
+// or hides it when there are none; the chosen option, or null. Rebuilt only when the model
+// or its choices change: the value chosen stays while the same model does, and a newly
+// chosen model starts at `preferred`.
+function showOptions(item, name, modelId, choices, preferred) {
+  const field = item.querySelector('.' + name + '-field');
+  const select = item.querySelector('.' + name + '-select');
+  const key = JSON.stringify([modelId, choices]);
+  if (select.dataset.key !== key) {
+    const wanted = select.dataset.model === modelId ? select.value : preferred;
+    select.replaceChildren();
+    for (const [value, label, description] of choices) {
+      const option = document.createElement('option');
+      option.value = value;
+      option.textContent = label;
+      if (description) option.title = description;
+      option.selected = value === wanted;
+      select.appendChild(option);
+    }
+    select.dataset.key = key;
+    select.dataset.model = modelId;
+  }
+  field.hidden = choices.length === 0;
+  return choices.length === 0 ? null : select.options[select.selectedIndex];
 }
 
 // ---- discovery ----
 
-async function discover(runtimeId, item) {
-  const button = item.querySelector('.discover');
+// Asks for the runtime's models. Without `refresh` the server may answer at once from its
+// catalog (then "as of" when that list was discovered); when it is not that recent, the
+// answer names a discovery started behind it, which the page follows in the background.
+// `refresh` (the Refresh button) skips the catalog: a discovery the page waits for.
+async function discover(runtimeId, item, refresh) {
+  const buttons = item.querySelectorAll('.discover, .refresh-models');
   // aria-disabled rather than disabled: a disabled button drops keyboard focus.
-  if (button.getAttribute('aria-disabled') === 'true') return;
-  button.setAttribute('aria-disabled', 'true');
+  if (buttons[0].getAttribute('aria-disabled') === 'true') return;
+  for (const button of buttons) button.setAttribute('aria-disabled', 'true');
+  const ask = ++states.get(item).asks;
+  const base = '/api/runtimes/' + encodeURIComponent(runtimeId) + '/models';
   item.dataset.outcome = 'running';
   setOutcome(item, 'Discovering models…', '');
+  let cached = null;
   try {
-    const request = await waitForEnd(runtimeId);
-    showOutcome(item, request);
+    const created = await api('POST', base, refresh ? { refresh: true } : undefined);
+    if (created.status !== 200) throw new Error(errorOf(created));
+    if (created.body.cached) cached = created.body;
+    showOutcome(item, cached || await waitForEnd(base, created.body));
   } catch (e) {
     if (!(e instanceof SignedOut)) showFailure(item, e.message);
   } finally {
-    button.removeAttribute('aria-disabled');
+    for (const button of buttons) button.removeAttribute('aria-disabled');
+  }
+  if (cached && cached.refresh_id) followRefresh(base, item, ask, cached);
+}
+
+// Waits for the discovery behind a cached answer. A real list (or a real "none") replaces
+// the cached one, keeping the chosen model if it is still offered; a failure, a timeout or a
+// stand-in list leaves the cached list and says so quietly. A later ask makes this moot.
+async function followRefresh(base, item, ask, cached) {
+  let request;
+  try {
+    request = await waitForEnd(base, { id: cached.refresh_id, status: 'pending' });
+  } catch (e) {
+    if (e instanceof SignedOut) return;
+    request = { status: 'failed', error: e.message };
+  }
+  if (states.get(item).asks !== ask) return;
+  if (request.status === 'completed' && !request.fallback) {
+    showOutcome(item, request, true);
+  } else {
+    const why = request.fallback ? 'the runtime sent a stand-in list'
+      : request.error || 'the request ended as ' + request.status;
+    item.querySelector('.outcome-detail').textContent =
+      asOf(cached) + '; could not check for changes (' + why + ').';
   }
 }
 
-// Creates a request (or joins the active one) and waits until it has ended, each read held
-// at the server until the request's status changes.
-async function waitForEnd(runtimeId) {
-  const base = '/api/runtimes/' + encodeURIComponent(runtimeId) + '/models';
-  const created = await api('POST', base);
-  if (created.status !== 200) throw new Error(errorOf(created));
-  let request = created.body;
+// Waits until `request` has ended, each read held at the server until its status changes.
+async function waitForEnd(base, request) {
+  const asker = token;
   let failures = 0;
   while (request.status === 'pending' || request.status === 'running') {
+    if (token !== asker) throw new SignedOut(); // signed out meanwhile: stop asking
     const sent = Date.now();
     let answer;
     try {
@@ -204,7 +287,8 @@ async function waitForEnd(runtimeId) {
   return request;
 }
 
-function showOutcome(item, request) {
+// `keepChoice`: the list replaces one the user may have picked from already.
+function showOutcome(item, request, keepChoice) {
   const models = request.models || [];
   if (request.status !== 'completed') {
     showFailure(item, request.error || 'the request ended as ' + request.status);
@@ -214,13 +298,26 @@ function showOutcome(item, request) {
       request.supported === false
         ? 'This runtime cannot list its models. Type a model ID if you know it.'
         : 'The runtime reported an empty list. Type a model ID if you know it.');
-    showPicker(item, []);
+    showPicker(item, [], keepChoice);
   } else {
     item.dataset.outcome = 'found';
+    let detail = '';
+    if (request.cached) {
+      detail = asOf(request) +
+        (request.refresh_id ? '; checking the runtime for changes…' : '.');
+    }
     setOutcome(item, 'Found ' + models.length + (models.length === 1 ? ' model.' : ' models.') +
-      ' Pick one, or type a model ID.', '');
-    showPicker(item, models);
+      ' Pick one, or type a model ID.', detail);
+    showPicker(item, models, keepChoice);
   }
+}
+
+// "Saved list as of <local time>", from a cached answer's `cached_at`.
+function asOf(cached) {
+  const at = new Date(cached.cached_at);
+  if (Number.isNaN(at.getTime())) return 'Saved list';
+  const today = at.toDateString() === new Date().toDateString();
+  return 'Saved list as of ' + (today ? at.toLocaleTimeString() : at.toLocaleString());
 }
 
 function showFailure(item, error) {
@@ -234,10 +331,12 @@ function setOutcome(item, text, detail) {
   item.querySelector('.outcome-detail').textContent = detail;
 }
 
-function showPicker(item, models) {
+function showPicker(item, models, keepChoice) {
+  states.get(item).models = models;
   const field = item.querySelector('.select-field');
   const select = item.querySelector('.model-select');
   const input = item.querySelector('.model-input');
+  const chosen = input.value.trim();
   select.replaceChildren();
   for (const model of models) {
     const option = document.createElement('option');
@@ -247,9 +346,12 @@ function showPicker(item, models) {
     select.appendChild(option);
   }
   field.hidden = models.length === 0;
-  if (models.length > 0) {
+  if (keepChoice && models.some((m) => m.id === chosen)) {
+    select.value = chosen;
+  } else if (models.length > 0) {
     input.value = select.value;
-    select.focus();
+    // Only when the user asked: a list that changes behind them leaves focus alone.
+    if (!keepChoice) select.focus();
   }
   showChoice(item);
 }

@@ -40,3 +40,45 @@ pub fn migrate(client: &mut Client) -> Result<()> {
     tx.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::MIGRATIONS;
+    use crate::store::SCHEMA_VERSION;
+
+    /// `migrations_after` skips by version, so a gap or a step out of order would be
+    /// skipped or applied out of turn; and the last one must be the version this build
+    /// records.
+    #[test]
+    fn versions_run_from_one_to_schema_version_in_order() {
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        for m in MIGRATIONS {
+            assert!(
+                m.name.starts_with(&format!("{:03}_", m.version)),
+                "{} is listed as version {}",
+                m.name,
+                m.version
+            );
+        }
+    }
+
+    /// A migration file added to `main/` but not listed would never run: every database
+    /// would silently lack it.
+    #[test]
+    fn every_sql_file_in_main_is_listed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/postgres/migration/main");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+            .map(|path| path.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        listed.sort_unstable();
+        assert_eq!(files, listed, "the .sql files of {}", dir.display());
+    }
+}
