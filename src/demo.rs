@@ -57,6 +57,7 @@ fn runtimes() -> [(&'static str, &'static str, Source); 3] {
             Source::Fixed(Discovery::Found {
                 models: catalogue(),
                 supported: true,
+                fallback: false,
             }),
         ),
         (
@@ -65,6 +66,7 @@ fn runtimes() -> [(&'static str, &'static str, Source); 3] {
             Source::Fixed(Discovery::Found {
                 models: Vec::new(),
                 supported: true,
+                fallback: false,
             }),
         ),
         (

@@ -89,6 +89,7 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
             Source::Fixed(Discovery::Found {
                 models: catalogue(),
                 supported: true,
+                fallback: false,
             }),
         ),
         ("empty-box", Source::ModelsFile(empty_file)),

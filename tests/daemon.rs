@@ -71,6 +71,24 @@ async fn discover_cmd_stdout_is_the_models_document() {
 }
 
 #[tokio::test]
+async fn a_stand_in_list_from_discover_cmd_is_reported_as_fallback_and_never_cached() {
+    let relay = Relay::start().await;
+    let cmd = r#"echo '{"models":[{"id":"m","label":"M","thinking":{"supported_levels":[{"value":"low","label":"Low"}]}}],"fallback":true}'"#;
+    let (rt, daemon) = relay.daemon("cmd", Source::Command(cmd.into())).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(ended["fallback"], true);
+    assert_eq!(
+        ended["models"][0]["thinking"]["supported_levels"][0]["value"],
+        "low"
+    );
+    let url = format!("{}/api/runtimes/{rt}/models", relay.base());
+    let next = relay.http.post_empty(&url, &relay.api).await;
+    assert_eq!(next.json["status"], "pending", "{}", next.json);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_failing_discover_cmd_is_reported_with_its_exit_status_and_stderr_tail() {
     let relay = Relay::start().await;
     let cmd = "echo 'starting' >&2; echo 'fatal: no credentials' >&2; exit 3";
@@ -256,6 +274,7 @@ fn found(id: &str) -> Source {
             service_tiers: None,
         }],
         supported: true,
+        fallback: false,
     })
 }
 

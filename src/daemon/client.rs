@@ -71,6 +71,8 @@ pub struct ReportBody {
     supported: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    fallback: bool,
 }
 
 impl ReportBody {
@@ -81,6 +83,7 @@ impl ReportBody {
             models: Vec::new(),
             supported: true,
             error: None,
+            fallback: false,
         }
     }
 
@@ -94,11 +97,16 @@ impl ReportBody {
 
     pub fn ended(discovery: Discovery) -> Self {
         match discovery {
-            Discovery::Found { models, supported } => ReportBody {
+            Discovery::Found {
+                models,
+                supported,
+                fallback,
+            } => ReportBody {
                 status: "completed",
                 models,
                 supported,
                 error: None,
+                fallback,
             },
             Discovery::Failed(error) => ReportBody::failed(error),
         }
@@ -431,9 +439,18 @@ mod tests {
         assert_eq!(
             json(ReportBody::ended(Discovery::Found {
                 models: vec![],
-                supported: false
+                supported: false,
+                fallback: false
             })),
             serde_json::json!({"status": "completed", "supported": false})
+        );
+        assert_eq!(
+            json(ReportBody::ended(Discovery::Found {
+                models: vec![],
+                supported: true,
+                fallback: true
+            }))["fallback"],
+            true
         );
     }
 }

@@ -36,6 +36,8 @@ pub enum Discovery {
         models: Vec<ModelEntry>,
         /// False when the runtime cannot list models at all.
         supported: bool,
+        /// A static stand-in list, not a real discovery: the server never caches it.
+        fallback: bool,
     },
     Failed(String),
 }
@@ -94,17 +96,19 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
         models: Vec<Value>,
         #[serde(default = "yes")]
         supported: bool,
+        #[serde(default)]
+        fallback: bool,
     }
     fn yes() -> bool {
         true
     }
     let value: Value = serde_json::from_slice(json).map_err(|e| format!("invalid JSON: {e}"))?;
-    let (entries, supported) = match value {
-        Value::Array(entries) => (entries, true),
+    let (entries, supported, fallback) = match value {
+        Value::Array(entries) => (entries, true, false),
         object @ Value::Object(_) => {
             let doc: Document = serde_json::from_value(object)
                 .map_err(|e| format!("invalid models document: {e}"))?;
-            (doc.models, doc.supported)
+            (doc.models, doc.supported, doc.fallback)
         }
         _ => return Err("expected a JSON array of models or an object with \"models\"".into()),
     };
@@ -117,7 +121,11 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
             models.push(model);
         }
     }
-    Ok(Discovery::Found { models, supported })
+    Ok(Discovery::Found {
+        models,
+        supported,
+        fallback,
+    })
 }
 
 /// Runs `sh -c command` in a process group of its own, so that on a timeout (or when the
@@ -296,21 +304,36 @@ mod tests {
             parse_models(br#"[{"id":"a","label":"A","extra":1}]"#),
             Ok(Discovery::Found {
                 models: vec![model("a", "A")],
-                supported: true
+                supported: true,
+                fallback: false
             })
         );
         assert_eq!(
             parse_models(br#"{"models":[],"supported":false}"#),
             Ok(Discovery::Found {
                 models: vec![],
-                supported: false
+                supported: false,
+                fallback: false
             })
         );
         assert_eq!(
             parse_models(br#"{"models":[{"id":"b","label":"B"}]}"#),
             Ok(Discovery::Found {
                 models: vec![model("b", "B")],
-                supported: true
+                supported: true,
+                fallback: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_stand_in_list_says_so_and_the_flag_passes_through() {
+        assert_eq!(
+            parse_models(br#"{"models":[{"id":"a","label":"A"}],"fallback":true}"#),
+            Ok(Discovery::Found {
+                models: vec![model("a", "A")],
+                supported: true,
+                fallback: true
             })
         );
     }

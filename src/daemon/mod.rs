@@ -384,8 +384,12 @@ async fn serve_request(
         }
     };
     match &found {
-        Discovery::Found { models, supported } => {
-            tracing::info!(request = %id, models = models.len(), supported, "discovery completed; reporting");
+        Discovery::Found {
+            models,
+            supported,
+            fallback,
+        } => {
+            tracing::info!(request = %id, models = models.len(), supported, fallback, "discovery completed; reporting");
         }
         Discovery::Failed(error) => {
             tracing::warn!(request = %id, %error, "discovery failed; reporting");

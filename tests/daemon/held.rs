@@ -29,6 +29,7 @@ fn found() -> Source {
             service_tiers: None,
         }],
         supported: true,
+        fallback: false,
     })
 }
 

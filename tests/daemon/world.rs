@@ -51,7 +51,7 @@ pub struct Relay {
     pub clock: Arc<FakeClock>,
     pub knobs: Arc<Knobs>,
     instance: Instance,
-    api: String,
+    pub api: String,
 }
 
 impl Relay {
