@@ -388,6 +388,50 @@ fn a_waiting_read_answered_early_with_nothing_changed_is_caught() {
         ),
     ];
     assert_eq!(fired(&waited), vec![]);
+    // A read of an ended request is answered at once: an answer from the catalog is
+    // completed from the start.
+    let cached = completed_record(T);
+    let ended = vec![
+        call("p", Op::Create, T, 200, cached.clone()),
+        held(call("p", Op::Poll, T + 10, 200, cached), 3000, T + 12),
+    ];
+    assert_eq!(fired(&ended), vec![]);
+}
+
+/// An answer from the catalog, asked for at `t`, whose catalog was reported at `cached_at`.
+fn cached_answer(t: i64, cached_at: i64) -> Call {
+    let mut answer = completed_record(t);
+    answer["id"] = json!("fedcba9876543210fedcba9876543210");
+    answer["cached"] = json!(true);
+    answer["cached_at"] = json!(at(cached_at));
+    let mut create = call("p2", Op::Create, t, 200, answer);
+    create.request = Some("fedcba9876543210fedcba9876543210".into());
+    create
+}
+
+#[test]
+fn an_answer_from_the_catalog_older_than_a_report_already_answered_is_caught() {
+    // The report of `good` was sent at T + 40 and answered at T + 41.
+    let mut h = good();
+    h.push(cached_answer(T + 100, T + 30));
+    assert_eq!(fired(&h), vec![Invariant::CachedTooOld]);
+    // The catalog that report wrote, or a newer one: fine.
+    let mut h = good();
+    h.push(cached_answer(T + 100, T + 40));
+    assert_eq!(fired(&h), vec![]);
+    // Asked for before the report was answered: an older catalog may still answer.
+    let mut h = good();
+    h.push(cached_answer(T + 40, T + 30));
+    assert_eq!(fired(&h), vec![]);
+    // Another runtime's reports say nothing of this one's catalog.
+    let mut h = good();
+    let mut other = cached_answer(T + 100, T + 30);
+    other.runtime = OTHER_RT.into();
+    if let Ok((_, record)) = &mut other.outcome {
+        record["runtime_id"] = json!(OTHER_RT);
+    }
+    h.push(other);
+    assert_eq!(fired(&h), vec![]);
 }
 
 #[test]
