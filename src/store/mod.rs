@@ -629,3 +629,62 @@ fn models_to_db(models: &[crate::model::ModelEntry]) -> Option<String> {
         serde_json::to_string(models).ok()
     }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    use std::path::Path;
+
+    use super::{Migration, SCHEMA_VERSION};
+
+    /// Each dialect's migrations and the directory they come from.
+    fn dialects() -> [(&'static [Migration], &'static str); 2] {
+        [
+            (
+                super::sqlite::migration::MIGRATIONS,
+                "src/store/sqlite/migration/main",
+            ),
+            (
+                super::postgres::migration::MIGRATIONS,
+                "src/store/postgres/migration/main",
+            ),
+        ]
+    }
+
+    /// `migrations_after` skips by version, so a gap or a step out of order would be
+    /// skipped or applied out of turn; and the last one must be the version this build
+    /// records.
+    #[test]
+    fn versions_run_from_one_to_schema_version_in_order() {
+        for (migrations, dir) in dialects() {
+            let versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
+            assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>(), "{dir}");
+            for m in migrations {
+                assert!(
+                    m.name.starts_with(&format!("{:03}_", m.version)),
+                    "{dir}: {} is listed as version {}",
+                    m.name,
+                    m.version
+                );
+            }
+        }
+    }
+
+    /// A migration file added to `main/` but not listed would never run: every database
+    /// would silently lack it.
+    #[test]
+    fn every_sql_file_in_main_is_listed() {
+        for (migrations, dir) in dialects() {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+            let mut files: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+                .map(|path| path.file_stem().unwrap().to_string_lossy().into_owned())
+                .collect();
+            files.sort();
+            let mut listed: Vec<&str> = migrations.iter().map(|m| m.name).collect();
+            listed.sort_unstable();
+            assert_eq!(files, listed, "the .sql files of {}", dir.display());
+        }
+    }
+}
