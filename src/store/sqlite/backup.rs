@@ -7,13 +7,12 @@
 //! SQLite restarts a backup from the first page whenever another connection writes
 //! between two steps, and under a steady stream of writes the copy would never end.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
-use super::super::{Result, StoreError};
 use super::create_new_private;
 
 /// Pages copied per step (4 MiB at SQLite's default 4 KiB page). Each step is one call
@@ -23,6 +22,29 @@ const PAGES_PER_STEP: i32 = 1024;
 /// The longest the copy waits for a lock (the source's WAL recovery by another process,
 /// say) before it gives up: the store's own default wait.
 const LOCK_WAIT: Duration = super::DEFAULT_WAIT;
+
+/// Why a backup was not made. Its own type, not `StoreError`: these are answers for the
+/// person at the command line, and none of them means the service is unavailable.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("no database file at {}", .0.display())]
+    NoSource(PathBuf),
+    #[error(
+        "{} already exists: a backup never overwrites a file; remove it or choose another name",
+        .0.display()
+    )]
+    TargetExists(PathBuf),
+    #[error("cannot create {}", .0.display())]
+    Create(PathBuf, #[source] std::io::Error),
+    #[error("the database stayed locked for {0:?}; try again")]
+    Locked(Duration),
+    #[error("the copy is not sound: {0}")]
+    BadCopy(String),
+    #[error("sqlite")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+type Result<T, E = BackupError> = std::result::Result<T, E>;
 
 /// What a backup wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +73,7 @@ fn backup_in_steps(
     between_steps: &mut dyn FnMut(),
 ) -> Result<Copied> {
     if !source.is_file() {
-        return Err(StoreError::File(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("no database file at {}", source.display()),
-        )));
+        return Err(BackupError::NoSource(source.to_owned()));
     }
     // Read-only, and never created: a backup must not change, or make, the live database.
     let from = Connection::open_with_flags(
@@ -69,15 +88,9 @@ fn backup_in_steps(
 
     create_new_private(target).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            StoreError::File(std::io::Error::new(
-                e.kind(),
-                format!(
-                    "{} already exists: a backup never overwrites a file; remove it or choose another name",
-                    target.display()
-                ),
-            ))
+            BackupError::TargetExists(target.to_owned())
         } else {
-            StoreError::File(e)
+            BackupError::Create(target.to_owned(), e)
         }
     })?;
     match copy_into(&from, target, pages_per_step, between_steps) {
@@ -119,9 +132,7 @@ fn copy_into(
                 _ => {
                     let since = *waiting_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > LOCK_WAIT {
-                        return Err(StoreError::Corrupt(format!(
-                            "the database stayed locked for {LOCK_WAIT:?}; try again"
-                        )));
+                        return Err(BackupError::Locked(LOCK_WAIT));
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -134,15 +145,13 @@ fn copy_into(
     let mode: String =
         to.pragma_update_and_check(None, "journal_mode", "DELETE", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("delete") {
-        return Err(StoreError::Corrupt(format!(
-            "the copy's journal_mode is {mode}, not delete"
+        return Err(BackupError::BadCopy(format!(
+            "its journal_mode is {mode}, not delete"
         )));
     }
     let check: String = to.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
     if check != "ok" {
-        return Err(StoreError::Corrupt(format!(
-            "the copy fails its integrity check: {check}"
-        )));
+        return Err(BackupError::BadCopy(format!("integrity_check: {check}")));
     }
     let pages: i64 = to.query_row("PRAGMA page_count", [], |row| row.get(0))?;
     let page_size: i64 = to.query_row("PRAGMA page_size", [], |row| row.get(0))?;
@@ -161,7 +170,7 @@ mod tests {
 
     use rusqlite::Connection;
 
-    use super::{StoreError, backup, backup_in_steps};
+    use super::{BackupError, backup, backup_in_steps};
 
     /// A WAL database with `rows` rows of about 1 KiB each in table `t`.
     fn wal_database(path: &Path, rows: i64) -> Connection {
@@ -236,7 +245,7 @@ mod tests {
         let before = std::fs::read(&target).unwrap();
         let again = backup(&source, &target).unwrap_err();
         assert!(
-            matches!(&again, StoreError::File(e) if e.kind() == std::io::ErrorKind::AlreadyExists),
+            matches!(&again, BackupError::TargetExists(path) if *path == target),
             "{again}"
         );
         assert!(again.to_string().contains("never overwrites"), "{again}");
@@ -255,7 +264,11 @@ mod tests {
         assert!(!dir.path().join("missing.db").exists());
         let text = dir.path().join("notes.txt");
         std::fs::write(&text, "not a database, not at all; just some words here").unwrap();
-        assert!(backup(&text, &target).is_err());
+        let not_a_database = backup(&text, &target).unwrap_err();
+        assert!(
+            matches!(not_a_database, BackupError::Sqlite(_)),
+            "{not_a_database}"
+        );
         assert!(!target.exists());
     }
 }

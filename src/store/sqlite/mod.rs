@@ -20,7 +20,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-pub use self::backup::{Copied, backup};
+pub use self::backup::{BackupError, Copied, backup};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
