@@ -1,4 +1,5 @@
-//! The `model-relay` command line: `serve`, `workspace create`, `daemon` and `demo`.
+//! The `model-relay` command line: `serve`, `workspace create`, `backup`, `daemon` and
+//! `demo`.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ enum Command {
         #[command(subcommand)]
         command: WorkspaceCommand,
     },
+    /// Copy an SQLite database to a new file, consistent while `serve` runs on it.
+    Backup(BackupArgs),
     /// Run a daemon for one runtime: heartbeat, discover models, report.
     Daemon(crate::daemon::command::DaemonArgs),
     /// Server, workspace and simulated runtimes in one process; prints the page's URL.
@@ -56,6 +59,15 @@ enum WorkspaceCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    database: DatabaseArg,
+    /// The file to write. It must not exist: a backup never overwrites a file.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -182,6 +194,7 @@ pub fn main() -> ExitCode {
                     json,
                 },
         } => create_workspace(&name, &database, json),
+        Command::Backup(args) => backup(&args),
         Command::Daemon(args) => crate::daemon::command::daemon(args),
         Command::Demo(args) => crate::demo::demo(args),
     };
@@ -220,6 +233,39 @@ fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<()
         println!("api token  {}", token.expose());
         println!("(the token is shown only now; keep it)");
     }
+    Ok(())
+}
+
+/// `backup`: SQLite through the store's online copy. PostgreSQL has its own tools, which
+/// know its roles, sequences and versions better than a copy made here could.
+fn backup(args: &BackupArgs) -> Result<(), String> {
+    let url = args.database.resolve()?;
+    let path = match &url {
+        DatabaseUrl::Sqlite { path, .. } => path,
+        DatabaseUrl::Postgres(_) => {
+            return Err(format!(
+                "backup copies SQLite databases only; back up PostgreSQL ({}) with pg_dump, \
+                 e.g. pg_dump --format=custom --file=model-relay.dump \"$DATABASE_URL\", and \
+                 restore it with pg_restore",
+                shown_url(&url)
+            ));
+        }
+    };
+    let copied = crate::store::sqlite::backup(path, &args.to).map_err(|e| {
+        format!(
+            "cannot back up {} to {}: {}",
+            shown_url(&url),
+            args.to.display(),
+            error_chain(&e)
+        )
+    })?;
+    println!(
+        "backed up {} to {} ({} pages, {} bytes)",
+        shown_url(&url),
+        args.to.display(),
+        copied.pages,
+        copied.bytes
+    );
     Ok(())
 }
 

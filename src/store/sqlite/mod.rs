@@ -8,6 +8,7 @@
 //!
 //! The sweeper's statements and the WAL checkpoint live in [`upkeep`].
 
+mod backup;
 pub mod migration;
 mod rows;
 mod upkeep;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+pub use self::backup::{BackupError, Copied, backup};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
@@ -162,23 +164,26 @@ impl SqliteStore {
 /// only: it holds token hashes and every tenant's requests. SQLite gives the `-wal` and
 /// `-shm` files it makes the database file's permissions.
 fn create_private(path: &Path) -> Result<()> {
+    match create_new_private(path) {
+        Ok(()) => Ok(()),
+        // There already (another process made it first, or an existing database): its
+        // permissions are its owner's business.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates `path`, empty, readable and writable by its owner only (0600 on Unix); fails
+/// with `AlreadyExists` when something is there.
+fn create_new_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(_) => {}
-            // There already (another process made it first, or an existing database):
-            // its permissions are its owner's business.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
+        options.mode(0o600);
     }
-    Ok(())
+    options.open(path).map(drop)
 }
 
 /// What a recorded outcome does to its runtime's catalog, inside the report's transaction.
