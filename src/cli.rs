@@ -1,6 +1,7 @@
 //! The `model-relay` command line: `serve`, `workspace create`, `backup`, `daemon` and
 //! `demo`.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -160,6 +161,18 @@ struct ServeArgs {
         env = "MODEL_RELAY_TLS_KEY"
     )]
     tls_key: Option<PathBuf>,
+    /// Serve /metrics on this address instead of --listen (e.g. 127.0.0.1:9090), for
+    /// scrapers only; the API's address then answers /metrics 404.
+    #[arg(long, value_name = "ADDR", env = "MODEL_RELAY_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on /metrics (the counts are every tenant's).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "MODEL_RELAY_METRICS_TOKEN",
+        hide_env_values = true
+    )]
+    metrics_token: Option<String>,
     /// How often every held call is re-checked against the store (one query for all), the
     /// bound on what a lost wake-up notification costs.
     #[arg(long, value_parser = parse_duration, default_value = "1s", env = "MODEL_RELAY_RECHECK_EVERY")]
@@ -316,14 +329,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let store = url
         .open_with(settings.timeouts, args.store_timeout)
         .map_err(|e| format!("cannot open {}: {}", shown_url(&url), error_chain(&e)))?;
-    let app = Arc::new(
-        App::new(store, Arc::new(SystemClock), settings).with_cors_origins(args.cors_origins),
-    );
+    let mut app = App::new(store, Arc::new(SystemClock), settings)
+        .with_cors_origins(args.cors_origins)
+        .with_metrics_token(args.metrics_token.filter(|t| !t.is_empty()));
+    app.metrics_elsewhere = args.metrics_listen.is_some();
+    let app = Arc::new(app);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let served = runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let tcp = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -341,8 +357,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         } else {
             "http"
         };
+        if let Some(addr) = args.metrics_listen {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--metrics-listen): {e}"))?;
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                let stop = Arc::clone(&app);
+                let served = crate::http::serve_metrics(tcp, app, stop.shutdown_begun()).await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+            tracing::info!(address = %addr, "metrics served on an address of their own");
+        }
         tracing::info!(listen = %local, scheme, database = %shown_url(&url), "model-relay serving");
-        crate::run(listener, Arc::clone(&app), shutdown_signal())
+        crate::run(listener, Arc::clone(&app), shutdown)
             .await
             .map_err(|e| format!("server failed: {e}"))
     });
@@ -412,56 +442,68 @@ fn shown_url(url: &DatabaseUrl) -> String {
     }
 }
 
-/// On every SIGHUP, reads the certificate and key files again; a bad pair keeps the one in
-/// force. Connections already up are not touched either way.
-async fn reload_on_hangup(certificate: Arc<ServerCertificate>) {
+/// Reloads the certificate on every SIGHUP. Registers for the signal before it returns:
+/// until then SIGHUP's default action would end the process.
+fn reload_on_hangup(certificate: Arc<ServerCertificate>) -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
-                return;
-            }
-        };
-        while hangups.recv().await.is_some() {
-            match certificate.reload() {
-                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "SIGHUP: certificate not reloaded; keeping the one in force"
-                ),
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hangups = match hangups {
+                Ok(hangups) => hangups,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
+                    return;
+                }
+            };
+            while hangups.recv().await.is_some() {
+                match certificate.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: certificate not reloaded; keeping the one in force"
+                    ),
+                }
             }
         }
+        #[cfg(not(unix))]
+        drop(certificate);
     }
-    #[cfg(not(unix))]
-    drop(certificate);
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Ctrl-C or SIGTERM. Registers for both before it returns, so that a signal that comes
+/// once `serve` has said it is serving is a graceful shutdown, never the default action
+/// (the end of the process).
+fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        [SignalKind::terminate(), SignalKind::interrupt()].map(|kind| signal(kind).ok())
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let [terminate, interrupt] = signals;
+            let received = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = received(terminate) => {}
+                () = received(interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::clock::{Clock, Millis, millis};
 use crate::errors::error_chain;
-use crate::store::{Result, Storer};
+use crate::store::{RequestCounts, Result, Storer};
 
 /// Rows ended or deleted per statement: small enough that one batch holds SQLite's write
 /// lock only briefly.
@@ -60,13 +60,16 @@ fn in_batches(mut batch: impl FnMut() -> Result<u64>) -> Result<u64> {
     Ok(total)
 }
 
-/// Sweeps every `every` until `stop`'s sender is dropped.
+/// Sweeps every `every` until `stop`'s sender is dropped, and after each sweep counts the
+/// stored requests per status and hands the count (`None` if it failed) to `counted`: the
+/// metrics serve that count from memory, so that scrapes never reach the store.
 pub async fn run(
     store: Arc<dyn Storer>,
     clock: Arc<dyn Clock>,
     every: Duration,
     retention: Duration,
     mut stop: watch::Receiver<()>,
+    counted: impl Fn(Option<RequestCounts>) + Send + Sync + 'static,
 ) {
     let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,10 +81,10 @@ pub async fn run(
         let (store, clock) = (Arc::clone(&store), Arc::clone(&clock));
         let done = tokio::task::spawn_blocking(move || {
             let swept = sweep_once(store.as_ref(), clock.now(), retention);
-            (swept, store.checkpoint())
+            (swept, store.checkpoint(), store.count_requests())
         })
         .await;
-        let (swept, checkpointed) = match done {
+        let (swept, checkpointed, counts) = match done {
             Ok(done) => done,
             Err(e) => {
                 tracing::error!(error = %e, "sweep panicked");
@@ -97,6 +100,13 @@ pub async fn run(
         }
         if let Err(e) = checkpointed {
             tracing::warn!(error = %error_chain(&e), "checkpoint failed");
+        }
+        match counts {
+            Ok(counts) => counted(Some(counts)),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot count requests");
+                counted(None);
+            }
         }
     }
 }

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
+use model_relay::App;
 use model_relay::clock::FakeClock;
 use model_relay::config::Settings;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
+use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 use support::prom::Scrape;
@@ -103,7 +105,17 @@ impl World {
             .await
     }
 
+    /// The requests counted now, as the sweeper counts them after a sweep, then a scrape.
     async fn scrape(&self) -> (String, Scrape) {
+        let app = Arc::clone(&self.instance.app);
+        tokio::task::spawn_blocking(move || app.count_requests())
+            .await
+            .unwrap();
+        self.scrape_as_is().await
+    }
+
+    /// A scrape, with whatever the sweeper last counted.
+    async fn scrape_as_is(&self) -> (String, Scrape) {
         let answer = self.http.get_text(&self.url("/metrics")).await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(
@@ -119,7 +131,7 @@ impl World {
     async fn scrape_until(&self, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (_, scrape) = self.scrape().await;
+            let (_, scrape) = self.scrape_as_is().await;
             if done(&scrape) {
                 return scrape;
             }
@@ -296,6 +308,96 @@ async fn answers_from_the_catalog_and_background_refreshes_are_counted() {
     assert_eq!((answers("fresh"), answers("stale")), (1.0, 2.0), "{text}");
     assert_eq!(m.value("model_relay_catalog_refreshes_total", &[]), 1.0);
     w.instance.stop().await;
+}
+
+/// Gauges are what the sweeper last counted, served from memory: a flood of scrapes costs
+/// the store nothing, and a change shows once the sweeper has counted again.
+#[tokio::test]
+async fn scrapes_never_reach_the_store_and_the_sweeper_counts_the_gauges() {
+    let w = World::new(settings()).await;
+    let count_calls = |m: &Scrape| {
+        m.matching(
+            "model_relay_store_operation_duration_seconds_count",
+            &[("op", "count_requests")],
+        )
+        .next()
+        .map_or(0.0, |sample| sample.value)
+    };
+    // The sweeper's first pass, at start, counts once.
+    let first = w
+        .scrape_until("the first sweep has counted", |m| {
+            count_calls(m) == 1.0 && m.has("model_relay_requests")
+        })
+        .await;
+    assert_eq!(
+        first.value("model_relay_requests", &[("status", "pending")]),
+        0.0
+    );
+    let (rt, _daemon) = w.online_runtime().await;
+    w.create_request(&rt).await;
+    for _ in 0..20 {
+        let (_, m) = w.scrape_as_is().await;
+        assert_eq!(count_calls(&m), 1.0, "a scrape counted in the store");
+        assert_eq!(
+            m.value("model_relay_requests", &[("status", "pending")]),
+            0.0
+        );
+    }
+    let (_, m) = w.scrape().await;
+    assert_eq!(
+        m.value("model_relay_requests", &[("status", "pending")]),
+        1.0
+    );
+    w.instance.stop().await;
+}
+
+#[tokio::test]
+async fn a_metrics_token_is_required_when_one_is_set() {
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Timeouts::default()));
+    let app = App::new(store, clock(), settings()).with_metrics_token(Some("s3cret".into()));
+    let instance = Instance::start_app(app).await;
+    let http = Http::default();
+    let url = format!("{}/metrics", instance.base);
+    let with = |token: Option<&'static str>| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let answer = http.try_raw(Method::GET, &url, token, None).await;
+            answer.unwrap().status
+        }
+    };
+    assert_eq!(with(None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(with(Some("s3cre")).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(with(Some("s3cret!")).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(with(Some("s3cret")).await, StatusCode::OK);
+    instance.stop().await;
+}
+
+/// `--metrics-listen`: `/metrics` on its own address, and only there.
+#[test]
+fn metrics_listen_serves_metrics_apart_from_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_at = format!("127.0.0.1:{port}");
+    let serve = support::process::Serve::start(&database, &["--metrics-listen", &metrics_at]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = Http::default();
+        let api = http.get_text(&format!("{}/metrics", serve.base)).await;
+        assert_eq!(api.status, StatusCode::NOT_FOUND);
+        let apart = http.get_text(&format!("http://{metrics_at}/metrics")).await;
+        assert_eq!(apart.status, StatusCode::OK);
+        assert!(apart.text().contains("model_relay_http_requests_total"));
+        let other = http.get_text(&format!("http://{metrics_at}/healthz")).await;
+        assert_eq!(other.status, StatusCode::NOT_FOUND);
+        let healthz = http.get_text(&format!("{}/healthz", serve.base)).await;
+        assert_eq!(healthz.status, StatusCode::OK);
+    });
+    serve.terminate();
 }
 
 /// Nobody polls: the sweeper alone ends the request at its deadline, and deletes it once

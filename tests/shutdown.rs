@@ -153,7 +153,7 @@ impl World {
         // The sweeper's first pass, at start, reads the clock too: let it finish before a
         // test closes the gate, or it would be one more caller held.
         eventually("the first sweep has run", || {
-            let text = metrics.render(None, T0).unwrap();
+            let text = metrics.render(T0).unwrap();
             Scrape::parse(&text)
                 .matching(
                     "model_relay_store_operation_duration_seconds_count",

@@ -239,7 +239,9 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
             app.blocking(|app| Ok(app.store.ping()?)).await?;
             Ok(wire::json(StatusCode::OK, &wire::OK))
         }
-        (&Method::GET, Route::Metrics) => metrics(app).await,
+        // Served on a listener of its own instead (`--metrics-listen`).
+        (&Method::GET, Route::Metrics) if app.metrics_elsewhere => Err(ApiError::NotFound("route")),
+        (&Method::GET, Route::Metrics) => metrics(app, token).await,
         // Each route with a body checks its token before reading the body: a caller
         // without a valid token cannot make the server wait for, or hold, its body.
         (&Method::POST, Route::Runtimes) => create_runtime(app, token, body).await,
@@ -666,18 +668,27 @@ async fn report(
 /// `GET /metrics`. Open like `/healthz`: it tells counts and timings, nothing of anyone's
 /// data. The store is asked for its counts first; when it cannot answer, the rest is still
 /// served (it is what explains the outage) and the store's gauges are left out.
-async fn metrics(app: &Arc<App>) -> Answer {
-    let counts = match app.blocking(|app| Ok(app.store.count_requests()?)).await {
-        Ok(counts) => Some(counts),
-        Err(ApiError::StoreUnavailable(e)) => {
-            tracing::warn!(error = %crate::errors::error_chain(&e), "metrics: cannot count requests");
-            None
-        }
-        Err(e) => return Err(e),
+/// The answer of the metrics listener (`--metrics-listen`): `/metrics` and nothing else.
+pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let token = wire::bearer(request.headers().get(header::AUTHORIZATION));
+    let answer = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&app, token).await,
+        (_, "/metrics") => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+        _ => Err(ApiError::NotFound("route")),
     };
+    answer.unwrap_or_else(ApiError::into_response)
+}
+
+async fn metrics(app: &Arc<App>, token: Option<Token>) -> Answer {
+    if let Some(wanted) = &app.metrics_token
+        && token.is_none_or(|t| !constant_time_eq(t.expose().as_bytes(), wanted.as_bytes()))
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    // From memory: the sweeper counted the stored requests; a scrape never reaches the store.
     let text = app
         .metrics
-        .render(counts.as_ref(), app.clock.now())
+        .render(app.clock.now())
         .map_err(ApiError::Internal)?;
     let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
@@ -685,6 +696,12 @@ async fn metrics(app: &Arc<App>) -> Answer {
         header::HeaderValue::from_static(metrics::CONTENT_TYPE),
     );
     Ok(response)
+}
+
+/// Equality whose time does not depend on where two byte strings first differ, so that a
+/// caller cannot find the metrics token a byte at a time by timing its guesses.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub struct App {
     stopping: watch::Sender<bool>,
     /// Origins whose pages may call the UI routes from a browser (`--cors-origin`).
     pub cors_origins: Vec<String>,
+    /// The bearer token `/metrics` requires, if any (`--metrics-token`).
+    pub metrics_token: Option<String>,
+    /// `/metrics` is served on a listener of its own (`--metrics-listen`), not here.
+    pub metrics_elsewhere: bool,
 }
 
 impl App {
@@ -54,12 +58,26 @@ impl App {
             metrics,
             stopping: watch::Sender::new(false),
             cors_origins: Vec::new(),
+            metrics_token: None,
+            metrics_elsewhere: false,
         }
     }
 
     /// The same instance, answering CORS for pages on `origins` (UI routes only).
     pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
         self.cors_origins = origins;
+        self
+    }
+
+    /// Counts the stored requests now, for the metrics, as the sweeper does after each
+    /// sweep. Blocking (a store call).
+    pub fn count_requests(&self) {
+        self.metrics.set_counts(self.store.count_requests().ok());
+    }
+
+    /// The same instance, with `/metrics` behind `Authorization: Bearer <token>`.
+    pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
+        self.metrics_token = token;
         self
     }
 
@@ -83,12 +101,14 @@ impl App {
     /// (a thread, since it blocks on the store's listener). Must be called on a runtime.
     pub fn start_background(self: &Arc<Self>) -> Background {
         let (stop_sweeper, sweeper_stopped) = watch::channel(());
+        let metrics = Arc::clone(&self.metrics);
         let sweeper = tokio::spawn(sweeper::run(
             Arc::clone(&self.store),
             Arc::clone(&self.clock),
             self.settings.sweep_every,
             self.settings.retention,
             sweeper_stopped,
+            move |counts| metrics.set_counts(counts),
         ));
         let stop_wakeups = Arc::new(AtomicBool::new(false));
         let wakeups = {

@@ -242,7 +242,7 @@ mod tests {
                             store
                                 .heartbeat(&daemon, now, refresh_after, working_on)
                                 .unwrap();
-                            let scraped = metrics.render(None, now).unwrap();
+                            let scraped = metrics.render(now).unwrap();
                             let called = scraped.lines().any(|l| {
                                 l.starts_with("model_relay_store_operation_duration_seconds_count")
                             });

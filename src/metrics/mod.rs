@@ -7,6 +7,7 @@
 
 pub mod metered;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
@@ -59,6 +60,10 @@ pub struct Metrics {
     catalog_answers: IntCounterVec,
     /// Discoveries started in the background because a stale catalog was answered from.
     catalog_refreshes: IntCounter,
+    /// The stored requests per status as the sweeper last counted them; `None` before the
+    /// first count, or when the last one failed. A scrape reads this and never the store,
+    /// so a flood of scrapes costs the store nothing.
+    counts: Mutex<Option<RequestCounts>>,
 }
 
 impl Default for Metrics {
@@ -153,6 +158,7 @@ impl Metrics {
             wakeups: wakeups.expect("valid metric"),
             catalog_answers: catalog_answers.expect("valid metric"),
             catalog_refreshes: catalog_refreshes.expect("valid metric"),
+            counts: Mutex::new(None),
             registry,
         };
         for collector in [
@@ -246,12 +252,18 @@ impl Metrics {
         }
     }
 
+    /// The stored requests per status, as just counted (`None`: the count failed).
+    pub fn set_counts(&self, counts: Option<RequestCounts>) {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+
     /// Every family in the text format. The gauges of stored requests are there only when
-    /// `counts` is: when the store could not be read, they are left out rather than shown
-    /// stale or as zero, and the rest still helps explain the outage.
-    pub fn render(&self, counts: Option<&RequestCounts>, now: Millis) -> Result<String, String> {
+    /// the sweeper's last count succeeded: when the store could not be read, they are left
+    /// out rather than shown stale or as zero, and the rest still helps explain the outage.
+    pub fn render(&self, now: Millis) -> Result<String, String> {
         let mut families = self.registry.gather();
-        if let Some(counts) = counts {
+        let counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counts) = &counts {
             families.extend(gauges(counts, now).map_err(|e| e.to_string())?);
         }
         families.sort_by(|a, b| a.name().cmp(b.name()));

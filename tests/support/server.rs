@@ -35,6 +35,8 @@ pub fn settings() -> Settings {
 
 pub struct Instance {
     pub base: String,
+    /// The instance's `App`, shared with its server.
+    pub app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -61,11 +63,12 @@ impl Instance {
     fn serve(app: App, listener: Listener, base: String) -> Self {
         let app = Arc::new(app);
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(run(listener, app, async {
+        let served = tokio::spawn(run(listener, Arc::clone(&app), async {
             let _ = stopped.await;
         }));
         Instance {
             base,
+            app,
             stop: Some(stop),
             served: Some(served),
         }
