@@ -356,6 +356,8 @@ struct Run {
     cycle: Figures,
     /// The picker's open answered from a fresh catalog: one call, no daemon.
     cached: Figures,
+    /// The full cycle again, while [`SCRAPERS`] connections scrape `/metrics` flat out.
+    cycle_scraped: Figures,
     /// Full cycles per second through the store's API in this process, with no HTTP.
     store_cycles: f64,
 }
@@ -649,8 +651,16 @@ fn run_suite(
         if op == Op::IdleHeartbeat {
             runtime.block_on(bring_online(Arc::clone(&setup)))?;
         }
-        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase))?;
+        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, 0))?;
         eprintln!("bench:   {}: {figures:?}", op.name());
+        Ok::<_, BoxError>(figures)
+    };
+    let scraped = |op: Op| {
+        if options.phase_only.is_some_and(|only| only != op) {
+            return Ok(Figures::default());
+        }
+        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, SCRAPERS))?;
+        eprintln!("bench:   {} under a scrape flood: {figures:?}", op.name());
         Ok::<_, BoxError>(figures)
     };
     let run = Run {
@@ -661,6 +671,7 @@ fn run_suite(
         idle: phase(Op::IdleHeartbeat)?,
         cycle: phase(Op::Cycle)?,
         cached: phase(Op::CachedCreate)?,
+        cycle_scraped: scraped(Op::Cycle)?,
         store_cycles: 0.0,
     };
     if options.phase_only.is_some() {
@@ -1069,11 +1080,30 @@ async fn one(conn: &mut Conn, setup: &Setup, op: Op, worker: usize, i: usize) ->
     Ok(())
 }
 
-/// `concurrency` workers, each on its own connection, repeat `op` for `length`.
-async fn drive(setup: Arc<Setup>, op: Op, length: Duration) -> Res<Figures> {
+/// Connections that scrape `/metrics` back to back in the scrape-flood phase (the load that
+/// slowed another tenant's writes twelvefold when each scrape counted in the store).
+const SCRAPERS: usize = 64;
+
+/// `concurrency` workers, each on its own connection, repeat `op` for `length`; meanwhile
+/// `scrapers` more connections scrape `/metrics` back to back (not counted).
+async fn drive(setup: Arc<Setup>, op: Op, length: Duration, scrapers: usize) -> Res<Figures> {
     let started = Instant::now();
     let counted_from = started + WARMUP;
     let end = counted_from + length;
+    let mut scraping = Vec::new();
+    for _ in 0..scrapers {
+        let addr = setup.addr;
+        scraping.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await?;
+            while Instant::now() < end {
+                let (status, _) = conn.call(Method::GET, "/metrics", None, None).await?;
+                if status != StatusCode::OK {
+                    return Err::<(), BoxError>(format!("/metrics: {status}").into());
+                }
+            }
+            Ok(())
+        }));
+    }
     let server_pid = setup.server_pid;
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(counted_from.into()).await;
@@ -1105,6 +1135,9 @@ async fn drive(setup: Arc<Setup>, op: Op, length: Duration) -> Res<Figures> {
     let mut latencies = Vec::new();
     for worker in workers {
         latencies.extend(worker.await??);
+    }
+    for scraper in scraping {
+        scraper.await??;
     }
     let (from, to) = cpu.await?;
     let cpu = to.per_call(from, latencies.len());
@@ -1245,6 +1278,12 @@ fn render(
             &mut out,
             "cached create (answer from the catalog)",
             &run.cached,
+            e,
+        )?;
+        row(
+            &mut out,
+            &format!("full cycle while {SCRAPERS} connections scrape `/metrics`"),
+            &run.cycle_scraped,
             e,
         )?;
         writeln!(
