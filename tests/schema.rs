@@ -98,12 +98,18 @@ fn a_schema_3_sqlite_file_upgrades_in_place_and_serves() {
     let before = {
         let conn = Connection::open(&path).unwrap();
         assert_eq!(user_version(&conn), 3, "the fixture is a schema-3 file");
+        assert_eq!(auto_vacuum(&conn), 0, "made before files gave space back");
         sqlite_rows(&conn)
     };
 
     let store = SqliteStore::open(&path, Timeouts::default()).expect("open the schema-3 file");
     let conn = Connection::open(&path).unwrap();
     assert_eq!(user_version(&conn), SCHEMA_VERSION);
+    assert_eq!(
+        auto_vacuum(&conn),
+        2,
+        "rebuilt to give space back (INCREMENTAL)"
+    );
     assert_nothing_lost(&before, &sqlite_rows(&conn));
     check_store_reads_fixture(&store, &fixture, &before);
     drop(store);
@@ -619,6 +625,11 @@ fn boolean(value: &Value) -> bool {
         Value::Number(n) => n.as_i64() != Some(0),
         other => panic!("not a boolean: {other}"),
     }
+}
+
+fn auto_vacuum(conn: &Connection) -> i64 {
+    conn.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+        .unwrap()
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {

@@ -107,6 +107,7 @@ impl SqliteStore {
         // opens more. `journal_mode` answers with a row, so it is read, not executed.
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(wait)?;
+        incremental_auto_vacuum(&conn)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -214,6 +215,25 @@ fn change_catalog(
             conn.prepare_cached("DELETE FROM catalogs WHERE runtime_id = ?1")?
                 .execute([runtime.to_string()])?;
         }
+    }
+    Ok(())
+}
+
+/// Makes the file give back the pages its deletions free (in steps: see
+/// `upkeep::checkpoint`): `auto_vacuum = INCREMENTAL`. A new file takes it with its first
+/// table; a file made before (any release up to schema 4) is rebuilt once, by `VACUUM`,
+/// which needs the write lock and time in proportion to the file's size.
+fn incremental_auto_vacuum(conn: &Connection) -> Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", INCREMENTAL)?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+    if tables > 0 {
+        tracing::info!("sqlite: rebuilding the file once so that it can give space back");
+        conn.execute_batch("VACUUM")?;
     }
     Ok(())
 }
