@@ -35,6 +35,14 @@ struct World {
 }
 
 impl World {
+    /// The stored requests counted for the metrics now, as the sweeper does after a pass.
+    async fn count_as_a_sweep_does(&self) {
+        let app = Arc::clone(&self.instance.app);
+        tokio::task::spawn_blocking(move || app.count_requests())
+            .await
+            .unwrap();
+    }
+
     async fn new(store: Arc<dyn Storer>) -> Self {
         let clock = clock();
         let (_, api) = {
@@ -270,7 +278,9 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
     );
     // The wake-up listener's connection went with the server.
     w.until_listener_up(false).await;
-    // The metrics still answer, and say what failed; the store's gauges are left out.
+    // The metrics still answer, and say what failed; once a sweep has failed to count, the
+    // store's gauges are left out.
+    w.count_as_a_sweep_does().await;
     let metrics = w.http.get_text(&w.url("/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
     let m = Scrape::parse(&metrics.text());
@@ -286,6 +296,7 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
     // It listens again, by itself (and re-checks every held call as it does).
     w.until_listener_up(true).await;
     w.finish_the_request().await;
+    w.count_as_a_sweep_does().await;
     let metrics = w.http.get_text(&w.url("/metrics")).await;
     let m = Scrape::parse(&metrics.text());
     assert_eq!(
