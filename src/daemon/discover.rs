@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::model::ModelEntry;
+use crate::model::{DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, check_model_count};
 
 /// Largest models document we read: the server refuses report bodies past 1 MiB anyway.
 const MAX_DOCUMENT: usize = 1024 * 1024;
@@ -112,11 +112,14 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
         }
         _ => return Err("expected a JSON array of models or an object with \"models\"".into()),
     };
+    // More entries than the server takes by default fail the discovery rather than being
+    // cut: a truncated list would look complete on the page, a failure says why.
+    check_model_count(entries.len(), DEFAULT_MAX_MODELS_PER_REPORT)?;
     let mut models = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let model: ModelEntry =
             serde_json::from_value(entry).map_err(|e| format!("models[{i}]: {e}"))?;
-        model.check().map_err(|e| format!("models[{i}].{e}"))?;
+        model.check_at(i)?;
         if !model.has_no_id() {
             models.push(model);
         }
