@@ -372,6 +372,30 @@ mod tests {
         assert!(err(br#"{"models":{}}"#).contains("invalid models document"));
     }
 
+    #[test]
+    fn a_document_past_the_servers_bounds_fails_rather_than_being_cut() {
+        let entries = |n: usize| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|i| serde_json::json!({"id": format!("m{i}"), "label": "M"}))
+                .collect()
+        };
+        let at_limit = serde_json::to_vec(&entries(DEFAULT_MAX_MODELS_PER_REPORT)).unwrap();
+        match parse_models(&at_limit).unwrap() {
+            Discovery::Found { models, .. } => {
+                assert_eq!(models.len(), DEFAULT_MAX_MODELS_PER_REPORT)
+            }
+            other => panic!("{other:?}"),
+        }
+        let past = serde_json::to_vec(&entries(DEFAULT_MAX_MODELS_PER_REPORT + 1)).unwrap();
+        assert_eq!(
+            parse_models(&past).unwrap_err(),
+            "models lists 501 entries; a report may list at most 500"
+        );
+        let huge = serde_json::json!([{"id": "a", "label": "A"}, {"id": "b", "label": "x".repeat(17_000)}]);
+        let error = parse_models(&serde_json::to_vec(&huge).unwrap()).unwrap_err();
+        assert!(error.starts_with("models[1] (id \"b\") is 170"), "{error}");
+    }
+
     #[tokio::test]
     async fn stderr_keeps_its_tail_and_stdout_its_head() {
         let mut tail = Captured::tail(4);

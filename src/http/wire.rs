@@ -461,6 +461,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cursor_comes_back_as_it_went_and_anything_else_is_refused() {
+        let cursor = RuntimeCursor {
+            created_at: 1_777_627_161_000,
+            id: RuntimeId::random().unwrap(),
+        };
+        let text = encode_cursor(cursor);
+        let query = format!("limit=7&cursor={text}");
+        assert_eq!(parse_page_query(Some(&query)).unwrap(), (7, Some(cursor)));
+        assert_eq!(parse_page_query(None).unwrap(), (DEFAULT_PAGE, None));
+        assert_eq!(parse_page_query(Some("x=1")).unwrap(), (DEFAULT_PAGE, None));
+        assert_eq!(parse_page_query(Some("limit=1000")).unwrap().0, MAX_PAGE);
+        // A changed character, a cut, and hex that is not ours.
+        let mut changed = text.clone().into_bytes();
+        changed[0] = b'g';
+        let cut = &text[..text.len() - 2];
+        for bad in [
+            String::from_utf8(changed).unwrap(),
+            cut.to_owned(),
+            "ff".into(),
+        ] {
+            assert!(
+                parse_page_query(Some(&format!("cursor={bad}"))).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "limit",
+            "limit=",
+            "limit=0",
+            "limit=1001",
+            "limit=1e3",
+            "limit=%31",
+        ] {
+            assert!(parse_page_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn report_without_supported_means_supported() {
         let Report::Ended(o) = parse_report(br#"{"status":"completed","models":[]}"#).unwrap()
         else {
