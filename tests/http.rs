@@ -1151,7 +1151,11 @@ async fn shutdown_stops_accepting_and_run_returns() {
     );
 }
 
-engine_tests!(async Timeouts::default(); two_instances_answer_each_others_calls);
+engine_tests!(
+    async Timeouts::default();
+    two_instances_answer_each_others_calls,
+    creates_racing_on_two_instances_stop_at_the_limit,
+);
 
 /// Two instances, each with its own handle (its own pool) on one database: whatever one
 /// instance creates, the other answers — the bug model-relay exists to fix.
@@ -1232,6 +1236,76 @@ async fn two_instances_answer_each_others_calls(engine: &dyn Engine) {
             assert_eq!(done.json["models"], json!([sonnet()]));
         }
     }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// Two instances on one database, creates sent to both at once: exactly the limit is
+/// answered 201, every other create 409, and the list (read a page at a time, pages from
+/// either instance) holds exactly the runtimes answered 201.
+async fn creates_racing_on_two_instances_stop_at_the_limit(engine: &dyn Engine) {
+    const LIMIT: usize = 5;
+    const CREATES: usize = 16;
+    let (a, b) = tokio::task::block_in_place(|| (engine.open(), engine.open()));
+    let clock = clock();
+    let (first, now) = (a.clone(), clock.now());
+    let (_, api) = tokio::task::spawn_blocking(move || workspace(first.as_ref(), now))
+        .await
+        .unwrap();
+    let limited = Settings {
+        max_runtimes_per_workspace: LIMIT as u64,
+        ..settings()
+    };
+    let one = Instance::start(a, clock.clone(), limited).await;
+    let two = Instance::start(b, clock.clone(), limited).await;
+    let http = Http::default();
+    let bases = [one.base.clone(), two.base.clone()];
+
+    let creates: Vec<_> = (0..CREATES)
+        .map(|i| {
+            let (http, api) = (http.clone(), api.clone());
+            let url = format!("{}/api/runtimes", bases[i % 2]);
+            tokio::spawn(async move {
+                let body = json!({"name": format!("rt {i}"), "provider": "codex"});
+                http.post(&url, &api, body).await
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut refused = 0;
+    for create in creates {
+        let answer = create.await.unwrap();
+        match answer.status {
+            StatusCode::CREATED => created.push(answer.json["id"].as_str().unwrap().to_owned()),
+            StatusCode::CONFLICT => refused += 1,
+            other => panic!("{other}: {}", answer.json),
+        }
+    }
+    assert_eq!((created.len(), refused), (LIMIT, CREATES - LIMIT));
+
+    let mut listed = Vec::new();
+    let mut query = "limit=2".to_owned();
+    for page in 0.. {
+        let url = format!("{}/api/runtimes?{query}", bases[page % 2]);
+        let answer = http.get(&url, &api).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        let runtimes = answer.json["runtimes"].as_array().unwrap();
+        listed.extend(
+            runtimes
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned()),
+        );
+        let Some(cursor) = answer.json["next_cursor"].as_str() else {
+            break;
+        };
+        query = format!("limit=2&cursor={cursor}");
+    }
+    listed.sort();
+    created.sort();
+    assert_eq!(
+        listed, created,
+        "the list holds the runtimes answered 201, once each"
+    );
     one.stop().await;
     two.stop().await;
 }
