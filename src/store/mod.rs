@@ -379,7 +379,7 @@ pub trait Storer: Send + Sync {
     /// [`create_runtime_within`](Self::create_runtime_within).
     fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
         self.create_runtime_within(new, now, u64::MAX)?
-            .ok_or_else(|| StoreError::Corrupt("a workspace has 2^64 runtimes".to_owned()))
+            .ok_or_else(|| StoreError::Corrupt("a create without a limit was refused".to_owned()))
     }
 
     /// One page of the workspace's runtimes in the order `created_at, id`: at most `limit`,
