@@ -125,6 +125,17 @@ struct ServeArgs {
     /// many waiting calls".
     #[arg(long, default_value_t = 10_000, env = "MODEL_RELAY_MAX_WAITING")]
     max_waiting: usize,
+    /// The most runtimes one workspace may have; past it creating a runtime answers 409, so
+    /// that one tenant cannot fill the store for every other.
+    #[arg(
+        long,
+        default_value_t = 1_000,
+        env = "MODEL_RELAY_MAX_RUNTIMES_PER_WORKSPACE"
+    )]
+    max_runtimes_per_workspace: u64,
+    /// The most model entries one report may carry; past it the report answers 400.
+    #[arg(long, default_value_t = 500, env = "MODEL_RELAY_MAX_MODELS_PER_REPORT")]
+    max_models_per_report: usize,
     /// The most connections open at once; past it a new connection is closed as soon as it
     /// is accepted.
     #[arg(long, default_value_t = 8_192, env = "MODEL_RELAY_MAX_CONNECTIONS")]
@@ -313,6 +324,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         recheck_every: args.recheck_every,
         max_waiting: args.max_waiting,
         max_connections: args.max_connections,
+        max_runtimes_per_workspace: args.max_runtimes_per_workspace,
+        max_models_per_report: args.max_models_per_report,
         read_timeout: args.read_timeout,
         catalog_fresh: args.catalog_fresh,
         catalog_serve: args.catalog_serve,

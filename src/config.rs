@@ -151,6 +151,10 @@ pub struct Settings {
     /// A catalog younger than this (and older than `catalog_fresh`) is answered from while
     /// a discovery runs in the background.
     pub catalog_serve: Duration,
+    /// The most runtimes a workspace may have: past it a create answers 409.
+    pub max_runtimes_per_workspace: u64,
+    /// The most model entries one report may carry: past it the report answers 400.
+    pub max_models_per_report: usize,
 }
 
 impl Default for Settings {
@@ -170,6 +174,8 @@ impl Default for Settings {
             read_timeout: Duration::from_secs(30),
             catalog_fresh: Duration::from_secs(60),
             catalog_serve: Duration::from_secs(24 * 3600),
+            max_runtimes_per_workspace: 1_000,
+            max_models_per_report: 500,
         }
     }
 }

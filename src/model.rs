@@ -71,7 +71,42 @@ pub const MAX_CHOICE_TEXT: usize = 200;
 /// The longest description of a level or a tier, in characters.
 pub const MAX_DESCRIPTION: usize = 1000;
 
+/// The most bytes one model entry may take as JSON. The field bounds of
+/// [`ModelEntry::check`] leave `id`, `label` and `provider` open and allow far more
+/// choice text than any real model has (about 90,000 characters); real entries are well
+/// under 2 KiB.
+pub const MAX_ENTRY_BYTES: usize = 16 * 1024;
+/// The default of `serve --max-models-per-report`, and the bound the reference daemon
+/// holds to before it reports.
+pub const DEFAULT_MAX_MODELS_PER_REPORT: usize = 500;
+
+/// A report's count of entries against the most allowed (`--max-models-per-report`).
+pub fn check_model_count(count: usize, max: usize) -> Result<(), String> {
+    if count > max {
+        return Err(format!(
+            "models lists {count} entries; a report may list at most {max}"
+        ));
+    }
+    Ok(())
+}
+
 impl ModelEntry {
+    /// [`check`](Self::check) and [`MAX_ENTRY_BYTES`], with the error naming the entry as
+    /// `models[i]`, the way the server's 400 and the daemon's failed discovery say it.
+    pub fn check_at(&self, i: usize) -> Result<(), String> {
+        self.check().map_err(|e| format!("models[{i}].{e}"))?;
+        // Serializing plain strings and numbers cannot fail; if it did, refuse the entry.
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |json| json.len());
+        if bytes > MAX_ENTRY_BYTES {
+            let id: String = self.id.chars().take(64).collect();
+            return Err(format!(
+                "models[{i}] (id {id:?}) is {bytes} bytes of JSON; an entry may be at most \
+                 {MAX_ENTRY_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+
     /// An entry whose id is empty or white space: dropped from a report, the rest of the
     /// report standing (refused whole, the report would be lost: the reference daemon does
     /// not retry a 4xx). The server and the daemon both apply it.

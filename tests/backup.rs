@@ -104,7 +104,8 @@ async fn a_backup_taken_while_serve_writes_restores_every_runtime_created_before
         .as_str()
         .unwrap()
         .to_owned();
-    let serve = Serve::start(&live, &[]);
+    // The writer creates runtimes for as long as the backup takes: no limit stops it.
+    let serve = Serve::start(&live, &["--max-runtimes-per-workspace", "1000000"]);
     let http = Http::default();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -178,16 +179,19 @@ async fn a_backup_taken_while_serve_writes_restores_every_runtime_created_before
     // Restored: a new server on the copy knows the same workspace token and every runtime
     // that existed before the backup began.
     let restored = Serve::start(&format!("sqlite:{}", copy.display()), &[]);
-    let listed = http
-        .get(&format!("{}/api/runtimes", restored.base), &api)
-        .await;
-    assert_eq!(listed.status, StatusCode::OK, "{}", listed.json);
-    let present: HashSet<&str> = listed.json["runtimes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
+    // The list comes a page at a time: every page, however many the writer made.
+    let mut present: HashSet<String> = HashSet::new();
+    let mut url = format!("{}/api/runtimes?limit=1000", restored.base);
+    loop {
+        let listed = http.get(&url, &api).await;
+        assert_eq!(listed.status, StatusCode::OK, "{}", listed.json);
+        let page = listed.json["runtimes"].as_array().unwrap();
+        present.extend(page.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        let Some(cursor) = listed.json["next_cursor"].as_str() else {
+            break;
+        };
+        url = format!("{}/api/runtimes?limit=1000&cursor={cursor}", restored.base);
+    }
     let missing: Vec<&String> = before
         .iter()
         .filter(|id| !present.contains(id.as_str()))
@@ -201,7 +205,7 @@ async fn a_backup_taken_while_serve_writes_restores_every_runtime_created_before
     // One snapshot: the writer made its runtimes one after another, so the copy holds the
     // first of them, however many, and none made after a missing one.
     let all = std::mem::take(&mut written.lock().unwrap().runtimes);
-    let prefix: HashSet<&str> = all[..present.len()].iter().map(String::as_str).collect();
+    let prefix: HashSet<String> = all[..present.len()].iter().cloned().collect();
     assert_eq!(present, prefix, "the copy is not one moment of the writes");
     eprintln!(
         "runtimes answered before the backup: {}, in the copy: {}, in all: {}",

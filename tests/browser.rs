@@ -24,8 +24,8 @@ use model_relay::config::Settings;
 use model_relay::daemon::{self, Discovery, Source};
 use model_relay::ids::{RuntimeId, Token};
 use model_relay::model::ModelEntry;
-use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
+use model_relay::store::{NewRuntime, Storer};
 use serde_json::json;
 use support::server::{Http, Instance, settings, workspace};
 use tokio::sync::watch;
@@ -630,6 +630,60 @@ async fn fetch_from_page(
         body.unwrap_or(serde_json::Value::Null),
     ];
     client.execute_async(script, args).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_of_several_pages_shows_every_runtime() {
+    let Some(tools) = driver::tools("a_workspace_of_several_pages_shows_every_runtime") else {
+        return;
+    };
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let (workspace_id, api) = workspace(store.as_ref(), 0);
+    // Past two of the server's default pages (100): the page must follow `next_cursor`
+    // twice to show them all. Two share each millisecond, so pages also end inside a tie.
+    const RUNTIMES: i64 = 230;
+    for i in 0..RUNTIMES {
+        let new = NewRuntime {
+            id: RuntimeId::random().unwrap(),
+            workspace_id,
+            name: format!("rt-{i:03}"),
+            provider: "test".into(),
+            daemon_token: Token::new_daemon().unwrap().hash(),
+        };
+        store.create_runtime(&new, 1_000 + i / 2).unwrap();
+    }
+    let server = Instance::start(store, Arc::new(SystemClock), settings()).await;
+
+    let driver = Driver::start(&tools, &artifacts.join("chromedriver-pages.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let client = driver.session(&tools, profile.path()).await;
+    let outcome = tokio::spawn({
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            client.goto(&format!("{base}/")).await.unwrap();
+            let token = client.find(Locator::Id("token")).await.unwrap();
+            token.send_keys(&api).await.unwrap();
+            token.send_keys(&Key::Enter).await.unwrap();
+            wait_for_text(&client, "#runtimes-status", "230 runtimes").await;
+            let items = client.find_all(Locator::Css("li.runtime")).await.unwrap();
+            assert_eq!(items.len(), 230);
+            for name in ["rt-000", "rt-099", "rt-100", "rt-199", "rt-200", "rt-229"] {
+                assert!(
+                    client.find(Locator::Css(&runtime(name))).await.is_ok(),
+                    "{name} is listed"
+                );
+            }
+        }
+    })
+    .await;
+    let _ = client.close().await;
+    drop(driver);
+    server.stop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

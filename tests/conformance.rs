@@ -23,6 +23,8 @@ mod common;
 mod create;
 #[path = "conformance/expiry.rs"]
 mod expiry;
+#[path = "conformance/limits.rs"]
+mod limits;
 #[path = "conformance/listen.rs"]
 mod listen;
 #[path = "conformance/report.rs"]

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use model_relay::clock::{Clock, FakeClock, Millis, rfc3339};
+use model_relay::config::Settings;
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
     Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result as StoreResult, Scoped, StoreError, Storer,
+    Result as StoreResult, RuntimeCursor, Scoped, StoreError, Storer,
 };
 use serde_json::{Value, json};
 use support::engines::{Engine, engine_tests};
@@ -35,9 +36,18 @@ impl World {
     }
 
     async fn on(store: Arc<dyn Storer>) -> Self {
+        Self::with(store, settings()).await
+    }
+
+    /// On a memory store, with these settings.
+    async fn with_settings(settings: Settings) -> Self {
+        Self::with(Arc::new(MemoryStore::new(Timeouts::default())), settings).await
+    }
+
+    async fn with(store: Arc<dyn Storer>, settings: Settings) -> Self {
         let clock = clock();
         let (_, api) = workspace(store.as_ref(), T0);
-        let instance = Instance::start(store.clone(), clock.clone(), settings()).await;
+        let instance = Instance::start(store.clone(), clock.clone(), settings).await;
         World {
             http: Http::default(),
             clock,
@@ -619,6 +629,184 @@ async fn bodies_past_the_limit_are_413() {
 }
 
 #[tokio::test]
+async fn creating_a_runtime_past_the_workspace_limit_is_409_and_stores_nothing() {
+    let w = World::with_settings(Settings {
+        max_runtimes_per_workspace: 2,
+        ..settings()
+    })
+    .await;
+    w.runtime().await;
+    w.runtime().await;
+    let refused = w
+        .http
+        .post(
+            &w.url("/api/runtimes"),
+            &w.api,
+            json!({"name": "third", "provider": "claude"}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert_eq!(
+        refused.json,
+        json!({"error": "this workspace has 2 runtimes, the most allowed: delete one first"})
+    );
+    let list = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(list.json["runtimes"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_report_past_the_models_limit_or_with_a_huge_entry_is_400_and_changes_nothing() {
+    let w = World::with_settings(Settings {
+        max_models_per_report: 3,
+        ..settings()
+    })
+    .await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let model = |i: usize| json!({"id": format!("m{i}"), "label": format!("Model {i}")});
+
+    let four: Vec<Value> = (0..4).map(model).collect();
+    let answer = w
+        .report(
+            &rt,
+            &id,
+            &daemon,
+            json!({"status": "completed", "models": four}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer.json,
+        json!({"error": "models lists 4 entries; a report may list at most 3"})
+    );
+
+    // Within the field bounds, but 20,000 characters of label: the entry is named.
+    let huge = json!({"id": "big", "label": "x".repeat(20_000)});
+    let answer = w
+        .report(
+            &rt,
+            &id,
+            &daemon,
+            json!({"status": "completed", "models": [model(0), huge]}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    let error = answer.json["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("models[1] (id \"big\") is 200") && error.ends_with("at most 16384"),
+        "{error}"
+    );
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+
+    let three: Vec<Value> = (0..3).map(model).collect();
+    let answer = w
+        .report(
+            &rt,
+            &id,
+            &daemon,
+            json!({"status": "completed", "models": three}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(
+        w.poll(&rt, &id).await.json["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn runtimes_are_listed_a_page_at_a_time_each_once_in_order() {
+    let w = World::new().await;
+    let mut created = Vec::new();
+    // Runtimes 0–2 share a millisecond: a page may end between them.
+    for i in 0..5 {
+        if i >= 3 {
+            w.clock.advance(Duration::from_millis(1));
+        }
+        created.push(w.runtime().await.0);
+    }
+    let whole = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    let ids = |page: &Value| -> Vec<String> {
+        let list = page["runtimes"].as_array().unwrap();
+        list.iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = ids(&whole.json);
+    assert_eq!(all.len(), 5);
+    assert_eq!(whole.json.get("next_cursor"), None, "one page holds them");
+    let mut same_ms = created[..3].to_vec();
+    same_ms.sort();
+    assert_eq!(all[..3], same_ms[..], "ties in id order");
+    assert_eq!(all[3..], created[3..], "then by created_at");
+
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut url = w.url("/api/runtimes?limit=2");
+    loop {
+        let page = w.http.get(&url, &w.api).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.json);
+        pages += 1;
+        let got = ids(&page.json);
+        assert!(got.len() <= 2);
+        seen.extend(got);
+        let Some(cursor) = page.json["next_cursor"].as_str() else {
+            break;
+        };
+        url = w.url(&format!("/api/runtimes?limit=2&cursor={cursor}"));
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, all, "pages cover every runtime once, in order");
+
+    let exact = w.http.get(&w.url("/api/runtimes?limit=5"), &w.api).await;
+    assert_eq!(ids(&exact.json), all);
+    assert_eq!(
+        exact.json.get("next_cursor"),
+        None,
+        "no empty page after a full one"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_limit_or_cursor_is_400_and_needs_a_token_first() {
+    let w = World::new().await;
+    w.runtime().await;
+    let limit_error = json!({"error": "limit must be a whole number from 1 to 1000"});
+    for bad in [
+        "0",
+        "1001",
+        "-1",
+        "+5",
+        "abc",
+        "",
+        "99999999999999999999999",
+    ] {
+        let answer = w
+            .http
+            .get(&w.url(&format!("/api/runtimes?limit={bad}")), &w.api)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "limit={bad}");
+        assert_eq!(answer.json, limit_error, "limit={bad}");
+    }
+    let cursor_error =
+        json!({"error": "cursor is not one this server handed out (take next_cursor as it is)"});
+    // Not hex; odd length; hex of text without a dot; hex of "1.not-a-uuid"; empty.
+    for bad in ["zz", "abc", "6162", "312e6e6f742d612d75756964", ""] {
+        let answer = w
+            .http
+            .get(&w.url(&format!("/api/runtimes?cursor={bad}")), &w.api)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "cursor={bad}");
+        assert_eq!(answer.json, cursor_error, "cursor={bad}");
+    }
+    let unauthorized = w.http.get(&w.url("/api/runtimes?limit=0"), "nobody").await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn reports_that_find_the_request_not_running_are_409_but_an_exact_replay_is_200() {
     let w = World::new().await;
     let (rt, daemon) = w.online_runtime().await;
@@ -800,10 +988,20 @@ impl Storer for DownStore {
     fn workspace_by_api_token(&self, _: &TokenHash) -> StoreResult<Option<WorkspaceId>> {
         down()
     }
-    fn create_runtime(&self, _: &NewRuntime, _: Millis) -> StoreResult<Runtime> {
+    fn create_runtime_within(
+        &self,
+        _: &NewRuntime,
+        _: Millis,
+        _: u64,
+    ) -> StoreResult<Option<Runtime>> {
         down()
     }
-    fn list_runtimes(&self, _: WorkspaceId) -> StoreResult<Vec<Runtime>> {
+    fn list_runtimes(
+        &self,
+        _: WorkspaceId,
+        _: Option<RuntimeCursor>,
+        _: usize,
+    ) -> StoreResult<Vec<Runtime>> {
         down()
     }
     fn find_runtime(&self, _: WorkspaceId, _: RuntimeId) -> StoreResult<Option<Runtime>> {
@@ -953,7 +1151,11 @@ async fn shutdown_stops_accepting_and_run_returns() {
     );
 }
 
-engine_tests!(async Timeouts::default(); two_instances_answer_each_others_calls);
+engine_tests!(
+    async Timeouts::default();
+    two_instances_answer_each_others_calls,
+    creates_racing_on_two_instances_stop_at_the_limit,
+);
 
 /// Two instances, each with its own handle (its own pool) on one database: whatever one
 /// instance creates, the other answers — the bug model-relay exists to fix.
@@ -1034,6 +1236,76 @@ async fn two_instances_answer_each_others_calls(engine: &dyn Engine) {
             assert_eq!(done.json["models"], json!([sonnet()]));
         }
     }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// Two instances on one database, creates sent to both at once: exactly the limit is
+/// answered 201, every other create 409, and the list (read a page at a time, pages from
+/// either instance) holds exactly the runtimes answered 201.
+async fn creates_racing_on_two_instances_stop_at_the_limit(engine: &dyn Engine) {
+    const LIMIT: usize = 5;
+    const CREATES: usize = 16;
+    let (a, b) = tokio::task::block_in_place(|| (engine.open(), engine.open()));
+    let clock = clock();
+    let (first, now) = (a.clone(), clock.now());
+    let (_, api) = tokio::task::spawn_blocking(move || workspace(first.as_ref(), now))
+        .await
+        .unwrap();
+    let limited = Settings {
+        max_runtimes_per_workspace: LIMIT as u64,
+        ..settings()
+    };
+    let one = Instance::start(a, clock.clone(), limited).await;
+    let two = Instance::start(b, clock.clone(), limited).await;
+    let http = Http::default();
+    let bases = [one.base.clone(), two.base.clone()];
+
+    let creates: Vec<_> = (0..CREATES)
+        .map(|i| {
+            let (http, api) = (http.clone(), api.clone());
+            let url = format!("{}/api/runtimes", bases[i % 2]);
+            tokio::spawn(async move {
+                let body = json!({"name": format!("rt {i}"), "provider": "codex"});
+                http.post(&url, &api, body).await
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut refused = 0;
+    for create in creates {
+        let answer = create.await.unwrap();
+        match answer.status {
+            StatusCode::CREATED => created.push(answer.json["id"].as_str().unwrap().to_owned()),
+            StatusCode::CONFLICT => refused += 1,
+            other => panic!("{other}: {}", answer.json),
+        }
+    }
+    assert_eq!((created.len(), refused), (LIMIT, CREATES - LIMIT));
+
+    let mut listed = Vec::new();
+    let mut query = "limit=2".to_owned();
+    for page in 0.. {
+        let url = format!("{}/api/runtimes?{query}", bases[page % 2]);
+        let answer = http.get(&url, &api).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        let runtimes = answer.json["runtimes"].as_array().unwrap();
+        listed.extend(
+            runtimes
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned()),
+        );
+        let Some(cursor) = answer.json["next_cursor"].as_str() else {
+            break;
+        };
+        query = format!("limit=2&cursor={cursor}");
+    }
+    listed.sort();
+    created.sort();
+    assert_eq!(
+        listed, created,
+        "the list holds the runtimes answered 201, once each"
+    );
     one.stop().await;
     two.stop().await;
 }

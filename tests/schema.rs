@@ -456,7 +456,7 @@ fn check_store_reads_fixture(store: &dyn Storer, fixture: &Fixture, before: &Row
         .workspace_by_api_token(&Token::from_header(&fixture.token).hash())
         .unwrap()
         .expect("the fixture's API token still opens its workspace");
-    let listed = store.list_runtimes(workspace).unwrap();
+    let listed = store.list_runtimes(workspace, None, 100).unwrap();
     let ids: Vec<RuntimeId> = listed.iter().map(|r| r.id).collect();
     assert_eq!(ids, [fixture.laptop, fixture.desktop], "oldest first");
     for runtime in &listed {

@@ -579,6 +579,9 @@ fn start_server_with(server: &Path, database: &str, log: &Path, extra: &[&str]) 
         ])
         // Seeded rows must outlive the run; the sweeper would delete them after retention.
         .args(["--retention", "1h"])
+        // The load puts 10,000 idle runtimes and more in one workspace, past the default
+        // limit per workspace.
+        .args(["--max-runtimes-per-workspace", "1000000"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::model::ModelEntry;
+use crate::model::{DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, check_model_count};
 
 /// Largest models document we read: the server refuses report bodies past 1 MiB anyway.
 const MAX_DOCUMENT: usize = 1024 * 1024;
@@ -112,11 +112,14 @@ pub fn parse_models(json: &[u8]) -> Result<Discovery, String> {
         }
         _ => return Err("expected a JSON array of models or an object with \"models\"".into()),
     };
+    // More entries than the server takes by default fail the discovery rather than being
+    // cut: a truncated list would look complete on the page, a failure says why.
+    check_model_count(entries.len(), DEFAULT_MAX_MODELS_PER_REPORT)?;
     let mut models = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let model: ModelEntry =
             serde_json::from_value(entry).map_err(|e| format!("models[{i}]: {e}"))?;
-        model.check().map_err(|e| format!("models[{i}].{e}"))?;
+        model.check_at(i)?;
         if !model.has_no_id() {
             models.push(model);
         }
@@ -367,6 +370,30 @@ mod tests {
                 .contains("models[0].service_tiers[0].id must not be empty")
         );
         assert!(err(br#"{"models":{}}"#).contains("invalid models document"));
+    }
+
+    #[test]
+    fn a_document_past_the_servers_bounds_fails_rather_than_being_cut() {
+        let entries = |n: usize| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|i| serde_json::json!({"id": format!("m{i}"), "label": "M"}))
+                .collect()
+        };
+        let at_limit = serde_json::to_vec(&entries(DEFAULT_MAX_MODELS_PER_REPORT)).unwrap();
+        match parse_models(&at_limit).unwrap() {
+            Discovery::Found { models, .. } => {
+                assert_eq!(models.len(), DEFAULT_MAX_MODELS_PER_REPORT)
+            }
+            other => panic!("{other:?}"),
+        }
+        let past = serde_json::to_vec(&entries(DEFAULT_MAX_MODELS_PER_REPORT + 1)).unwrap();
+        assert_eq!(
+            parse_models(&past).unwrap_err(),
+            "models lists 501 entries; a report may list at most 500"
+        );
+        let huge = serde_json::json!([{"id": "a", "label": "A"}, {"id": "b", "label": "x".repeat(17_000)}]);
+        let error = parse_models(&serde_json::to_vec(&huge).unwrap()).unwrap_err();
+        assert!(error.starts_with("models[1] (id \"b\") is 170"), "{error}");
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use crate::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use crate::instance::Source;
 use crate::metrics;
 use crate::model::{ModelRequest, Report, ReportOutcome};
-use crate::store::{Ask, Asked, Daemon, Heartbeat, NewRuntime, Scoped};
+use crate::store::{Ask, Asked, Daemon, Heartbeat, NewRuntime, RuntimeCursor, Scoped};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
 /// id that cannot exist gets the same 404 as one that does not.
@@ -245,7 +245,7 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
         // Each route with a body checks its token before reading the body: a caller
         // without a valid token cannot make the server wait for, or hold, its body.
         (&Method::POST, Route::Runtimes) => create_runtime(app, token, body).await,
-        (&Method::GET, Route::Runtimes) => list_runtimes(app, token).await,
+        (&Method::GET, Route::Runtimes) => list_runtimes(app, token, query.as_deref()).await,
         (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
         (&Method::POST, Route::Models(rt)) => create_request(app, token, rt, body).await,
         (&Method::GET, Route::Model(rt, id)) => {
@@ -331,7 +331,8 @@ async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) ->
     let id = RuntimeId::random()?;
     let (runtime, daemon_token) = app
         .blocking(move |app| {
-            let runtime = app.store.create_runtime(
+            let max = app.settings.max_runtimes_per_workspace;
+            let runtime = app.store.create_runtime_within(
                 &NewRuntime {
                     id,
                     workspace_id,
@@ -340,7 +341,13 @@ async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) ->
                     daemon_token: daemon_token.hash(),
                 },
                 app.clock.now(),
+                max,
             )?;
+            let runtime = runtime.ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "this workspace has {max} runtimes, the most allowed: delete one first"
+                ))
+            })?;
             Ok((runtime, daemon_token))
         })
         .await?;
@@ -351,19 +358,33 @@ async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) ->
     ))
 }
 
-async fn list_runtimes(app: &Arc<App>, token: Option<Token>) -> Answer {
-    let (runtimes, now) = app
+async fn list_runtimes(app: &Arc<App>, token: Option<Token>, query: Option<&str>) -> Answer {
+    let page = wire::parse_page_query(query);
+    let (mut runtimes, limit, now) = app
         .blocking(move |app| {
+            // The token first: a caller without one learns nothing, not even about its query.
             let workspace = workspace_of(app, token.as_ref())?;
-            Ok((app.store.list_runtimes(workspace)?, app.clock.now()))
+            let (limit, after) = page?;
+            // One more than the page: whether it is there says whether a next page is.
+            let runtimes = app.store.list_runtimes(workspace, after, limit + 1)?;
+            Ok((runtimes, limit, app.clock.now()))
         })
         .await?;
+    let next_cursor = if runtimes.len() > limit {
+        runtimes.truncate(limit);
+        runtimes
+            .last()
+            .map(|last| wire::encode_cursor(RuntimeCursor::after(last)))
+    } else {
+        None
+    };
     let offline_after = app.settings.offline_after;
     let list = RuntimeList {
         runtimes: runtimes
             .iter()
             .map(|r| RuntimeRecord::new(r, r.is_online(now, offline_after), None))
             .collect(),
+        next_cursor,
     };
     Ok(wire::json(StatusCode::OK, &list))
 }
@@ -644,7 +665,7 @@ async fn report(
         return Err(ApiError::NotFound("runtime"));
     }
     let body = read_body(app, body).await?;
-    let report = wire::parse_report(&body)?;
+    let report = wire::parse_report_within(&body, app.settings.max_models_per_report)?;
     let ended = matches!(report, Report::Ended(_));
     let outcome = app
         .blocking(move |app| Ok(app.store.report(rt, id, &report, app.clock.now())?))

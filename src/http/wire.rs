@@ -11,7 +11,11 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use crate::clock::rfc3339;
 use crate::ids::{RequestId, RuntimeId, Token};
-use crate::model::{ModelEntry, ModelRequest, Outcome, Report, Runtime, Status};
+use crate::model::{
+    DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, ModelRequest, Outcome, Report, Runtime, Status,
+    check_model_count,
+};
+use crate::store::RuntimeCursor;
 
 /// Longest runtime name and provider we store: enough for any real name, small enough that
 /// a list of runtimes stays a small answer.
@@ -223,8 +227,75 @@ pub fn parse_wait_query(query: Option<&str>) -> Result<u64, ApiError> {
     Ok(wait)
 }
 
+/// A page of `GET /api/runtimes` when the caller names no `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+/// The largest `limit` of `GET /api/runtimes`.
+pub const MAX_PAGE: usize = 1000;
+
+const BAD_LIMIT: &str = "limit must be a whole number from 1 to 1000";
+const BAD_CURSOR: &str = "cursor is not one this server handed out (take next_cursor as it is)";
+
+/// `?limit=N&cursor=C` of `GET /api/runtimes`: the page size ([`DEFAULT_PAGE`] when absent)
+/// and where the page starts. Other parameters are ignored; a bad value of either is 400.
+pub fn parse_page_query(query: Option<&str>) -> Result<(usize, Option<RuntimeCursor>), ApiError> {
+    let mut limit = DEFAULT_PAGE;
+    let mut cursor = None;
+    for pair in query.unwrap_or_default().split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| {
+                        (1..=MAX_PAGE).contains(n) && value.bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .ok_or_else(|| ApiError::BadRequest(BAD_LIMIT.to_owned()))?;
+            }
+            "cursor" => {
+                cursor = Some(
+                    decode_cursor(value)
+                        .ok_or_else(|| ApiError::BadRequest(BAD_CURSOR.to_owned()))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok((limit, cursor))
+}
+
+/// The opaque `next_cursor`: `created_at.id` of the page's last runtime, in hex, so that
+/// callers pass it back as it is rather than build one.
+pub fn encode_cursor(cursor: RuntimeCursor) -> String {
+    let text = format!("{}.{}", cursor.created_at, cursor.id);
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(hex: &str) -> Option<RuntimeCursor> {
+    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (created_at, id) = text.split_once('.')?;
+    Some(RuntimeCursor {
+        created_at: created_at.parse().ok()?,
+        id: RuntimeId::parse(id)?,
+    })
+}
+
 /// `POST /api/daemon/runtimes/{id}/models/{id}/result`. Unknown fields are ignored.
+/// Within the default of `--max-models-per-report`.
 pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
+    parse_report_within(body, DEFAULT_MAX_MODELS_PER_REPORT)
+}
+
+/// A report body; `max_models` is `--max-models-per-report`: a longer list is refused whole
+/// (400), as is an entry out of [`ModelEntry::check_at`]'s bounds.
+pub fn parse_report_within(body: &[u8], max_models: usize) -> Result<Report, ApiError> {
     #[derive(Deserialize)]
     struct Raw {
         status: String,
@@ -249,10 +320,9 @@ pub fn parse_report(body: &[u8]) -> Result<Report, ApiError> {
         }
     };
     let mut models = raw.models.unwrap_or_default();
+    check_model_count(models.len(), max_models).map_err(ApiError::BadRequest)?;
     for (i, model) in models.iter().enumerate() {
-        model
-            .check()
-            .map_err(|e| ApiError::BadRequest(format!("models[{i}].{e}")))?;
+        model.check_at(i).map_err(ApiError::BadRequest)?;
     }
     models.retain(|m| !m.has_no_id());
     Ok(Report::Ended(Outcome {
@@ -360,6 +430,9 @@ impl<'a> RuntimeRecord<'a> {
 #[derive(Serialize)]
 pub struct RuntimeList<'a> {
     pub runtimes: Vec<RuntimeRecord<'a>>,
+    /// Where the next page starts; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -386,6 +459,44 @@ impl HeartbeatAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_comes_back_as_it_went_and_anything_else_is_refused() {
+        let cursor = RuntimeCursor {
+            created_at: 1_777_627_161_000,
+            id: RuntimeId::random().unwrap(),
+        };
+        let text = encode_cursor(cursor);
+        let query = format!("limit=7&cursor={text}");
+        assert_eq!(parse_page_query(Some(&query)).unwrap(), (7, Some(cursor)));
+        assert_eq!(parse_page_query(None).unwrap(), (DEFAULT_PAGE, None));
+        assert_eq!(parse_page_query(Some("x=1")).unwrap(), (DEFAULT_PAGE, None));
+        assert_eq!(parse_page_query(Some("limit=1000")).unwrap().0, MAX_PAGE);
+        // A changed character, a cut, and hex that is not ours.
+        let mut changed = text.clone().into_bytes();
+        changed[0] = b'g';
+        let cut = &text[..text.len() - 2];
+        for bad in [
+            String::from_utf8(changed).unwrap(),
+            cut.to_owned(),
+            "ff".into(),
+        ] {
+            assert!(
+                parse_page_query(Some(&format!("cursor={bad}"))).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "limit",
+            "limit=",
+            "limit=0",
+            "limit=1001",
+            "limit=1e3",
+            "limit=%31",
+        ] {
+            assert!(parse_page_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn report_without_supported_means_supported() {

@@ -13,8 +13,8 @@ use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use crate::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, Scoped,
-    Storer,
+    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
+    RuntimeCursor, Scoped, Storer,
 };
 
 pub struct MeteredStore {
@@ -76,12 +76,24 @@ impl Storer for MeteredStore {
         })
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.timed("create_runtime", |s| s.create_runtime(new, now))
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        self.timed("create_runtime", |s| s.create_runtime_within(new, now, max))
     }
 
-    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
-        self.timed("list_runtimes", |s| s.list_runtimes(workspace))
+    fn list_runtimes(
+        &self,
+        workspace: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>> {
+        self.timed("list_runtimes", |s| {
+            s.list_runtimes(workspace, after, limit)
+        })
     }
 
     fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {

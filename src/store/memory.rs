@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     Active, Change, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
-    Scoped, Storer,
+    RuntimeCursor, Scoped, Storer,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
@@ -171,7 +171,22 @@ impl Storer for MemoryStore {
         Ok(self.state().api_tokens.get(token).copied())
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        let mut state = self.state();
+        // Counted and inserted under the one lock: no other create comes between.
+        let count = state
+            .runtimes
+            .values()
+            .filter(|r| r.workspace_id == new.workspace_id)
+            .count();
+        if u64::try_from(count).unwrap_or(u64::MAX) >= max {
+            return Ok(None);
+        }
         let runtime = Runtime {
             id: new.id,
             workspace_id: new.workspace_id,
@@ -181,21 +196,29 @@ impl Storer for MemoryStore {
             created_at: now,
             catalog_at: None,
         };
-        let mut state = self.state();
         state.runtimes.insert(new.id, runtime.clone());
         state.daemon_tokens.insert(new.daemon_token.clone(), new.id);
-        Ok(runtime)
+        Ok(Some(runtime))
     }
 
-    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+    fn list_runtimes(
+        &self,
+        workspace: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>> {
         let state = self.state();
+        // `RuntimeId` orders as the SQL engines order its text (lowercase hex UUIDs).
+        let after = after.map(|c| (c.created_at, c.id));
         let mut list: Vec<Runtime> = state
             .runtimes
             .values()
             .filter(|r| r.workspace_id == workspace)
+            .filter(|r| after.is_none_or(|a| (r.created_at, r.id) > a))
             .map(|r| state.runtime(r))
             .collect();
         list.sort_by_key(|r| (r.created_at, r.id));
+        list.truncate(limit);
         Ok(list)
     }
 

@@ -105,6 +105,25 @@ pub struct NewRuntime {
     pub daemon_token: TokenHash,
 }
 
+/// Where a page of runtimes starts: after the runtime with this `created_at` and `id`, in
+/// the order `created_at, id` (the id breaks ties between runtimes made in the same
+/// millisecond).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RuntimeCursor {
+    pub created_at: Millis,
+    pub id: RuntimeId,
+}
+
+impl RuntimeCursor {
+    /// The cursor that continues after `runtime`.
+    pub fn after(runtime: &Runtime) -> Self {
+        RuntimeCursor {
+            created_at: runtime.created_at,
+            id: runtime.id,
+        }
+    }
+}
+
 /// What a daemon token says about its runtime, read in one query so that an idle heartbeat
 /// costs one round trip: which runtime it is, when it was last seen, and whether a request
 /// waits for it.
@@ -344,10 +363,34 @@ pub trait Storer: Send + Sync {
 
     fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>>;
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime>;
+    /// Creates the runtime unless its workspace already has `max` runtimes: then `None`
+    /// and nothing is written. The count and the insert are one step (one statement, or
+    /// one transaction holding the workspace's row), so concurrent creates from any
+    /// number of instances never pass `max` together.
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>>;
 
-    /// The workspace's runtimes, oldest first.
-    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>>;
+    /// Creates the runtime whatever the workspace's count: for tooling and tests, which
+    /// make the runtimes they need. The server always goes through
+    /// [`create_runtime_within`](Self::create_runtime_within).
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.create_runtime_within(new, now, u64::MAX)?
+            .ok_or_else(|| StoreError::Corrupt("a create without a limit was refused".to_owned()))
+    }
+
+    /// One page of the workspace's runtimes in the order `created_at, id`: at most `limit`,
+    /// those after `after` (from the first when `None`). Keyset pagination on
+    /// `runtimes_by_workspace`, never an offset, so a page costs the same wherever it is.
+    fn list_runtimes(
+        &self,
+        workspace: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>>;
 
     /// The runtime, if it exists and belongs to `workspace`.
     fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>>;

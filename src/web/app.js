@@ -57,13 +57,33 @@ function errorOf(answer) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Every runtime of the workspace: the list comes a page at a time (the server's default
+// size), so follow `next_cursor` until the last page. The answer of the first page that is
+// not 200, if any.
+async function listRuntimes() {
+  const runtimes = [];
+  let path = '/api/runtimes';
+  for (;;) {
+    const answer = await api('GET', path);
+    if (answer.status !== 200) {
+      return answer;
+    }
+    runtimes.push(...answer.body.runtimes);
+    const cursor = answer.body.next_cursor;
+    if (!cursor) {
+      return { status: 200, body: { runtimes } };
+    }
+    path = '/api/runtimes?cursor=' + encodeURIComponent(cursor);
+  }
+}
+
 // ---- signing in and out ----
 
 async function signIn(candidate) {
   token = candidate;
   $('signin-error').textContent = '';
   try {
-    const answer = await api('GET', '/api/runtimes');
+    const answer = await listRuntimes();
     if (answer.status !== 200) {
       $('signin-error').textContent = 'Could not list runtimes: ' + errorOf(answer);
       return;
@@ -99,7 +119,7 @@ function signOut(message) {
 
 async function refresh() {
   try {
-    const answer = await api('GET', '/api/runtimes');
+    const answer = await listRuntimes();
     if (answer.status === 200) {
       showRuntimes(answer.body.runtimes);
     } else {

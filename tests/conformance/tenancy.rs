@@ -65,7 +65,7 @@ fn runtimes_are_scoped_to_their_workspace(engine: &dyn Engine) {
     let (other, _) = runtime_in(store.as_ref(), ws_b, T0);
 
     let listed: Vec<RuntimeId> = store
-        .list_runtimes(ws_a)
+        .list_runtimes(ws_a, None, 100)
         .unwrap()
         .iter()
         .map(|r| r.id)

@@ -9,8 +9,8 @@ use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, Scoped,
-    StoreError, Storer,
+    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
+    RuntimeCursor, Scoped, StoreError, Storer,
 };
 
 #[derive(Default)]
@@ -101,11 +101,21 @@ impl Storer for WatchedStore {
     fn workspace_by_api_token(&self, t: &TokenHash) -> Result<Option<WorkspaceId>> {
         self.inner.workspace_by_api_token(t)
     }
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.inner.create_runtime(new, now)
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        self.inner.create_runtime_within(new, now, max)
     }
-    fn list_runtimes(&self, w: WorkspaceId) -> Result<Vec<Runtime>> {
-        self.inner.list_runtimes(w)
+    fn list_runtimes(
+        &self,
+        w: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>> {
+        self.inner.list_runtimes(w, after, limit)
     }
     fn find_runtime(&self, w: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
         self.inner.find_runtime(w, id)

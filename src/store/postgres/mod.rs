@@ -28,8 +28,8 @@ use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
     Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, Scoped, StoreError, Storer, models_from_db, models_to_db, request_id_from_db,
-    runtime_id_from_db, status_from_db, workspace_id_from_db,
+    Result, RuntimeCursor, Scoped, StoreError, Storer, models_from_db, models_to_db,
+    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::errors::error_chain;
@@ -342,32 +342,74 @@ impl Storer for PostgresStore {
             .transpose()
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        let row = self.conn()?.query_one(
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let workspace = new.workspace_id.to_string();
+        // Creates in one workspace queue on its row, so each counts after the one before
+        // it committed: the count is a statement of its own, with a snapshot taken after
+        // the lock (in one statement the snapshot would be older than the lock, and two
+        // creates could both count below `max`). NO KEY UPDATE leaves the foreign-key
+        // checks of other writers (KEY SHARE) unblocked.
+        tx.execute(
+            "SELECT 1 FROM workspaces WHERE id = $1 FOR NO KEY UPDATE",
+            &[&workspace],
+        )?;
+        let row = tx.query_opt(
             &format!(
                 "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                 SELECT $1, $2, $3, $4, $5, $6
+                  WHERE (SELECT count(*) FROM runtimes WHERE workspace_id = $2) < $7
                  RETURNING {RUNTIME_COLUMNS}"
             ),
             &[
                 &new.id.to_string(),
-                &new.workspace_id.to_string(),
+                &workspace,
                 &new.name,
                 &new.provider,
                 &new.daemon_token.as_str(),
                 &now,
+                &i64::try_from(max).unwrap_or(i64::MAX),
             ],
         )?;
-        parse_runtime(&row)
+        let runtime = row.as_ref().map(parse_runtime).transpose()?;
+        tx.commit()?;
+        Ok(runtime)
     }
 
-    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
-        let rows = self.conn()?.query(
-            &format!(
-                "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = $1 ORDER BY created_at, id"
-            ),
-            &[&workspace.to_string()],
-        )?;
+    fn list_runtimes(
+        &self,
+        workspace: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let workspace = workspace.to_string();
+        // `id COLLATE "C"`: byte order, as SQLite and the memory engine order ids,
+        // whatever the database's collation.
+        let rows = match after {
+            None => self.conn()?.query(
+                &format!(
+                    "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = $1
+                      ORDER BY created_at, id COLLATE \"C\" LIMIT $2"
+                ),
+                &[&workspace, &limit],
+            )?,
+            Some(after) => self.conn()?.query(
+                &format!(
+                    "SELECT {RUNTIME_COLUMNS} FROM runtimes
+                      WHERE workspace_id = $1
+                        AND (created_at, id COLLATE \"C\") > ($2, $3 COLLATE \"C\")
+                      ORDER BY created_at, id COLLATE \"C\" LIMIT $4"
+                ),
+                &[&workspace, &after.created_at, &after.id.to_string(), &limit],
+            )?,
+        };
         rows.iter().map(parse_runtime).collect()
     }
 

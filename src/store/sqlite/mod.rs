@@ -25,8 +25,8 @@ use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
     Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, Scoped, StoreError, Storer, models_to_db, request_id_from_db, runtime_id_from_db,
-    status_from_db, workspace_id_from_db,
+    Result, RuntimeCursor, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
@@ -325,20 +325,30 @@ impl Storer for SqliteStore {
         found.as_deref().map(workspace_id_from_db).transpose()
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.conn()?.execute(
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        // One statement: a write statement takes the write lock before it reads, so the
+        // count it checks is the latest and no other writer comes between it and the
+        // insert.
+        let inserted = self.conn()?.execute(
             "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6
+              WHERE (SELECT count(*) FROM runtimes WHERE workspace_id = ?2) < ?7",
             params![
                 new.id.to_string(),
                 new.workspace_id.to_string(),
                 new.name,
                 new.provider,
                 new.daemon_token.as_str(),
-                now
+                now,
+                i64::try_from(max).unwrap_or(i64::MAX),
             ],
         )?;
-        Ok(Runtime {
+        Ok((inserted == 1).then(|| Runtime {
             id: new.id,
             workspace_id: new.workspace_id,
             name: new.name.clone(),
@@ -346,16 +356,39 @@ impl Storer for SqliteStore {
             last_seen_at: None,
             created_at: now,
             catalog_at: None,
-        })
+        }))
     }
 
-    fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {
+    fn list_runtimes(
+        &self,
+        workspace: WorkspaceId,
+        after: Option<RuntimeCursor>,
+        limit: usize,
+    ) -> Result<Vec<Runtime>> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = ?1 ORDER BY created_at, id"
-        ))?;
-        let rows = stmt.query_map([workspace.to_string()], RawRuntime::from_row)?;
-        rows.map(|row| row?.parse()).collect()
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let workspace = workspace.to_string();
+        let rows: Vec<RawRuntime> = match after {
+            None => conn
+                .prepare_cached(&format!(
+                    "SELECT {RUNTIME_COLUMNS} FROM runtimes WHERE workspace_id = ?1
+                      ORDER BY created_at, id LIMIT ?2"
+                ))?
+                .query_map(params![workspace, limit], RawRuntime::from_row)?
+                .collect::<rusqlite::Result<_>>()?,
+            Some(after) => conn
+                .prepare_cached(&format!(
+                    "SELECT {RUNTIME_COLUMNS} FROM runtimes
+                      WHERE workspace_id = ?1 AND (created_at, id) > (?2, ?3)
+                      ORDER BY created_at, id LIMIT ?4"
+                ))?
+                .query_map(
+                    params![workspace, after.created_at, after.id.to_string(), limit],
+                    RawRuntime::from_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?,
+        };
+        rows.into_iter().map(RawRuntime::parse).collect()
     }
 
     fn find_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<Option<Runtime>> {
