@@ -76,8 +76,8 @@ impl Storer for MeteredStore {
         })
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.timed("create_runtime", |s| s.create_runtime(new, now))
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.timed("insert_runtime", |s| s.insert_runtime(new, now))
     }
 
     fn list_runtimes(&self, workspace: WorkspaceId) -> Result<Vec<Runtime>> {

@@ -171,7 +171,7 @@ impl Storer for MemoryStore {
         Ok(self.state().api_tokens.get(token).copied())
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
         let runtime = Runtime {
             id: new.id,
             workspace_id: new.workspace_id,

@@ -342,7 +342,7 @@ impl Storer for PostgresStore {
             .transpose()
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
         let row = self.conn()?.query_one(
             &format!(
                 "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)

@@ -300,7 +300,7 @@ impl Storer for SqliteStore {
         found.as_deref().map(workspace_id_from_db).transpose()
     }
 
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
         self.conn()?.execute(
             "INSERT INTO runtimes (id, workspace_id, name, provider, daemon_token_hash, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
