@@ -46,6 +46,26 @@ impl Status {
     }
 }
 
+/// Free text (a report's `error`, model labels and descriptions, and whatever else of a
+/// model entry the store keeps) with each NUL replaced by U+FFFD; newlines, tabs and
+/// everything else stay as sent. PostgreSQL's text columns refuse NUL (SQLSTATE 22021)
+/// where SQLite and memory keep it, and DESIGN.md asks every engine for the same answer:
+/// the text is cleaned before any engine sees it, instead of each engine failing its own
+/// way. Discovery commands do print NULs, so refusing the report would lose a real failure.
+pub fn replace_nul(text: &mut String) {
+    if text.contains('\0') {
+        *text = text.replace('\0', "\u{FFFD}");
+    }
+}
+
+/// Whether identifier-like text (a runtime's name or provider, a model id) holds a control
+/// character: NUL and the rest of C0, DEL, C1. Such text is refused with a 400 that names
+/// the field rather than cleaned, since an id that reads differently from what was sent is
+/// not the same id; an invisible control in a name is never meant either.
+pub fn holds_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
+
 /// One model a runtime offers, as the daemon reported it. Stored and returned as sent;
 /// fields not named here are dropped.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -120,6 +140,10 @@ impl ModelEntry {
     /// The error names the field (`thinking.supported_levels[2].value …`).
     /// An empty `id` is not an error: such an entry is dropped ([`has_no_id`](Self::has_no_id)), not refused.
     pub fn check(&self) -> Result<(), String> {
+        // An id of white space only (tabs and newlines too) is dropped, not refused.
+        if !self.has_no_id() && holds_control(&self.id) {
+            return Err("id must not contain control characters".to_owned());
+        }
         if let Some(thinking) = &self.thinking {
             let levels = thinking.supported_levels.iter();
             let levels = levels.map(|l| (&*l.value, &*l.label, l.description.as_deref()));
@@ -135,6 +159,37 @@ impl ModelEntry {
         let tiers = self.service_tiers.as_deref().unwrap_or_default().iter();
         let tiers = tiers.map(|t| (&*t.id, &*t.name, t.description.as_deref()));
         check_choices("service_tiers", "tiers", ["id", "name"], tiers)
+    }
+
+    /// Replaces NUL in every text of the entry ([`replace_nul`]). The report parser has
+    /// refused an id with a control character already ([`check`](Self::check)); the
+    /// store cleans the id too, so that a caller that skips the parser still gets the same
+    /// record from every engine.
+    pub fn replace_nul(&mut self) {
+        replace_nul(&mut self.id);
+        replace_nul(&mut self.label);
+        if let Some(provider) = &mut self.provider {
+            replace_nul(provider);
+        }
+        if let Some(thinking) = &mut self.thinking {
+            for level in &mut thinking.supported_levels {
+                replace_nul(&mut level.value);
+                replace_nul(&mut level.label);
+                if let Some(description) = &mut level.description {
+                    replace_nul(description);
+                }
+            }
+            if let Some(default) = &mut thinking.default_level {
+                replace_nul(default);
+            }
+        }
+        for tier in self.service_tiers.iter_mut().flatten() {
+            replace_nul(&mut tier.id);
+            replace_nul(&mut tier.name);
+            if let Some(description) = &mut tier.description {
+                replace_nul(description);
+            }
+        }
     }
 }
 
@@ -247,6 +302,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Replaces NUL in the error and in every model text ([`replace_nul`]): what the store
+    /// records, so also what a replay is compared with.
+    pub fn replace_nul(&mut self) {
+        if let Some(error) = &mut self.error {
+            replace_nul(error);
+        }
+        self.models.iter_mut().for_each(ModelEntry::replace_nul);
+    }
+
     /// Whether `request` already ended with exactly this outcome: a retried report.
     pub fn is_recorded_in(&self, request: &ModelRequest) -> bool {
         request.status == self.status
@@ -391,6 +455,17 @@ mod tests {
             short.error_for(Status::Running),
             "daemon did not finish within 1 second"
         );
+    }
+
+    #[test]
+    fn nul_is_replaced_in_free_text_and_controls_are_found_in_identifiers() {
+        let mut text = String::from("a\0b\n\t𝄞\0");
+        replace_nul(&mut text);
+        assert_eq!(text, "a\u{FFFD}b\n\t𝄞\u{FFFD}");
+        for c in ['\0', '\t', '\n', '\u{1b}', '\u{7f}', '\u{85}'] {
+            assert!(holds_control(&format!("a{c}b")), "{c:?}");
+        }
+        assert!(!holds_control("𝄞 laptop é\u{200B}\u{FFFD}"));
     }
 
     #[test]

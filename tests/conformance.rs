@@ -32,3 +32,5 @@ mod report;
 mod support;
 #[path = "conformance/tenancy.rs"]
 mod tenancy;
+#[path = "conformance/text.rs"]
+mod text;

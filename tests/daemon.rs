@@ -19,7 +19,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use model_relay::daemon::{self, Discovery, Source};
+use model_relay::model::Timeouts;
 use serde_json::json;
+use support::engines::{Engine, engine_tests};
 use world::{Gate, Relay, eventually, is_gone};
 
 #[tokio::test]
@@ -98,6 +100,32 @@ async fn a_failing_discover_cmd_is_reported_with_its_exit_status_and_stderr_tail
     let error = ended["error"].as_str().unwrap();
     assert!(error.contains("exit status 3"), "{error}");
     assert!(error.ends_with("fatal: no credentials"), "{error}");
+    daemon.stop().await.unwrap();
+}
+
+engine_tests!(async Timeouts::default(); a_discover_cmd_printing_nul_on_stderr_ends_failed_with_u_fffd);
+
+/// Issue 15: a discovery command that printed a NUL on stderr made PostgreSQL refuse the
+/// failed report (503, retried, given up), and the request ended as `timeout` instead of
+/// `failed`. On every engine it must end `failed`, at the first report, its error the
+/// stderr tail with U+FFFD for the NUL and the rest as printed.
+async fn a_discover_cmd_printing_nul_on_stderr_ends_failed_with_u_fffd(engine: &dyn Engine) {
+    let relay = Relay::start_on_engine(engine).await;
+    let cmd = r"printf 'fatal: bad\000byte\n\tdetail \360\235\204\236\n' >&2; exit 1";
+    let (rt, daemon) = relay.daemon("cmd", Source::Command(cmd.into())).await;
+    let ended = relay.discover(&rt).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let error = ended["error"].as_str().unwrap();
+    assert!(error.contains("exit status 1"), "{error}");
+    assert!(
+        error.ends_with("fatal: bad\u{FFFD}byte\n\tdetail 𝄞"),
+        "{error:?}"
+    );
+    assert_eq!(
+        relay.knobs.final_reports.load(SeqCst),
+        1,
+        "delivered at once, never retried"
+    );
     daemon.stop().await.unwrap();
 }
 

@@ -57,6 +57,25 @@ impl World {
         }
     }
 
+    /// [`World::on`] `engine`'s store, from a multi-threaded runtime: the PostgreSQL client
+    /// blocks, so the store is opened and the workspace made outside the workers.
+    async fn on_engine(engine: &dyn Engine) -> Self {
+        let clock = clock();
+        let (store, api) = tokio::task::block_in_place(|| {
+            let store = engine.open();
+            let (_, api) = workspace(store.as_ref(), T0);
+            (store, api)
+        });
+        let instance = Instance::start(store.clone(), clock.clone(), settings()).await;
+        World {
+            http: Http::default(),
+            clock,
+            store,
+            instance,
+            api,
+        }
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.instance.base)
     }
@@ -461,6 +480,113 @@ async fn bad_bodies_are_400_with_a_message_and_change_nothing() {
     assert_eq!(bad_runtime.json, json!({"error": "name must not be empty"}));
     let listed = w.http.get(&w.url("/api/runtimes"), &w.api).await;
     assert_eq!(listed.json["runtimes"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn control_characters_in_names_providers_and_model_ids_are_400_naming_the_field() {
+    let w = World::new().await;
+    for (name, provider, field) in [
+        ("lap\u{0}top", "claude", "name"),
+        ("lap\ttop", "claude", "name"),
+        ("bell\u{7}", "claude", "name"),
+        ("laptop", "cla\u{0}ude", "provider"),
+        ("laptop", "claude\u{1f}x", "provider"),
+        ("laptop", "cla\nude", "provider"),
+    ] {
+        let answer = w
+            .http
+            .post(
+                &w.url("/api/runtimes"),
+                &w.api,
+                json!({"name": name, "provider": provider}),
+            )
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{name:?} {provider:?}"
+        );
+        assert_eq!(
+            answer.json,
+            json!({"error": format!("{field} must not contain control characters")})
+        );
+    }
+    let listed = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(listed.json["runtimes"], json!([]), "nothing stored");
+
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    for (i, bad) in ["gpt\u{0}5", "gpt\n5", "\u{1b}[31mgpt"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut models = vec![json!({"id": "fine", "label": "Fine"}); i];
+        models.push(json!({"id": bad, "label": "Bad"}));
+        let report = json!({"status": "completed", "models": models});
+        let answer = w.report(&rt, &id, &daemon, report).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert_eq!(
+            answer.json,
+            json!({"error": format!("models[{i}].id must not contain control characters")})
+        );
+    }
+    assert_eq!(
+        w.poll(&rt, &id).await.json["status"],
+        "running",
+        "nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn a_lone_surrogate_in_a_json_string_is_400() {
+    // JSON may spell a UTF-16 surrogate that pairs with nothing; serde_json refuses it
+    // (a Rust string cannot hold one), so it never reaches an engine.
+    let w = World::new().await;
+    let create = w.url("/api/runtimes");
+    for body in [
+        r#"{"name":"a\ud800b","provider":"p"}"#,
+        r#"{"name":"a","provider":"\udc00"}"#,
+        r#"{"name":"\ud800","provider":"p"}"#,
+    ] {
+        let answer = w
+            .http
+            .call(Method::POST, &create, Some(&w.api), Some(body.into()))
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+        // serde_json's words differ by where the surrogate stands ("lone leading
+        // surrogate", "unexpected end of hex escape"); the parser's refusal is the point.
+        let error = answer.json["error"].as_str().unwrap();
+        assert!(error.starts_with("invalid JSON body: "), "{body}: {error}");
+    }
+    let listed = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(listed.json["runtimes"], json!([]), "nothing stored");
+
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let result = w.url(&format!("/api/daemon/runtimes/{rt}/models/{id}/result"));
+    for body in [
+        r#"{"status":"failed","error":"\ud800"}"#,
+        r#"{"status":"completed","models":[{"id":"m","label":"\ud834x"}]}"#,
+    ] {
+        let answer = w
+            .http
+            .call(Method::POST, &result, Some(&daemon), Some(body.into()))
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+        // serde_json's words differ by where the surrogate stands ("lone leading
+        // surrogate", "unexpected end of hex escape"); the parser's refusal is the point.
+        let error = answer.json["error"].as_str().unwrap();
+        assert!(error.starts_with("invalid JSON body: "), "{body}: {error}");
+    }
+    assert_eq!(w.poll(&rt, &id).await.json["status"], "running");
+    // A pair is one character (𝄞) and is taken.
+    let paired = r#"{"status":"failed","error":"\ud834\udd1e"}"#;
+    let answer = w
+        .http
+        .call(Method::POST, &result, Some(&daemon), Some(paired.into()))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(w.poll(&rt, &id).await.json["error"], "𝄞");
 }
 
 #[tokio::test]
@@ -988,12 +1114,7 @@ impl Storer for DownStore {
     fn workspace_by_api_token(&self, _: &TokenHash) -> StoreResult<Option<WorkspaceId>> {
         down()
     }
-    fn create_runtime_within(
-        &self,
-        _: &NewRuntime,
-        _: Millis,
-        _: u64,
-    ) -> StoreResult<Option<Runtime>> {
+    fn insert_runtime(&self, _: &NewRuntime, _: Millis, _: u64) -> StoreResult<Option<Runtime>> {
         down()
     }
     fn list_runtimes(
@@ -1155,7 +1276,42 @@ engine_tests!(
     async Timeouts::default();
     two_instances_answer_each_others_calls,
     creates_racing_on_two_instances_stop_at_the_limit,
+    a_nul_in_a_report_is_200_and_reads_back_as_u_fffd_on_every_engine,
 );
+
+/// Issue 15: PostgreSQL answered 503 to a report whose error held a NUL, SQLite 200. Now
+/// every engine answers 200 and reads back U+FFFD for the NUL (in model texts too), the
+/// rest as sent; the daemon's retry of the same report is a replay.
+async fn a_nul_in_a_report_is_200_and_reads_back_as_u_fffd_on_every_engine(engine: &dyn Engine) {
+    let w = World::on_engine(engine).await;
+    let (rt, daemon) = w.online_runtime().await;
+
+    let id = w.claimed(&rt, &daemon).await;
+    let failed = json!({"status": "failed", "error": "stderr: a\u{0}b\n\tc 𝄞🙂"});
+    for attempt in ["first", "replay"] {
+        let answer = w.report(&rt, &id, &daemon, failed.clone()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{attempt}: {}", answer.json);
+    }
+    let read = w.poll(&rt, &id).await.json;
+    assert_eq!(read["status"], "failed");
+    assert_eq!(read["error"], "stderr: a\u{FFFD}b\n\tc 𝄞🙂");
+
+    let id = w.claimed(&rt, &daemon).await;
+    let model = |nul: &str| {
+        json!({"id": "m", "label": format!("M{nul}1\t𝄞"), "thinking": {"supported_levels": [
+            {"value": "low", "label": format!("Lo{nul}w"), "description": format!("a{nul}\nb")}
+        ]}, "service_tiers": [{"id": "t", "name": format!("T{nul}"), "description": nul}]})
+    };
+    let completed = json!({"status": "completed", "models": [model("\u{0}")]});
+    for attempt in ["first", "replay"] {
+        let answer = w.report(&rt, &id, &daemon, completed.clone()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{attempt}: {}", answer.json);
+    }
+    assert_eq!(
+        w.poll(&rt, &id).await.json["models"],
+        json!([model("\u{FFFD}")])
+    );
+}
 
 /// Two instances, each with its own handle (its own pool) on one database: whatever one
 /// instance creates, the other answers — the bug model-relay exists to fix.

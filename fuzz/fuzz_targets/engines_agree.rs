@@ -10,7 +10,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use model_relay::clock::Millis;
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
-use model_relay::model::{ModelEntry, Outcome, Report, Status, Timeouts};
+use model_relay::model::{ModelEntry, Outcome, Report, Status, Thinking, ThinkingLevel, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{Ask, NewRuntime, RequestCounts, Storer};
@@ -34,33 +34,87 @@ const REFRESH_AFTER: Millis = 4_500;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Create { rt: u8 },
+    Create {
+        rt: u8,
+    },
     /// The UI's create, through the catalog.
-    Ask { rt: u8, refresh: bool, online: bool },
-    Get { rt: u8, req: u8 },
-    Heartbeat { rt: u8 },
-    Report { rt: u8, req: u8, report: ReportKind },
-    Step { step: u8 },
-    Advance { ms: u16 },
+    Ask {
+        rt: u8,
+        refresh: bool,
+        online: bool,
+    },
+    Get {
+        rt: u8,
+        req: u8,
+    },
+    Heartbeat {
+        rt: u8,
+    },
+    Report {
+        rt: u8,
+        req: u8,
+        report: ReportKind,
+    },
+    Step {
+        step: u8,
+    },
+    Advance {
+        ms: u16,
+    },
     Sweep,
-    DeleteRuntime { rt: u8 },
+    DeleteRuntime {
+        rt: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
 enum ReportKind {
     Running,
-    Completed { models: u8, supported: bool, fallback: bool },
-    Failed { error: bool },
+    /// `text` picks the models' label and description from [`awkward_text`].
+    Completed {
+        models: u8,
+        supported: bool,
+        fallback: bool,
+        text: u8,
+    },
+    /// `error` picks the error from [`awkward_text`].
+    Failed {
+        error: Option<u8>,
+    },
+}
+
+/// Text that engines have disagreed on (issue 15: PostgreSQL refused NUL where SQLite kept
+/// it), picked by the input rather than generated: what matters is that each kind is
+/// there, and a byte to choose it keeps the inputs small.
+fn awkward_text(i: u8) -> String {
+    match i % 8 {
+        0 => String::new(),
+        1 => "a\0b".to_owned(),
+        2 => "tab\there".to_owned(),
+        3 => "line\nbreak\r\n".to_owned(),
+        4 => "𝄞🙂".to_owned(),
+        5 => "\0".to_owned(),
+        6 => "\u{FFFD}".to_owned(),
+        // Longer than any bound the parsers set, in 4-byte characters, a NUL at the end.
+        _ => format!("{}\0", "𝄞".repeat(1200)),
+    }
 }
 
 impl ReportKind {
     fn report(&self) -> Report {
-        let entry = |id: &str, default: bool| ModelEntry {
+        let entry = |id: &str, default: bool, text: &str| ModelEntry {
             id: id.into(),
-            label: id.to_uppercase(),
+            label: format!("{}{text}", id.to_uppercase()),
             provider: default.then(|| "anthropic".to_owned()),
             default: default.then_some(true),
-            thinking: None,
+            thinking: Some(Thinking {
+                supported_levels: vec![ThinkingLevel {
+                    value: "low".into(),
+                    label: text.to_owned(),
+                    description: Some(text.to_owned()),
+                }],
+                default_level: None,
+            }),
             service_tiers: None,
         };
         match *self {
@@ -69,21 +123,25 @@ impl ReportKind {
                 models,
                 supported,
                 fallback,
-            } => Report::Ended(Outcome {
-                status: Status::Completed,
-                models: [entry("sonnet", true), entry("opus", false)]
-                    .into_iter()
-                    .take(usize::from(models % 3))
-                    .collect(),
-                supported,
-                error: None,
-                fallback,
-            }),
+                text,
+            } => {
+                let text = awkward_text(text);
+                Report::Ended(Outcome {
+                    status: Status::Completed,
+                    models: [entry("sonnet", true, &text), entry("opus", false, &text)]
+                        .into_iter()
+                        .take(usize::from(models % 3))
+                        .collect(),
+                    supported,
+                    error: None,
+                    fallback,
+                })
+            }
             ReportKind::Failed { error } => Report::Ended(Outcome {
                 status: Status::Failed,
                 models: Vec::new(),
                 supported: true,
-                error: error.then(|| "not logged in".to_owned()),
+                error: error.map(awkward_text),
                 fallback: false,
             }),
         }
@@ -109,7 +167,9 @@ fn shared() -> &'static Shared {
             SqliteStore::open(&dir.path().join("fuzz.db"), TIMEOUTS).expect("sqlite store");
         let workspace = WorkspaceId::random().unwrap();
         let api = Token::new_api().unwrap().hash();
-        sqlite.create_workspace(workspace, "fuzz", &api, T0).unwrap();
+        sqlite
+            .create_workspace(workspace, "fuzz", &api, T0)
+            .unwrap();
         Shared {
             _dir: dir,
             sqlite,
@@ -131,7 +191,10 @@ fuzz_target!(|ops: Vec<Op>| {
         .unwrap();
     let engines: [&dyn Storer; 2] = [&memory, &shared.sqlite];
     // The store starts every input empty: what one input leaves cannot change another's.
-    assert_eq!(shared.sqlite.count_requests().unwrap(), RequestCounts::default());
+    assert_eq!(
+        shared.sqlite.count_requests().unwrap(),
+        RequestCounts::default()
+    );
 
     let runtimes: Vec<RuntimeId> = (0..RUNTIMES)
         .map(|_| RuntimeId::random().unwrap())
@@ -144,7 +207,8 @@ fuzz_target!(|ops: Vec<Op>| {
             let new = NewRuntime {
                 id,
                 workspace_id: workspace,
-                name: format!("rt{i}"),
+                // Awkward names too: the store replaces NUL alike on both engines.
+                name: format!("rt{i}{}", awkward_text(2 * i as u8 + 1)),
                 provider: "claude".into(),
                 daemon_token: token.clone(),
             };
@@ -182,7 +246,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 ids.extend([ask.id, ask.cached]);
                 let [a, b] = engines.map(|s| {
                     let found = s.find_runtime(workspace, runtime(rt)).unwrap();
-                    let asked = found.as_ref().map(|r| s.ask_for_models(r, &ask, now).unwrap());
+                    let asked = found
+                        .as_ref()
+                        .map(|r| s.ask_for_models(r, &ask, now).unwrap());
                     (found, asked)
                 });
                 assert_eq!(a, b, "step {step}: {op:?}");

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::discover::Discovery;
 use crate::ids::{RequestId, RuntimeId, Token};
-use crate::model::ModelEntry;
+use crate::model::{ModelEntry, replace_nul};
 
 /// Largest answer we read: the server's answers to a daemon are a few dozen bytes.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -87,7 +87,11 @@ impl ReportBody {
         }
     }
 
-    pub fn failed(error: String) -> Self {
+    /// A failure with `error`, NUL replaced ([`replace_nul`]): the error quotes the
+    /// discovery command's stderr, where tools do print NULs, and the server would record
+    /// U+FFFD anyway. Sending what it records keeps a retried report an exact replay.
+    pub fn failed(mut error: String) -> Self {
+        replace_nul(&mut error);
         ReportBody {
             status: "failed",
             error: Some(error),
@@ -95,19 +99,25 @@ impl ReportBody {
         }
     }
 
+    /// Every report the daemon sends is built here, so this is where its texts are made
+    /// what the server stores: the models parser has already refused control characters in
+    /// ids ([`ModelEntry::check`]); NUL in the other texts is replaced, for a fixed list too.
     pub fn ended(discovery: Discovery) -> Self {
         match discovery {
             Discovery::Found {
-                models,
+                mut models,
                 supported,
                 fallback,
-            } => ReportBody {
-                status: "completed",
-                models,
-                supported,
-                error: None,
-                fallback,
-            },
+            } => {
+                models.iter_mut().for_each(ModelEntry::replace_nul);
+                ReportBody {
+                    status: "completed",
+                    models,
+                    supported,
+                    error: None,
+                    fallback,
+                }
+            }
             Discovery::Failed(error) => ReportBody::failed(error),
         }
     }
@@ -451,6 +461,24 @@ mod tests {
                 fallback: true
             }))["fallback"],
             true
+        );
+    }
+
+    #[test]
+    fn report_bodies_carry_u_fffd_for_nul_as_the_server_records_it() {
+        let json = |b: ReportBody| serde_json::to_value(b).unwrap();
+        let failed = ReportBody::ended(Discovery::Failed("stderr: a\0b\n\t𝄞".into()));
+        assert_eq!(json(failed)["error"], "stderr: a\u{FFFD}b\n\t𝄞");
+        let model: ModelEntry =
+            serde_json::from_str(r#"{"id":"m","label":"M\u0000","provider":"p\u0000"}"#).unwrap();
+        let found = ReportBody::ended(Discovery::Found {
+            models: vec![model],
+            supported: true,
+            fallback: false,
+        });
+        assert_eq!(
+            json(found)["models"],
+            serde_json::json!([{"id": "m", "label": "M\u{FFFD}", "provider": "p\u{FFFD}"}])
         );
     }
 }

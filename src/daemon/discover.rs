@@ -370,6 +370,11 @@ mod tests {
                 .contains("models[0].service_tiers[0].id must not be empty")
         );
         assert!(err(br#"{"models":{}}"#).contains("invalid models document"));
+        // What the server would refuse with a 400, said here instead.
+        assert!(
+            err(br#"[{"id":"a\u0000b","label":"A"}]"#)
+                .contains("models[0].id must not contain control characters")
+        );
     }
 
     #[test]

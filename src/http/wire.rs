@@ -13,7 +13,7 @@ use crate::clock::rfc3339;
 use crate::ids::{RequestId, RuntimeId, Token};
 use crate::model::{
     DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, ModelRequest, Outcome, Report, Runtime, Status,
-    check_model_count,
+    check_model_count, holds_control,
 };
 use crate::store::RuntimeCursor;
 
@@ -94,7 +94,8 @@ fn bounded_text(field: &str, value: String, max: usize) -> Result<String, ApiErr
     if value.is_empty() {
         return Err(ApiError::BadRequest(format!("{field} must not be empty")));
     }
-    if value.chars().any(char::is_control) {
+    // DESIGN.md: refused alike on every engine, never left for PostgreSQL to fail on.
+    if holds_control(value) {
         return Err(ApiError::BadRequest(format!(
             "{field} must not contain control characters"
         )));
@@ -325,13 +326,18 @@ pub fn parse_report_within(body: &[u8], max_models: usize) -> Result<Report, Api
         model.check_at(i).map_err(ApiError::BadRequest)?;
     }
     models.retain(|m| !m.has_no_id());
-    Ok(Report::Ended(Outcome {
+    let mut outcome = Outcome {
         status,
         models,
         supported: raw.supported.unwrap_or(true),
         error: raw.error.filter(|e| !e.is_empty()),
         fallback: raw.fallback,
-    }))
+    };
+    // NUL in free text is replaced, not refused: a discovery command's stderr may hold
+    // one, and the failure it reports is worth keeping. The store does it again; doing it
+    // here too means what the parser hands on is already what will be stored.
+    outcome.replace_nul();
+    Ok(Report::Ended(outcome))
 }
 
 /// `POST /api/runtimes/{id}/models`: no body, or `{"refresh": bool}` — whether to skip the
@@ -643,6 +649,41 @@ mod tests {
             match parse_report(body.as_bytes()) {
                 Err(ApiError::BadRequest(m)) => assert!(m.contains(message), "{body}: {m}"),
                 other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn nul_in_report_texts_is_replaced_and_control_characters_in_model_ids_refused() {
+        let o = ended(r#"{"status":"failed","error":"a\u0000b\n\tc"}"#);
+        assert_eq!(o.error.as_deref(), Some("a\u{FFFD}b\n\tc"));
+        let o = ended(
+            r#"{"status":"completed","models":[{"id":"m","label":"M\u0000","thinking":{"supported_levels":[{"value":"v","label":"V\u0000","description":"\u0000\n"}]},"service_tiers":[{"id":"t","name":"T\u0000"}]}]}"#,
+        );
+        let m = &o.models[0];
+        assert_eq!(m.label, "M\u{FFFD}");
+        let level = &m.thinking.as_ref().unwrap().supported_levels[0];
+        assert_eq!(
+            (level.label.as_str(), level.description.as_deref()),
+            ("V\u{FFFD}", Some("\u{FFFD}\n"))
+        );
+        assert_eq!(m.service_tiers.as_ref().unwrap()[0].name, "T\u{FFFD}");
+        // An id of white space is dropped as before, tab or not; a visible id with a
+        // control character is refused, naming its place.
+        assert!(
+            ended(r#"{"status":"completed","models":[{"id":" \t","label":"x"}]}"#)
+                .models
+                .is_empty()
+        );
+        for id in [r"a\u0000", r"a\nb", r"\u007f", r"\u0085x"] {
+            let body = format!(
+                r#"{{"status":"completed","models":[{{"id":"m","label":"M"}},{{"id":"{id}","label":"X"}}]}}"#
+            );
+            match parse_report(body.as_bytes()) {
+                Err(ApiError::BadRequest(m)) => {
+                    assert_eq!(m, "models[1].id must not contain control characters")
+                }
+                other => panic!("{id}: {other:?}"),
             }
         }
     }

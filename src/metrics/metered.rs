@@ -76,13 +76,8 @@ impl Storer for MeteredStore {
         })
     }
 
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>> {
-        self.timed("create_runtime", |s| s.create_runtime_within(new, now, max))
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
+        self.timed("create_runtime", |s| s.insert_runtime(new, now, max))
     }
 
     fn list_runtimes(

@@ -171,12 +171,7 @@ impl Storer for MemoryStore {
         Ok(self.state().api_tokens.get(token).copied())
     }
 
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         let mut state = self.state();
         // Counted and inserted under the one lock: no other create comes between.
         let count = state

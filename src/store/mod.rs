@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::ids::{RandomError, RequestId, RuntimeId, TokenHash, WorkspaceId};
-use crate::model::{ModelRequest, Report, ReportOutcome, Runtime, Status, Timeouts};
+use crate::model::{ModelRequest, Report, ReportOutcome, Runtime, Status, Timeouts, replace_nul};
 
 /// The store could not answer. The HTTP layer turns every one of these into
 /// 503 `store unavailable`: none of them says anything about the caller's input.
@@ -363,24 +363,12 @@ pub trait Storer: Send + Sync {
 
     fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>>;
 
-    /// Creates the runtime unless its workspace already has `max` runtimes: then `None`
+    /// Stores `new` as it is, unless its workspace already has `max` runtimes: then `None`
     /// and nothing is written. The count and the insert are one step (one statement, or
     /// one transaction holding the workspace's row), so concurrent creates from any
-    /// number of instances never pass `max` together.
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>>;
-
-    /// Creates the runtime whatever the workspace's count: for tooling and tests, which
-    /// make the runtimes they need. The server always goes through
-    /// [`create_runtime_within`](Self::create_runtime_within).
-    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
-        self.create_runtime_within(new, now, u64::MAX)?
-            .ok_or_else(|| StoreError::Corrupt("a create without a limit was refused".to_owned()))
-    }
+    /// number of instances never pass `max` together. Callers go through
+    /// [`Storer::create_runtime_within`].
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>>;
 
     /// One page of the workspace's runtimes in the order `created_at, id`: at most `limit`,
     /// those after `after` (from the first when `None`). Keyset pagination on
@@ -517,8 +505,40 @@ pub trait Storer: Send + Sync {
         })
     }
 
+    /// Creates a runtime, with NUL in its name and provider replaced by U+FFFD
+    /// ([`replace_nul`]) so that every engine stores the same runtime: PostgreSQL would
+    /// refuse NUL, SQLite and memory keep it. Replaced, not refused: the store has no
+    /// answer for bad input (every [`StoreError`] is a 503, which is what this would be on
+    /// PostgreSQL otherwise). The HTTP layer refuses control characters in names with a
+    /// 400 first; this is for callers that skip it, so that no engine differs even then.
+    fn create_runtime_within(
+        &self,
+        new: &NewRuntime,
+        now: Millis,
+        max: u64,
+    ) -> Result<Option<Runtime>> {
+        if !new.name.contains('\0') && !new.provider.contains('\0') {
+            return self.insert_runtime(new, now, max);
+        }
+        let mut cleaned = new.clone();
+        replace_nul(&mut cleaned.name);
+        replace_nul(&mut cleaned.provider);
+        self.insert_runtime(&cleaned, now, max)
+    }
+
+    /// [`Storer::create_runtime_within`] whatever the workspace's count: for tooling and
+    /// tests, which make the runtimes they need. The server always passes its limit.
+    fn create_runtime(&self, new: &NewRuntime, now: Millis) -> Result<Runtime> {
+        self.create_runtime_within(new, now, u64::MAX)?
+            .ok_or_else(|| StoreError::Corrupt("a create without a limit was refused".to_owned()))
+    }
+
     /// Records a daemon's report. A report that finds the request not running is refused,
     /// unless it repeats exactly the report that ended it (a retry after a lost answer).
+    /// NUL in the outcome's texts is replaced first ([`Outcome::replace_nul`](crate::model::Outcome::replace_nul)), here and not
+    /// per engine: every engine then records the same text, and a replay is compared with
+    /// what was recorded, cleaned alike, so a daemon's retry of a report whose stderr held
+    /// a NUL is still a replay.
     fn report(
         &self,
         runtime: RuntimeId,
@@ -526,6 +546,17 @@ pub trait Storer: Send + Sync {
         report: &Report,
         now: Millis,
     ) -> Result<ReportOutcome> {
+        // A copy per report (one per discovery) is nothing beside the write it precedes.
+        let cleaned;
+        let report = match report {
+            Report::Ended(outcome) => {
+                let mut outcome = outcome.clone();
+                outcome.replace_nul();
+                cleaned = Report::Ended(outcome);
+                &cleaned
+            }
+            Report::Running => report,
+        };
         if self.apply_report(runtime, id, report, now)? {
             return Ok(ReportOutcome::Recorded);
         }

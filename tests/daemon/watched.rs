@@ -30,15 +30,20 @@ pub struct Knobs {
 }
 
 pub struct WatchedStore {
-    inner: MemoryStore,
+    /// The engine underneath: memory, unless a test runs the daemon on every engine.
+    inner: Arc<dyn Storer>,
     pub knobs: Arc<Knobs>,
 }
 
 impl WatchedStore {
     pub fn new() -> (Arc<Self>, Arc<Knobs>) {
+        Self::on(Arc::new(MemoryStore::new(Timeouts::default())))
+    }
+
+    pub fn on(inner: Arc<dyn Storer>) -> (Arc<Self>, Arc<Knobs>) {
         let knobs = Arc::new(Knobs::default());
         let store = Arc::new(WatchedStore {
-            inner: MemoryStore::new(Timeouts::default()),
+            inner,
             knobs: Arc::clone(&knobs),
         });
         (store, knobs)
@@ -101,13 +106,8 @@ impl Storer for WatchedStore {
     fn workspace_by_api_token(&self, t: &TokenHash) -> Result<Option<WorkspaceId>> {
         self.inner.workspace_by_api_token(t)
     }
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>> {
-        self.inner.create_runtime_within(new, now, max)
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
+        self.inner.insert_runtime(new, now, max)
     }
     fn list_runtimes(
         &self,

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::support::engines::Engine;
 use super::support::server::{Http, Instance, T0, settings, workspace};
 use super::watched::{Knobs, WatchedStore};
 use model_relay::config::Settings;
@@ -68,6 +69,30 @@ impl Relay {
     pub async fn start_with(settings: Settings) -> Self {
         let (store, knobs) = WatchedStore::new();
         let (_, api) = workspace(store.as_ref(), T0);
+        Self::start_on(store, knobs, api, settings).await
+    }
+
+    /// [`Relay::start`] on `engine`'s store. On a multi-threaded runtime: the PostgreSQL
+    /// client blocks, so the store is opened and the workspace made outside the workers.
+    pub async fn start_on_engine(engine: &dyn Engine) -> Self {
+        let (store, knobs, api) = tokio::task::block_in_place(|| {
+            let (store, knobs) = WatchedStore::on(engine.open());
+            let (_, api) = workspace(store.as_ref(), T0);
+            (store, knobs, api)
+        });
+        let settings = Settings {
+            max_wait: Duration::from_millis(200),
+            ..settings()
+        };
+        Self::start_on(store, knobs, api, settings).await
+    }
+
+    async fn start_on(
+        store: Arc<WatchedStore>,
+        knobs: Arc<Knobs>,
+        api: String,
+        settings: Settings,
+    ) -> Self {
         let clock = Arc::new(FakeClock::new(T0));
         let instance = Instance::start(store, clock.clone(), settings).await;
         Relay {

@@ -342,12 +342,7 @@ impl Storer for PostgresStore {
             .transpose()
     }
 
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         let workspace = new.workspace_id.to_string();

@@ -325,12 +325,7 @@ impl Storer for SqliteStore {
         found.as_deref().map(workspace_id_from_db).transpose()
     }
 
-    fn create_runtime_within(
-        &self,
-        new: &NewRuntime,
-        now: Millis,
-        max: u64,
-    ) -> Result<Option<Runtime>> {
+    fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         // One statement: a write statement takes the write lock before it reads, so the
         // count it checks is the latest and no other writer comes between it and the
         // insert.
