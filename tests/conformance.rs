@@ -30,3 +30,5 @@ mod report;
 mod support;
 #[path = "conformance/tenancy.rs"]
 mod tenancy;
+#[path = "conformance/tokens.rs"]
+mod tokens;

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use model_relay::clock::{Clock, FakeClock, Millis, rfc3339};
-use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use model_relay::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result as StoreResult, Scoped, StoreError, Storer,
+    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
+    RequestCounts, Result as StoreResult, Scoped, StoreError, Storer, Workspace,
 };
 use serde_json::{Value, json};
 use support::engines::{Engine, engine_tests};
@@ -798,6 +798,32 @@ impl Storer for DownStore {
         down()
     }
     fn workspace_by_api_token(&self, _: &TokenHash) -> StoreResult<Option<WorkspaceId>> {
+        down()
+    }
+    fn list_workspaces(&self) -> StoreResult<Vec<Workspace>> {
+        down()
+    }
+    fn create_api_token(&self, _: WorkspaceId, _: &TokenHash, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn list_api_tokens(&self, _: WorkspaceId) -> StoreResult<Vec<ApiToken>> {
+        down()
+    }
+    fn revoke_api_token(&self, _: WorkspaceId, _: &TokenId) -> StoreResult<bool> {
+        down()
+    }
+    fn api_token_use(&self, _: &TokenHash) -> StoreResult<Option<ApiTokenUse>> {
+        down()
+    }
+    fn touch_api_token(&self, _: &TokenHash, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn rotate_daemon_token(
+        &self,
+        _: WorkspaceId,
+        _: RuntimeId,
+        _: &TokenHash,
+    ) -> StoreResult<bool> {
         down()
     }
     fn create_runtime(&self, _: &NewRuntime, _: Millis) -> StoreResult<Runtime> {
