@@ -779,7 +779,13 @@ mod tests {
             Route::resolve("/api/daemon/runtimes/a/models/b/result"),
             Some(Route::Result("a", "b"))
         );
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/daemon-token"),
+            Some(Route::DaemonToken("a"))
+        );
         for none in [
+            "/api/runtimes/a/daemon-token/b",
+            "/api/daemon/runtimes/a/daemon-token",
             "",
             "healthz",
             "/healthz/",
