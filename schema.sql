@@ -1,4 +1,4 @@
--- model-relay schema, version 4: the whole of the newest schema, to read. Databases are
+-- model-relay schema, version 5: the whole of the newest schema, to read. Databases are
 -- built and upgraded by each dialect's numbered migrations (src/store/<engine>/migration/),
 -- and a test holds this file equal to what they build; both SQLite and PostgreSQL accept
 -- it. PostgreSQL's migrations also add the triggers that wake waiting calls. Times are
@@ -11,11 +11,13 @@ CREATE TABLE workspaces (
     created_at  BIGINT NOT NULL
 );
 
--- Tokens are stored only as SHA-256 hashes (hex).
+-- Tokens are stored only as SHA-256 hashes (hex). A workspace may hold several.
 CREATE TABLE api_tokens (
     token_hash    TEXT PRIMARY KEY,
     workspace_id  TEXT NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
-    created_at    BIGINT NOT NULL
+    created_at    BIGINT NOT NULL,
+    id            TEXT NOT NULL UNIQUE,         -- public name: the hash's first 16 hex digits
+    last_used_at  BIGINT                        -- written at most once a minute per token
 );
 
 CREATE TABLE runtimes (

@@ -1,5 +1,5 @@
-//! The `model-relay` command line: `serve`, `workspace create`, `backup`, `daemon` and
-//! `demo`.
+//! The `model-relay` command line: `serve`, `workspace` (create, list, tokens), `backup`,
+//! `daemon` and `demo`.
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, rfc3339};
 use crate::config::{DatabaseUrl, Settings, parse_duration, parse_window, redact};
 use crate::errors::error_chain;
 use crate::http::Listener;
-use crate::ids::{Token, WorkspaceId};
+use crate::ids::{Token, TokenId, WorkspaceId};
 use crate::instance::App;
 use crate::model::Timeouts;
 use crate::store::Storer;
@@ -56,9 +56,51 @@ enum WorkspaceCommand {
         name: String,
         #[command(flatten)]
         database: DatabaseArg,
-        /// Print one JSON object {"workspace_id", "api_token"} instead of text.
+        /// Print one JSON object {"workspace_id", "token_id", "api_token"} instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// List the workspaces.
+    List {
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Print a JSON array of {"workspace_id", "name", "created_at"} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage a workspace's API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Add an API token to the workspace and print it (shown once) with its id.
+    Create {
+        workspace_id: String,
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Print one JSON object {"token_id", "api_token"} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the workspace's API tokens: ids, creation and last use, never a token.
+    List {
+        workspace_id: String,
+        #[command(flatten)]
+        database: DatabaseArg,
+        /// Print a JSON array of {"token_id", "created_at", "last_used_at"?} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API token: every call with it is refused (401) from now on.
+    Revoke {
+        workspace_id: String,
+        token_id: String,
+        #[command(flatten)]
+        database: DatabaseArg,
     },
 }
 
@@ -210,14 +252,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Workspace {
-            command:
-                WorkspaceCommand::Create {
-                    name,
-                    database,
-                    json,
-                },
-        } => create_workspace(&name, &database, json),
+        Command::Workspace { command } => workspace(command),
         Command::Backup(args) => backup(&args),
         Command::Daemon(args) => crate::daemon::command::daemon(args),
         Command::Demo(args) => crate::demo::demo(args),
@@ -236,6 +271,139 @@ fn open_store(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>, 
         .map_err(|e| format!("cannot open {}: {}", shown_url(url), error_chain(&e)))
 }
 
+fn workspace(command: WorkspaceCommand) -> Result<(), String> {
+    match command {
+        WorkspaceCommand::Create {
+            name,
+            database,
+            json,
+        } => create_workspace(&name, &database, json),
+        WorkspaceCommand::List { database, json } => list_workspaces(&database, json),
+        WorkspaceCommand::Token { command } => match command {
+            TokenCommand::Create {
+                workspace_id,
+                database,
+                json,
+            } => create_token(&workspace_id, &database, json),
+            TokenCommand::List {
+                workspace_id,
+                database,
+                json,
+            } => list_tokens(&workspace_id, &database, json),
+            TokenCommand::Revoke {
+                workspace_id,
+                token_id,
+                database,
+            } => revoke_token(&workspace_id, &token_id, &database),
+        },
+    }
+}
+
+fn parse_workspace_id(s: &str) -> Result<WorkspaceId, String> {
+    WorkspaceId::parse(s).ok_or_else(|| format!("{s:?} is not a workspace id (a UUID)"))
+}
+
+fn store_failed(what: &str) -> impl Fn(crate::store::StoreError) -> String + '_ {
+    move |e| format!("cannot {what}: {}", error_chain(&e))
+}
+
+fn list_workspaces(database: &DatabaseArg, json: bool) -> Result<(), String> {
+    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let list = store
+        .list_workspaces()
+        .map_err(store_failed("list the workspaces"))?;
+    if json {
+        let list: Vec<_> = list
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "workspace_id": w.id.to_string(),
+                    "name": w.name,
+                    "created_at": rfc3339(w.created_at),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for w in &list {
+            println!("{}  {}  {}", w.id, rfc3339(w.created_at), w.name);
+        }
+    }
+    Ok(())
+}
+
+fn create_token(workspace: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
+    let workspace = parse_workspace_id(workspace)?;
+    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let token = Token::new_api().map_err(|e| e.to_string())?;
+    let hash = token.hash();
+    let created = store
+        .create_api_token(workspace, &hash, SystemClock.now())
+        .map_err(store_failed("create the token"))?;
+    if !created {
+        return Err(format!("no workspace {workspace}"));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"token_id": hash.id().to_string(), "api_token": token.expose()})
+        );
+    } else {
+        println!("token id   {}", hash.id());
+        println!("api token  {}", token.expose());
+        println!("(the token is shown only now; keep it)");
+    }
+    Ok(())
+}
+
+fn list_tokens(workspace: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
+    let workspace = parse_workspace_id(workspace)?;
+    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let list = store
+        .list_api_tokens(workspace)
+        .map_err(store_failed("list the tokens"))?;
+    if json {
+        let list: Vec<_> = list
+            .iter()
+            .map(|t| {
+                let mut entry = serde_json::json!({
+                    "token_id": t.id.to_string(),
+                    "created_at": rfc3339(t.created_at),
+                });
+                if let Some(used) = t.last_used_at {
+                    entry["last_used_at"] = rfc3339(used).into();
+                }
+                entry
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for t in &list {
+            let used = t.last_used_at.map_or_else(
+                || "never used".to_owned(),
+                |u| format!("last used {}", rfc3339(u)),
+            );
+            println!("{}  created {}  {used}", t.id, rfc3339(t.created_at));
+        }
+    }
+    Ok(())
+}
+
+fn revoke_token(workspace: &str, token_id: &str, database: &DatabaseArg) -> Result<(), String> {
+    let workspace = parse_workspace_id(workspace)?;
+    let id = TokenId::parse(token_id)
+        .ok_or_else(|| format!("{token_id:?} is not a token id (16 lowercase hex digits)"))?;
+    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let revoked = store
+        .revoke_api_token(workspace, &id)
+        .map_err(store_failed("revoke the token"))?;
+    if !revoked {
+        return Err(format!("no token {id} in workspace {workspace}"));
+    }
+    println!("revoked token {id}");
+    Ok(())
+}
+
 fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
     let name = name.trim();
     if name.is_empty() {
@@ -247,13 +415,19 @@ fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<()
     store
         .create_workspace(id, name, &token.hash(), SystemClock.now())
         .map_err(|e| format!("cannot create the workspace: {}", error_chain(&e)))?;
+    let token_id = token.hash().id();
     if json {
         println!(
             "{}",
-            serde_json::json!({"workspace_id": id.to_string(), "api_token": token.expose()})
+            serde_json::json!({
+                "workspace_id": id.to_string(),
+                "token_id": token_id.to_string(),
+                "api_token": token.expose(),
+            })
         );
     } else {
         println!("workspace  {id}");
+        println!("token id   {token_id}");
         println!("api token  {}", token.expose());
         println!("(the token is shown only now; keep it)");
     }

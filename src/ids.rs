@@ -150,11 +150,56 @@ impl TokenHash {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id an operator names the token by: the first 16 hex digits of its hash. Not a
+    /// secret (SHA-256 cannot be walked back to the token), unique in practice (64 bits;
+    /// a unique index refuses a collision), and derived rather than drawn so that a
+    /// migration can give the tokens stored before ids existed the same id in both
+    /// dialects, and so that whoever holds a leaked token can tell which id to revoke.
+    pub fn id(&self) -> TokenId {
+        TokenId(self.0[..TokenId::LEN].to_owned())
+    }
+}
+
+/// An API token's public name: 16 lowercase hex digits (see [`TokenHash::id`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct TokenId(String);
+
+impl TokenId {
+    const LEN: usize = 16;
+
+    /// Only the canonical form is an id.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == Self::LEN && s.bytes().all(|c| lower_hex_digit(c).is_some()))
+            .then(|| TokenId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_id_is_the_hash_prefix_and_parses_only_canonically() {
+        let hash = Token::new_api().unwrap().hash();
+        let id = hash.id();
+        assert!(hash.as_str().starts_with(id.as_str()));
+        assert_eq!(TokenId::parse(id.as_str()), Some(id.clone()));
+        assert_eq!(TokenId::parse("ABCDEF0123456789"), None);
+        assert!(TokenId::parse("abcdef0123456789").is_some());
+        assert_eq!(TokenId::parse(&id.as_str()[1..]), None);
+        assert_eq!(TokenId::parse(hash.as_str()), None);
+    }
 
     #[test]
     fn request_id_is_32_lowercase_hex_and_round_trips() {

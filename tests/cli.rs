@@ -5,6 +5,7 @@ mod support;
 use std::process::Command;
 
 use hyper::StatusCode;
+use model_relay::ids::Token;
 use serde_json::{Value, json};
 use support::process::{BIN, Serve, workspace_create};
 use support::server::Http;
@@ -30,11 +31,152 @@ fn workspace_create_json_prints_exactly_one_object_with_id_and_token() {
     let (_dir, db) = sqlite_file();
     let created = workspace_create(&db);
     let object = created.as_object().unwrap();
-    assert_eq!(object.len(), 2, "{created}");
+    assert_eq!(object.len(), 3, "{created}");
     assert!(object["workspace_id"].as_str().unwrap().len() == 36);
-    assert!(object["api_token"].as_str().unwrap().starts_with("mra_"));
+    let token = object["api_token"].as_str().unwrap();
+    assert!(token.starts_with("mra_"));
+    assert_eq!(object["token_id"].as_str().unwrap(), token_id_of(token));
     let other = workspace_create(&db);
     assert_ne!(other["api_token"], created["api_token"]);
+}
+
+/// The id `model-relay` names a token by.
+fn token_id_of(token: &str) -> String {
+    Token::from_header(token).hash().id().to_string()
+}
+
+/// `model-relay ARGS --database DB`: (success, stdout, stderr).
+fn relay(db: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--database", db])
+        .env_remove("MODEL_RELAY_DATABASE")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn relay_json(db: &str, args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = relay(db, args);
+    assert!(ok, "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+#[test]
+fn workspace_list_json_shows_every_workspace_and_no_token() {
+    let (_dir, db) = sqlite_file();
+    assert_eq!(relay_json(&db, &["workspace", "list", "--json"]), json!([]));
+    let created = workspace_create(&db);
+    let listed = relay_json(&db, &["workspace", "list", "--json"]);
+    let entries = listed.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{listed}");
+    let entry = entries[0].as_object().unwrap();
+    let mut keys: Vec<&str> = entry.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["created_at", "name", "workspace_id"]);
+    assert_eq!(entry["workspace_id"], created["workspace_id"]);
+    assert_eq!(entry["name"], "acme");
+    assert!(entry["created_at"].as_str().unwrap().ends_with('Z'));
+    let (ok, text, _) = relay(&db, &["workspace", "list"]);
+    assert!(ok);
+    assert!(text.contains(created["workspace_id"].as_str().unwrap()) && text.contains("acme"));
+    assert!(!text.contains(created["api_token"].as_str().unwrap()));
+}
+
+/// create, list, use, revoke: a revoked token is refused by a running `serve` at its
+/// next call, the others keep working, and no list ever prints a token or its hash.
+#[tokio::test]
+async fn api_tokens_are_created_listed_and_revoked_and_lists_never_show_a_token() {
+    let (_dir, db) = sqlite_file();
+    let created = workspace_create(&db);
+    let ws = created["workspace_id"].as_str().unwrap().to_owned();
+    let first = created["api_token"].as_str().unwrap().to_owned();
+
+    let made = relay_json(&db, &["workspace", "token", "create", &ws, "--json"]);
+    let made = made.as_object().unwrap();
+    let mut keys: Vec<&str> = made.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["api_token", "token_id"]);
+    let second = made["api_token"].as_str().unwrap().to_owned();
+    assert!(second.starts_with("mra_"));
+    assert_eq!(made["token_id"].as_str().unwrap(), token_id_of(&second));
+
+    let serve = Serve::start(&db, &[]);
+    let http = Http::default();
+    let runtimes = format!("{}/api/runtimes", serve.base);
+    assert_eq!(http.get(&runtimes, &second).await.status, StatusCode::OK);
+
+    let listed = relay_json(&db, &["workspace", "token", "list", &ws, "--json"]);
+    let entries = listed.as_array().unwrap();
+    let ids: Vec<&str> = entries
+        .iter()
+        .map(|e| e["token_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [token_id_of(&first), token_id_of(&second)],
+        "oldest first"
+    );
+    assert!(
+        entries[0].get("last_used_at").is_none(),
+        "never used: left out"
+    );
+    assert!(entries[1]["last_used_at"].as_str().unwrap().ends_with('Z'));
+    for entry in entries {
+        assert!(entry.as_object().unwrap().len() <= 3, "{entry}");
+    }
+    let (ok, text, _) = relay(&db, &["workspace", "token", "list", &ws]);
+    assert!(ok);
+    for shown in [listed.to_string(), text] {
+        for token in [&first, &second] {
+            assert!(!shown.contains(token.as_str()), "a token in {shown}");
+            let hash = Token::from_header(token).hash();
+            assert!(!shown.contains(hash.as_str()), "a hash in {shown}");
+        }
+    }
+
+    let (ok, out, err) = relay(
+        &db,
+        &["workspace", "token", "revoke", &ws, &token_id_of(&second)],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains(&token_id_of(&second)), "{out}");
+    assert_eq!(
+        http.get(&runtimes, &second).await.status,
+        StatusCode::UNAUTHORIZED,
+        "refused by the running server at once"
+    );
+    assert_eq!(http.get(&runtimes, &first).await.status, StatusCode::OK);
+    let listed = relay_json(&db, &["workspace", "token", "list", &ws, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["token_id"].as_str().unwrap(), token_id_of(&first));
+
+    // Revoking again, a malformed id, another workspace: refused, with a message.
+    let (ok, _, err) = relay(
+        &db,
+        &["workspace", "token", "revoke", &ws, &token_id_of(&second)],
+    );
+    assert!(!ok && err.contains("no token"), "{err}");
+    let (ok, _, err) = relay(&db, &["workspace", "token", "revoke", &ws, "nope"]);
+    assert!(!ok && err.contains("not a token id"), "{err}");
+    let other = workspace_create(&db)["workspace_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, _, _) = relay(
+        &db,
+        &["workspace", "token", "revoke", &other, &token_id_of(&first)],
+    );
+    assert!(!ok, "a token is revoked through its own workspace only");
+    assert_eq!(http.get(&runtimes, &first).await.status, StatusCode::OK);
+    let unknown = "7d0c5a3e-1111-4222-8333-944455556666";
+    let (ok, _, err) = relay(&db, &["workspace", "token", "create", unknown]);
+    assert!(!ok && err.contains("no workspace"), "{err}");
 }
 
 #[test]

@@ -34,3 +34,5 @@ mod support;
 mod tenancy;
 #[path = "conformance/text.rs"]
 mod text;
+#[path = "conformance/tokens.rs"]
+mod tokens;

@@ -9,12 +9,12 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use model_relay::clock::{Clock, FakeClock, Millis, rfc3339};
 use model_relay::config::Settings;
-use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, TokenId, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result as StoreResult, RuntimeCursor, Scoped, StoreError, Storer,
+    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
+    RequestCounts, Result as StoreResult, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
 };
 use serde_json::{Value, json};
 use support::engines::{Engine, engine_tests};
@@ -378,6 +378,7 @@ async fn missing_or_unknown_tokens_are_401() {
     let calls = [
         (Method::GET, "/api/runtimes".to_owned()),
         (Method::POST, format!("/api/runtimes/{rt}/models")),
+        (Method::POST, format!("/api/runtimes/{rt}/daemon-token")),
         (Method::POST, "/api/daemon/heartbeat".to_owned()),
     ];
     for (method, path) in calls {
@@ -1114,6 +1115,32 @@ impl Storer for DownStore {
     fn workspace_by_api_token(&self, _: &TokenHash) -> StoreResult<Option<WorkspaceId>> {
         down()
     }
+    fn list_workspaces(&self) -> StoreResult<Vec<Workspace>> {
+        down()
+    }
+    fn create_api_token(&self, _: WorkspaceId, _: &TokenHash, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn list_api_tokens(&self, _: WorkspaceId) -> StoreResult<Vec<ApiToken>> {
+        down()
+    }
+    fn revoke_api_token(&self, _: WorkspaceId, _: &TokenId) -> StoreResult<bool> {
+        down()
+    }
+    fn api_token_use(&self, _: &TokenHash) -> StoreResult<Option<ApiTokenUse>> {
+        down()
+    }
+    fn touch_api_token(&self, _: &TokenHash, _: Millis) -> StoreResult<bool> {
+        down()
+    }
+    fn rotate_daemon_token(
+        &self,
+        _: WorkspaceId,
+        _: RuntimeId,
+        _: &TokenHash,
+    ) -> StoreResult<bool> {
+        down()
+    }
     fn insert_runtime(&self, _: &NewRuntime, _: Millis, _: u64) -> StoreResult<Option<Runtime>> {
         down()
     }
@@ -1214,6 +1241,11 @@ async fn a_store_failure_is_503_store_unavailable_never_404_or_200() {
         ),
         (Method::DELETE, format!("/api/runtimes/{rt}"), None),
         (Method::POST, format!("/api/runtimes/{rt}/models"), None),
+        (
+            Method::POST,
+            format!("/api/runtimes/{rt}/daemon-token"),
+            None,
+        ),
         (Method::GET, format!("/api/runtimes/{rt}/models/{id}"), None),
         (
             Method::POST,
@@ -1277,6 +1309,7 @@ engine_tests!(
     two_instances_answer_each_others_calls,
     creates_racing_on_two_instances_stop_at_the_limit,
     a_nul_in_a_report_is_200_and_reads_back_as_u_fffd_on_every_engine,
+    revoked_and_rotated_tokens_are_refused_by_the_other_instance_at_once,
 );
 
 /// Issue 15: PostgreSQL answered 503 to a report whose error held a NUL, SQLite 200. Now
@@ -1464,6 +1497,189 @@ async fn creates_racing_on_two_instances_stop_at_the_limit(engine: &dyn Engine) 
     );
     one.stop().await;
     two.stop().await;
+}
+
+/// An API token revoked through one instance's store handle, and a daemon token rotated on
+/// one instance, are refused by the other at their next call: nothing caches a token.
+async fn revoked_and_rotated_tokens_are_refused_by_the_other_instance_at_once(engine: &dyn Engine) {
+    let (a, b) = tokio::task::block_in_place(|| (engine.open(), engine.open()));
+    let clock = clock();
+    let (first, now) = (a.clone(), clock.now());
+    let second = Token::new_api().unwrap();
+    let (second_hash, second_id) = (second.hash(), second.hash().id());
+    let (ws, api) = tokio::task::spawn_blocking(move || {
+        let (ws, api) = workspace(first.as_ref(), now);
+        assert!(first.create_api_token(ws, &second_hash, now).unwrap());
+        (ws, api)
+    })
+    .await
+    .unwrap();
+    let second = second.expose().to_owned();
+    let one = Instance::start(a.clone(), clock.clone(), settings()).await;
+    let two = Instance::start(b, clock.clone(), settings()).await;
+    let http = Http::default();
+    let on = |instance: &Instance, path: &str| format!("{}{path}", instance.base);
+
+    let created = http
+        .post(
+            &on(&one, "/api/runtimes"),
+            &api,
+            json!({"name": "n", "provider": "codex"}),
+        )
+        .await;
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let old = created.json["daemon_token"].as_str().unwrap().to_owned();
+    let beat = json!({"runtime_id": rt});
+    let heartbeat = on(&two, "/api/daemon/heartbeat");
+    assert_eq!(
+        http.post(&heartbeat, &old, beat.clone()).await.status,
+        StatusCode::OK
+    );
+    let runtimes = on(&two, "/api/runtimes");
+    assert_eq!(http.get(&runtimes, &second).await.status, StatusCode::OK);
+
+    let revoked = tokio::task::spawn_blocking(move || a.revoke_api_token(ws, &second_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked);
+    assert_eq!(
+        http.get(&runtimes, &second).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(http.get(&runtimes, &api).await.status, StatusCode::OK);
+
+    let rotated = http
+        .post_empty(&on(&one, &format!("/api/runtimes/{rt}/daemon-token")), &api)
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
+    let new = rotated.json["daemon_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        http.post(&heartbeat, &old, beat.clone()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        http.post(&heartbeat, &new, beat.clone()).await.status,
+        StatusCode::OK
+    );
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn rotating_a_daemon_token_shows_the_new_one_once_and_refuses_the_old() {
+    let w = World::new().await;
+    let (rt, old) = w.online_runtime().await;
+    let pending = w.create_request(&rt).await.json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/runtimes/{rt}/daemon-token");
+
+    let rotated = w.http.post_empty(&w.url(&path), &w.api).await;
+    assert_eq!(rotated.status, StatusCode::OK);
+    assert_eq!(rotated.cache_control.as_deref(), Some("no-store"));
+    let fields: Vec<&String> = rotated.json.as_object().unwrap().keys().collect();
+    assert_eq!(fields, ["daemon_token"]);
+    let new = rotated.json["daemon_token"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("mrd_") && new.len() == 68, "{new}");
+    assert_ne!(new, old);
+
+    assert_eq!(
+        w.heartbeat(&rt, &old).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // The same runtime, its pending request kept: the new token's heartbeat claims it.
+    let ack = w.heartbeat(&rt, &new).await;
+    assert_eq!(ack.status, StatusCode::OK);
+    assert_eq!(ack.json["pending_model_list"]["id"], pending.as_str());
+    let listed = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(listed.json["runtimes"][0]["id"], rt.as_str());
+    assert_eq!(listed.json["runtimes"].as_array().unwrap().len(), 1);
+
+    // Another workspace's token, or an id that is no runtime: the same 404.
+    let (_, stranger) = workspace(w.store.as_ref(), T0);
+    let foreign = w.http.post_empty(&w.url(&path), &stranger).await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND);
+    let missing = format!(
+        "/api/runtimes/{}/daemon-token",
+        RuntimeId::random().unwrap()
+    );
+    let unknown = w.http.post_empty(&w.url(&missing), &w.api).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(foreign.json, unknown.json);
+    // Neither changed the token.
+    assert_eq!(w.heartbeat(&rt, &new).await.status, StatusCode::OK);
+
+    let get = w
+        .http
+        .call(Method::GET, &w.url(&path), Some(&w.api), None)
+        .await;
+    assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get.allow.as_deref(), Some("POST"));
+}
+
+#[tokio::test]
+async fn a_revoked_api_token_is_401_at_once_and_the_others_still_work() {
+    let w = World::new().await;
+    let (rt, _) = w.online_runtime().await;
+    let id = w.create_request(&rt).await.json["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ws = w
+        .store
+        .workspace_by_api_token(&Token::from_header(&w.api).hash())
+        .unwrap()
+        .unwrap();
+    let spare = Token::new_api().unwrap();
+    assert!(w.store.create_api_token(ws, &spare.hash(), T0).unwrap());
+
+    let revoked = Token::from_header(&w.api).hash().id();
+    assert!(w.store.revoke_api_token(ws, &revoked).unwrap());
+    for (method, path) in [
+        (Method::GET, "/api/runtimes".to_owned()),
+        (Method::POST, format!("/api/runtimes/{rt}/models")),
+        (Method::GET, format!("/api/runtimes/{rt}/models/{id}")),
+        (Method::POST, format!("/api/runtimes/{rt}/daemon-token")),
+        (Method::DELETE, format!("/api/runtimes/{rt}")),
+    ] {
+        let answer = w
+            .http
+            .call(method.clone(), &w.url(&path), Some(&w.api), None)
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+    let poll = w
+        .http
+        .get(
+            &w.url(&format!("/api/runtimes/{rt}/models/{id}")),
+            spare.expose(),
+        )
+        .await;
+    assert_eq!(poll.status, StatusCode::OK, "the workspace's other token");
+}
+
+#[tokio::test]
+async fn a_ui_call_records_its_token_use_at_most_once_a_minute() {
+    let w = World::new().await;
+    let hash = Token::from_header(&w.api).hash();
+    let ws = w.store.workspace_by_api_token(&hash).unwrap().unwrap();
+    let last_used = || w.store.list_api_tokens(ws).unwrap()[0].last_used_at;
+    assert_eq!(last_used(), None);
+
+    w.runtime().await;
+    assert_eq!(last_used(), Some(T0), "creating the runtime used the token");
+    w.clock.advance(Duration::from_secs(59));
+    // An authenticated call (no such runtime: 404, after the token was read).
+    let path = w.url(&format!("/api/runtimes/{}", RuntimeId::random().unwrap()));
+    let wrong = w.http.call(Method::DELETE, &path, Some(&w.api), None).await;
+    assert_eq!(wrong.status, StatusCode::NOT_FOUND);
+    assert_eq!(last_used(), Some(T0), "within the minute: no write");
+    w.clock.advance(Duration::from_secs(1));
+    let list = w.http.get(&w.url("/api/runtimes"), &w.api).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(last_used(), Some(T0 + 60_000));
 }
 
 #[tokio::test]

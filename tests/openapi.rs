@@ -20,6 +20,7 @@ fn every_route() -> Vec<(Route<'static>, &'static str)> {
         (Route::Runtime("r"), "/api/runtimes/r"),
         (Route::Models("r"), "/api/runtimes/r/models"),
         (Route::Model("r", "q"), "/api/runtimes/r/models/q"),
+        (Route::DaemonToken("r"), "/api/runtimes/r/daemon-token"),
         (Route::Heartbeat, "/api/daemon/heartbeat"),
         (
             Route::Result("r", "q"),
@@ -38,6 +39,7 @@ fn every_route() -> Vec<(Route<'static>, &'static str)> {
             | Route::Runtime(_)
             | Route::Models(_)
             | Route::Model(..)
+            | Route::DaemonToken(_)
             | Route::Heartbeat
             | Route::Result(..) => {}
         }

@@ -11,7 +11,7 @@ fuzz_target!(|path: &str| {
         assert!(route.template().starts_with('/'));
         assert!(!route.allowed().is_empty());
         let ids: &[&str] = match route {
-            Route::Runtime(rt) | Route::Models(rt) => &[rt],
+            Route::Runtime(rt) | Route::Models(rt) | Route::DaemonToken(rt) => &[rt],
             Route::Model(rt, id) | Route::Result(rt, id) => &[rt, id],
             _ => &[],
         };

@@ -42,6 +42,8 @@ pub enum Route<'a> {
     Runtime(&'a str),
     Models(&'a str),
     Model(&'a str, &'a str),
+    /// Rotation of a runtime's daemon token.
+    DaemonToken(&'a str),
     Heartbeat,
     Result(&'a str, &'a str),
 }
@@ -66,6 +68,7 @@ impl<'a> Route<'a> {
             ["api", "runtimes", rt] => Route::Runtime(rt),
             ["api", "runtimes", rt, "models"] => Route::Models(rt),
             ["api", "runtimes", rt, "models", id] => Route::Model(rt, id),
+            ["api", "runtimes", rt, "daemon-token"] => Route::DaemonToken(rt),
             ["api", "daemon", "heartbeat"] => Route::Heartbeat,
             ["api", "daemon", "runtimes", rt, "models", id, "result"] => Route::Result(rt, id),
             _ => return None,
@@ -81,6 +84,7 @@ impl<'a> Route<'a> {
             Route::Runtimes => "GET, HEAD, POST",
             Route::Runtime(_) => "DELETE",
             Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
+            Route::DaemonToken(_) => "POST",
         }
     }
 
@@ -89,7 +93,11 @@ impl<'a> Route<'a> {
     pub fn is_ui(self) -> bool {
         matches!(
             self,
-            Route::Runtimes | Route::Runtime(_) | Route::Models(_) | Route::Model(..)
+            Route::Runtimes
+                | Route::Runtime(_)
+                | Route::Models(_)
+                | Route::Model(..)
+                | Route::DaemonToken(_)
         )
     }
 
@@ -107,6 +115,7 @@ impl<'a> Route<'a> {
             Route::Runtime(_) => "/api/runtimes/{runtimeId}",
             Route::Models(_) => "/api/runtimes/{runtimeId}/models",
             Route::Model(..) => "/api/runtimes/{runtimeId}/models/{requestId}",
+            Route::DaemonToken(_) => "/api/runtimes/{runtimeId}/daemon-token",
             Route::Heartbeat => "/api/daemon/heartbeat",
             Route::Result(..) => "/api/daemon/runtimes/{runtimeId}/models/{requestId}/result",
         }
@@ -252,6 +261,7 @@ async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
             let wait_ms = wire::parse_wait_query(query.as_deref())?;
             get_request(app, token, rt, id, wait_ms).await
         }
+        (&Method::POST, Route::DaemonToken(rt)) => rotate_daemon_token(app, token, rt).await,
         (&Method::POST, Route::Heartbeat) => heartbeat(app, token, body).await,
         (&Method::POST, Route::Result(rt, id)) => report(app, token, rt, id, body).await,
         (_, route) => Err(ApiError::MethodNotAllowed(route.allowed())),
@@ -300,11 +310,46 @@ async fn read_body(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
     }
 }
 
+/// A UI caller, known by its API token. Found by a read (which may run on an async
+/// worker); recording the use is a write, made apart by [`Caller::note_use`].
+struct Caller {
+    workspace: WorkspaceId,
+    token: TokenHash,
+    /// The token's `last_used_at` is stale enough to be written again.
+    touch_due: bool,
+}
+
+/// The caller of a UI route; read-only. Tokens are looked up in the store on every call
+/// and never cached, so a revoked token is refused at once by every instance.
+fn caller_of(app: &App, token: Option<&Token>) -> Result<Caller, ApiError> {
+    let token = token.ok_or(ApiError::Unauthorized)?.hash();
+    let found = app
+        .store
+        .api_token_use(&token)?
+        .ok_or(ApiError::Unauthorized)?;
+    Ok(Caller {
+        workspace: found.workspace,
+        touch_due: found.touch_due(app.clock.now()),
+        token,
+    })
+}
+
+impl Caller {
+    /// Records the token's use when its `last_used_at` is due (at most once a minute per
+    /// token, so a UI call is not a write). Only where a write may run: the blocking pool.
+    fn note_use(&self, app: &App) -> Result<(), ApiError> {
+        if self.touch_due {
+            app.store.touch_api_token(&self.token, app.clock.now())?;
+        }
+        Ok(())
+    }
+}
+
+/// The caller's workspace, its use recorded: for handlers already on the blocking pool.
 fn workspace_of(app: &App, token: Option<&Token>) -> Result<WorkspaceId, ApiError> {
-    let token = token.ok_or(ApiError::Unauthorized)?;
-    app.store
-        .workspace_by_api_token(&token.hash())?
-        .ok_or(ApiError::Unauthorized)
+    let caller = caller_of(app, token)?;
+    caller.note_use(app)?;
+    Ok(caller.workspace)
 }
 
 fn daemon_of(app: &App, token: &TokenHash) -> Result<Daemon, ApiError> {
@@ -322,15 +367,15 @@ fn parse_request_id(s: &str) -> Result<RequestId, ApiError> {
 }
 
 async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) -> Answer {
-    let workspace_id = app
-        .read(move |app| workspace_of(app, token.as_ref()))
-        .await?;
+    let caller = app.read(move |app| caller_of(app, token.as_ref())).await?;
     let body = read_body(app, body).await?;
     let new = wire::parse_new_runtime(&body)?;
     let daemon_token = Token::new_daemon()?;
     let id = RuntimeId::random()?;
     let (runtime, daemon_token) = app
         .blocking(move |app| {
+            caller.note_use(app)?;
+            let workspace_id = caller.workspace;
             let max = app.settings.max_runtimes_per_workspace;
             let runtime = app.store.create_runtime_within(
                 &NewRuntime {
@@ -406,15 +451,39 @@ async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answe
     Ok(response)
 }
 
+/// A new daemon token for the runtime, shown once; the old one is unknown from the
+/// moment the store has the new one, on every instance (daemon tokens are not cached).
+async fn rotate_daemon_token(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+    let rt = parse_runtime_id(rt)?;
+    let daemon_token = Token::new_daemon()?;
+    let hash = daemon_token.hash();
+    let rotated = app
+        .blocking(move |app| {
+            let workspace = workspace_of(app, token.as_ref())?;
+            Ok(app.store.rotate_daemon_token(workspace, rt, &hash)?)
+        })
+        .await?;
+    if !rotated {
+        return Err(ApiError::NotFound("runtime"));
+    }
+    tracing::info!(runtime = %rt, "daemon token rotated");
+    Ok(wire::json(
+        StatusCode::OK,
+        &wire::DaemonTokenRecord {
+            daemon_token: daemon_token.expose(),
+        },
+    ))
+}
+
 async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Incoming) -> Answer {
     let rt = parse_runtime_id(rt)?;
-    let workspace = app
-        .read(move |app| workspace_of(app, token.as_ref()))
-        .await?;
+    let caller = app.read(move |app| caller_of(app, token.as_ref())).await?;
     let refresh = wire::parse_ask(&read_body(app, body).await?)?;
     let (id, cached) = (RequestId::random()?, RequestId::random()?);
     let asked = app
         .blocking(move |app| {
+            caller.note_use(app)?;
+            let workspace = caller.workspace;
             let runtime = app
                 .store
                 .find_runtime(workspace, rt)?
@@ -748,7 +817,13 @@ mod tests {
             Route::resolve("/api/daemon/runtimes/a/models/b/result"),
             Some(Route::Result("a", "b"))
         );
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/daemon-token"),
+            Some(Route::DaemonToken("a"))
+        );
         for none in [
+            "/api/runtimes/a/daemon-token/b",
+            "/api/daemon/runtimes/a/daemon-token",
             "",
             "healthz",
             "/healthz/",

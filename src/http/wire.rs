@@ -462,6 +462,12 @@ impl HeartbeatAck {
     }
 }
 
+/// The answer to a daemon token's rotation: the new token, shown this once.
+#[derive(Serialize)]
+pub struct DaemonTokenRecord<'a> {
+    pub daemon_token: &'a str,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

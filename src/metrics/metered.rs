@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use super::Metrics;
 use crate::clock::Millis;
-use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use crate::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
-    RuntimeCursor, Scoped, Storer,
+    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
+    RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
 };
 
 pub struct MeteredStore {
@@ -76,6 +76,47 @@ impl Storer for MeteredStore {
         })
     }
 
+    fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        self.timed("list_workspaces", |s| s.list_workspaces())
+    }
+
+    fn create_api_token(
+        &self,
+        workspace: WorkspaceId,
+        token: &TokenHash,
+        now: Millis,
+    ) -> Result<bool> {
+        self.timed("create_api_token", |s| {
+            s.create_api_token(workspace, token, now)
+        })
+    }
+
+    fn list_api_tokens(&self, workspace: WorkspaceId) -> Result<Vec<ApiToken>> {
+        self.timed("list_api_tokens", |s| s.list_api_tokens(workspace))
+    }
+
+    fn revoke_api_token(&self, workspace: WorkspaceId, id: &TokenId) -> Result<bool> {
+        self.timed("revoke_api_token", |s| s.revoke_api_token(workspace, id))
+    }
+
+    fn api_token_use(&self, token: &TokenHash) -> Result<Option<ApiTokenUse>> {
+        self.timed("api_token_use", |s| s.api_token_use(token))
+    }
+
+    fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool> {
+        self.timed("touch_api_token", |s| s.touch_api_token(token, now))
+    }
+
+    fn rotate_daemon_token(
+        &self,
+        workspace: WorkspaceId,
+        runtime: RuntimeId,
+        token: &TokenHash,
+    ) -> Result<bool> {
+        self.timed("rotate_daemon_token", |s| {
+            s.rotate_daemon_token(workspace, runtime, token)
+        })
+    }
     fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         self.timed("create_runtime", |s| s.insert_runtime(new, now, max))
     }

@@ -8,18 +8,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{
-    Active, Change, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
-    RuntimeCursor, Scoped, Storer,
+    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Change, Claim, Created, Daemon, Expired,
+    Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
 };
 use crate::clock::Millis;
-use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use crate::model::{CatalogChange, ModelEntry, ModelRequest, Report, Runtime, Status, Timeouts};
 
 #[derive(Default)]
 struct State {
-    /// Workspace id → name; present while the workspace exists.
-    workspaces: HashMap<WorkspaceId, String>,
-    api_tokens: HashMap<TokenHash, WorkspaceId>,
+    /// Present while the workspace exists.
+    workspaces: HashMap<WorkspaceId, Workspace>,
+    api_tokens: HashMap<TokenHash, StoredToken>,
     runtimes: HashMap<RuntimeId, Runtime>,
     daemon_tokens: HashMap<TokenHash, RuntimeId>,
     requests: HashMap<RequestId, ModelRequest>,
@@ -28,11 +28,28 @@ struct State {
     catalogs: HashMap<RuntimeId, Catalog>,
 }
 
+/// An API token's row.
+struct StoredToken {
+    workspace: WorkspaceId,
+    created_at: Millis,
+    last_used_at: Option<Millis>,
+}
+
 /// A runtime's last good model list.
 struct Catalog {
     models: Vec<ModelEntry>,
     supported: bool,
     reported_at: Millis,
+}
+
+impl StoredToken {
+    fn new(workspace: WorkspaceId, now: Millis) -> Self {
+        StoredToken {
+            workspace,
+            created_at: now,
+            last_used_at: None,
+        }
+    }
 }
 
 impl State {
@@ -159,16 +176,108 @@ impl Storer for MemoryStore {
         id: WorkspaceId,
         name: &str,
         api_token: &TokenHash,
-        _now: Millis,
+        now: Millis,
     ) -> Result<()> {
         let mut state = self.state();
-        state.workspaces.insert(id, name.to_owned());
-        state.api_tokens.insert(api_token.clone(), id);
+        let workspace = Workspace {
+            id,
+            name: name.to_owned(),
+            created_at: now,
+        };
+        state.workspaces.insert(id, workspace);
+        state
+            .api_tokens
+            .insert(api_token.clone(), StoredToken::new(id, now));
         Ok(())
     }
 
     fn workspace_by_api_token(&self, token: &TokenHash) -> Result<Option<WorkspaceId>> {
-        Ok(self.state().api_tokens.get(token).copied())
+        Ok(self.state().api_tokens.get(token).map(|t| t.workspace))
+    }
+
+    fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        let mut list: Vec<Workspace> = self.state().workspaces.values().cloned().collect();
+        list.sort_by_key(|w| (w.created_at, w.id));
+        Ok(list)
+    }
+
+    fn create_api_token(
+        &self,
+        workspace: WorkspaceId,
+        token: &TokenHash,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        if !state.workspaces.contains_key(&workspace) {
+            return Ok(false);
+        }
+        state
+            .api_tokens
+            .insert(token.clone(), StoredToken::new(workspace, now));
+        Ok(true)
+    }
+
+    fn list_api_tokens(&self, workspace: WorkspaceId) -> Result<Vec<ApiToken>> {
+        let mut list: Vec<ApiToken> = self
+            .state()
+            .api_tokens
+            .iter()
+            .filter(|(_, t)| t.workspace == workspace)
+            .map(|(hash, t)| ApiToken {
+                id: hash.id(),
+                created_at: t.created_at,
+                last_used_at: t.last_used_at,
+            })
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(list)
+    }
+
+    fn revoke_api_token(&self, workspace: WorkspaceId, id: &TokenId) -> Result<bool> {
+        let mut state = self.state();
+        let before = state.api_tokens.len();
+        state
+            .api_tokens
+            .retain(|hash, t| !(t.workspace == workspace && hash.id() == *id));
+        Ok(state.api_tokens.len() < before)
+    }
+
+    fn api_token_use(&self, token: &TokenHash) -> Result<Option<ApiTokenUse>> {
+        Ok(self.state().api_tokens.get(token).map(|t| ApiTokenUse {
+            workspace: t.workspace,
+            last_used_at: t.last_used_at,
+        }))
+    }
+
+    fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool> {
+        let mut state = self.state();
+        let Some(stored) = state.api_tokens.get_mut(token).filter(|t| {
+            t.last_used_at
+                .is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
+        }) else {
+            return Ok(false);
+        };
+        stored.last_used_at = Some(now);
+        Ok(true)
+    }
+
+    fn rotate_daemon_token(
+        &self,
+        workspace: WorkspaceId,
+        runtime: RuntimeId,
+        token: &TokenHash,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        if state
+            .runtimes
+            .get(&runtime)
+            .is_none_or(|r| r.workspace_id != workspace)
+        {
+            return Ok(false);
+        }
+        state.daemon_tokens.retain(|_, rt| *rt != runtime);
+        state.daemon_tokens.insert(token.clone(), runtime);
+        Ok(true)
     }
 
     fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
@@ -300,7 +409,7 @@ impl Storer for MemoryStore {
         id: RequestId,
     ) -> Result<Scoped<Option<ModelRequest>>> {
         let state = self.state();
-        let Some(&workspace) = state.api_tokens.get(api_token) else {
+        let Some(workspace) = state.api_tokens.get(api_token).map(|t| t.workspace) else {
             return Ok(Scoped::Unauthorized);
         };
         if state

@@ -15,7 +15,7 @@ pub mod sqlite;
 use std::time::Duration;
 
 use crate::clock::Millis;
-use crate::ids::{RandomError, RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::ids::{RandomError, RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use crate::model::{ModelRequest, Report, ReportOutcome, Runtime, Status, Timeouts, replace_nul};
 
 /// The store could not answer. The HTTP layer turns every one of these into
@@ -56,7 +56,7 @@ pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes: the number of the last migration, the same for
 /// every dialect.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// One numbered step of a dialect's schema, applied at most once, in order, in the
 /// transaction that records its number.
@@ -121,6 +121,43 @@ impl RuntimeCursor {
             created_at: runtime.created_at,
             id: runtime.id,
         }
+    }
+}
+
+/// A workspace as `workspace list` shows it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+/// An API token as an operator sees it: never the token, nor its hash.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub created_at: Millis,
+    /// At most [`API_TOKEN_USE_REFRESH`] older than its last use.
+    pub last_used_at: Option<Millis>,
+}
+
+/// What an API token says about its caller, read in one query.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ApiTokenUse {
+    pub workspace: WorkspaceId,
+    pub last_used_at: Option<Millis>,
+}
+
+/// How stale an API token's `last_used_at` may get before a call writes it again: a write
+/// per call would put every UI read in SQLite's one write queue (heartbeats' `last_seen_at`
+/// follows the same rule).
+pub const API_TOKEN_USE_REFRESH: Millis = 60_000;
+
+impl ApiTokenUse {
+    /// Whether a call at `now` should record its use ([`Storer::touch_api_token`]).
+    pub fn touch_due(&self, now: Millis) -> bool {
+        self.last_used_at
+            .is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
     }
 }
 
@@ -369,6 +406,41 @@ pub trait Storer: Send + Sync {
     /// number of instances never pass `max` together. Callers go through
     /// [`Storer::create_runtime_within`].
     fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>>;
+
+    /// Every workspace, oldest first.
+    fn list_workspaces(&self) -> Result<Vec<Workspace>>;
+
+    /// Adds an API token to the workspace. False if the workspace does not exist.
+    fn create_api_token(
+        &self,
+        workspace: WorkspaceId,
+        token: &TokenHash,
+        now: Millis,
+    ) -> Result<bool>;
+
+    /// The workspace's API tokens, oldest first.
+    fn list_api_tokens(&self, workspace: WorkspaceId) -> Result<Vec<ApiToken>>;
+
+    /// Deletes the workspace's API token `id`: from then on it is unknown to every handle.
+    /// False if there was none (or it is another workspace's).
+    fn revoke_api_token(&self, workspace: WorkspaceId, id: &TokenId) -> Result<bool>;
+
+    /// The caller an API token names, with when it was last used. Read-only.
+    fn api_token_use(&self, token: &TokenHash) -> Result<Option<ApiTokenUse>>;
+
+    /// Compare-and-set: records a use at `now` if the stored `last_used_at` is at least
+    /// [`API_TOKEN_USE_REFRESH`] older (or absent). False if it changed nothing.
+    fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool>;
+
+    /// Replaces the daemon token of the workspace's runtime: the old one is unknown from
+    /// then on; the runtime keeps its id and its requests. False if there is no such
+    /// runtime in the workspace.
+    fn rotate_daemon_token(
+        &self,
+        workspace: WorkspaceId,
+        runtime: RuntimeId,
+        token: &TokenHash,
+    ) -> Result<bool>;
 
     /// One page of the workspace's runtimes in the order `created_at, id`: at most `limit`,
     /// those after `after` (from the first when `None`). Keyset pagination on
@@ -684,6 +756,10 @@ fn runtime_id_from_db(s: &str) -> Result<RuntimeId> {
 
 fn workspace_id_from_db(s: &str) -> Result<WorkspaceId> {
     WorkspaceId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad workspace id {s:?}")))
+}
+
+fn token_id_from_db(s: &str) -> Result<TokenId> {
+    TokenId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad token id {s:?}")))
 }
 
 fn models_from_db(json: Option<&str>) -> Result<Vec<crate::model::ModelEntry>> {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use model_relay::clock::Millis;
-use model_relay::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use model_relay::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, Claim, Created, Daemon, Expired, Listener, NewRuntime, RequestCounts, Result,
-    RuntimeCursor, Scoped, StoreError, Storer,
+    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
+    RequestCounts, Result, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
 };
 
 #[derive(Default)]
@@ -105,6 +105,27 @@ impl Storer for WatchedStore {
     }
     fn workspace_by_api_token(&self, t: &TokenHash) -> Result<Option<WorkspaceId>> {
         self.inner.workspace_by_api_token(t)
+    }
+    fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        self.inner.list_workspaces()
+    }
+    fn create_api_token(&self, w: WorkspaceId, t: &TokenHash, now: Millis) -> Result<bool> {
+        self.inner.create_api_token(w, t, now)
+    }
+    fn list_api_tokens(&self, w: WorkspaceId) -> Result<Vec<ApiToken>> {
+        self.inner.list_api_tokens(w)
+    }
+    fn revoke_api_token(&self, w: WorkspaceId, id: &TokenId) -> Result<bool> {
+        self.inner.revoke_api_token(w, id)
+    }
+    fn api_token_use(&self, t: &TokenHash) -> Result<Option<ApiTokenUse>> {
+        self.inner.api_token_use(t)
+    }
+    fn touch_api_token(&self, t: &TokenHash, now: Millis) -> Result<bool> {
+        self.inner.touch_api_token(t, now)
+    }
+    fn rotate_daemon_token(&self, w: WorkspaceId, rt: RuntimeId, t: &TokenHash) -> Result<bool> {
+        self.inner.rotate_daemon_token(w, rt, t)
     }
     fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         self.inner.insert_runtime(new, now, max)

@@ -27,13 +27,14 @@ use r2d2_postgres::PostgresConnectionManager;
 use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
-    Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, RuntimeCursor, Scoped, StoreError, Storer, models_from_db, models_to_db,
-    request_id_from_db, runtime_id_from_db, status_from_db, workspace_id_from_db,
+    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Claim, Created, DEFAULT_WAIT, Daemon,
+    Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError,
+    Storer, Workspace, models_from_db, models_to_db, request_id_from_db, runtime_id_from_db,
+    status_from_db, token_id_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::errors::error_chain;
-use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use crate::model::{CatalogChange, ModelRequest, Report, Runtime, Status, Timeouts};
 
 const POOL_SIZE: u32 = 16;
@@ -326,8 +327,9 @@ impl Storer for PostgresStore {
             &[&id, &name, &now],
         )?;
         tx.execute(
-            "INSERT INTO api_tokens (token_hash, workspace_id, created_at) VALUES ($1, $2, $3)",
-            &[&api_token.as_str(), &id, &now],
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at, id)
+             VALUES ($1, $2, $3, $4)",
+            &[&api_token.as_str(), &id, &now, &api_token.id().as_str()],
         )?;
         tx.commit()?;
         Ok(())
@@ -377,6 +379,105 @@ impl Storer for PostgresStore {
         Ok(runtime)
     }
 
+    fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        let rows = self.conn()?.query(
+            "SELECT id, name, created_at FROM workspaces ORDER BY created_at, id",
+            &[],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(Workspace {
+                    id: workspace_id_from_db(row.try_get(0)?)?,
+                    name: row.try_get(1)?,
+                    created_at: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn create_api_token(
+        &self,
+        workspace: WorkspaceId,
+        token: &TokenHash,
+        now: Millis,
+    ) -> Result<bool> {
+        let inserted = self.conn()?.execute(
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at, id)
+             SELECT $1, id, $3, $4 FROM workspaces WHERE id = $2",
+            &[
+                &token.as_str(),
+                &workspace.to_string(),
+                &now,
+                &token.id().as_str(),
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn list_api_tokens(&self, workspace: WorkspaceId) -> Result<Vec<ApiToken>> {
+        let rows = self.conn()?.query(
+            "SELECT id, created_at, last_used_at FROM api_tokens
+              WHERE workspace_id = $1 ORDER BY created_at, id",
+            &[&workspace.to_string()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(ApiToken {
+                    id: token_id_from_db(row.try_get(0)?)?,
+                    created_at: row.try_get(1)?,
+                    last_used_at: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn revoke_api_token(&self, workspace: WorkspaceId, id: &TokenId) -> Result<bool> {
+        let deleted = self.conn()?.execute(
+            "DELETE FROM api_tokens WHERE id = $1 AND workspace_id = $2",
+            &[&id.as_str(), &workspace.to_string()],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    fn api_token_use(&self, token: &TokenHash) -> Result<Option<ApiTokenUse>> {
+        let row = self.conn()?.query_opt(
+            "SELECT workspace_id, last_used_at FROM api_tokens WHERE token_hash = $1",
+            &[&token.as_str()],
+        )?;
+        row.map(|row| {
+            Ok(ApiTokenUse {
+                workspace: workspace_id_from_db(row.try_get(0)?)?,
+                last_used_at: row.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool> {
+        let changed = self.conn()?.execute(
+            "UPDATE api_tokens SET last_used_at = $2
+              WHERE token_hash = $1 AND (last_used_at IS NULL OR last_used_at <= $3)",
+            &[&token.as_str(), &now, &(now - API_TOKEN_USE_REFRESH)],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn rotate_daemon_token(
+        &self,
+        workspace: WorkspaceId,
+        runtime: RuntimeId,
+        token: &TokenHash,
+    ) -> Result<bool> {
+        let changed = self.conn()?.execute(
+            "UPDATE runtimes SET daemon_token_hash = $3 WHERE id = $1 AND workspace_id = $2",
+            &[
+                &runtime.to_string(),
+                &workspace.to_string(),
+                &token.as_str(),
+            ],
+        )?;
+        Ok(changed == 1)
+    }
     fn list_runtimes(
         &self,
         workspace: WorkspaceId,

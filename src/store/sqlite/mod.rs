@@ -24,12 +24,13 @@ pub use self::backup::{BackupError, Copied, backup};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
-    Active, Claim, Created, DEFAULT_WAIT, Daemon, Expired, Listener, NewRuntime, RequestCounts,
-    Result, RuntimeCursor, Scoped, StoreError, Storer, models_to_db, request_id_from_db,
-    runtime_id_from_db, status_from_db, workspace_id_from_db,
+    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Claim, Created, DEFAULT_WAIT, Daemon,
+    Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError,
+    Storer, Workspace, models_to_db, request_id_from_db, runtime_id_from_db, status_from_db,
+    token_id_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
-use crate::ids::{RequestId, RuntimeId, TokenHash, WorkspaceId};
+use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use crate::model::{CatalogChange, ModelRequest, Outcome, Report, Runtime, Status, Timeouts};
 
 /// Connections for writers. SQLite takes one writer at a time; a writer that finds the
@@ -309,8 +310,14 @@ impl Storer for SqliteStore {
             params![id.to_string(), name, now],
         )?;
         tx.execute(
-            "INSERT INTO api_tokens (token_hash, workspace_id, created_at) VALUES (?1, ?2, ?3)",
-            params![api_token.as_str(), id.to_string(), now],
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at, id)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                api_token.as_str(),
+                id.to_string(),
+                now,
+                api_token.id().as_str()
+            ],
         )?;
         tx.commit()?;
         Ok(())
@@ -325,6 +332,121 @@ impl Storer for SqliteStore {
         found.as_deref().map(workspace_id_from_db).transpose()
     }
 
+    fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, name, created_at FROM workspaces ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Millis>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, name, created_at) = row?;
+            Ok(Workspace {
+                id: workspace_id_from_db(&id)?,
+                name,
+                created_at,
+            })
+        })
+        .collect()
+    }
+
+    fn create_api_token(
+        &self,
+        workspace: WorkspaceId,
+        token: &TokenHash,
+        now: Millis,
+    ) -> Result<bool> {
+        let inserted = self.conn()?.execute(
+            "INSERT INTO api_tokens (token_hash, workspace_id, created_at, id)
+             SELECT ?1, id, ?3, ?4 FROM workspaces WHERE id = ?2",
+            params![
+                token.as_str(),
+                workspace.to_string(),
+                now,
+                token.id().as_str()
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn list_api_tokens(&self, workspace: WorkspaceId) -> Result<Vec<ApiToken>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, created_at, last_used_at FROM api_tokens
+              WHERE workspace_id = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([workspace.to_string()], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Millis>(1)?,
+                row.get::<_, Option<Millis>>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, created_at, last_used_at) = row?;
+            Ok(ApiToken {
+                id: token_id_from_db(&id)?,
+                created_at,
+                last_used_at,
+            })
+        })
+        .collect()
+    }
+
+    fn revoke_api_token(&self, workspace: WorkspaceId, id: &TokenId) -> Result<bool> {
+        let deleted = self.conn()?.execute(
+            "DELETE FROM api_tokens WHERE id = ?1 AND workspace_id = ?2",
+            params![id.as_str(), workspace.to_string()],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    fn api_token_use(&self, token: &TokenHash) -> Result<Option<ApiTokenUse>> {
+        let conn = self.reader()?;
+        let found: Option<(String, Option<Millis>)> = conn
+            .prepare_cached(
+                "SELECT workspace_id, last_used_at FROM api_tokens WHERE token_hash = ?1",
+            )?
+            .query_row([token.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        found
+            .map(|(workspace, last_used_at)| {
+                Ok(ApiTokenUse {
+                    workspace: workspace_id_from_db(&workspace)?,
+                    last_used_at,
+                })
+            })
+            .transpose()
+    }
+
+    fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool> {
+        let changed = self
+            .conn()?
+            .prepare_cached(
+                "UPDATE api_tokens SET last_used_at = ?2
+                  WHERE token_hash = ?1 AND (last_used_at IS NULL OR last_used_at <= ?3)",
+            )?
+            .execute(params![token.as_str(), now, now - API_TOKEN_USE_REFRESH])?;
+        Ok(changed == 1)
+    }
+
+    fn rotate_daemon_token(
+        &self,
+        workspace: WorkspaceId,
+        runtime: RuntimeId,
+        token: &TokenHash,
+    ) -> Result<bool> {
+        let changed = self.conn()?.execute(
+            "UPDATE runtimes SET daemon_token_hash = ?3 WHERE id = ?1 AND workspace_id = ?2",
+            params![runtime.to_string(), workspace.to_string(), token.as_str()],
+        )?;
+        Ok(changed == 1)
+    }
     fn insert_runtime(&self, new: &NewRuntime, now: Millis, max: u64) -> Result<Option<Runtime>> {
         // One statement: a write statement takes the write lock before it reads, so the
         // count it checks is the latest and no other writer comes between it and the

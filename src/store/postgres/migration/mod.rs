@@ -9,6 +9,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     2 "002_requests_by_status",
     3 "003_renewed_at_and_notify",
     4 "004_catalog",
+    5 "005_token_ids",
 ];
 
 /// Any key, the same for every instance: the advisory lock that makes instances starting

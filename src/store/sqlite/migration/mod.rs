@@ -9,6 +9,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     2 "002_requests_by_status",
     3 "003_renewed_at",
     4 "004_catalog",
+    5 "005_token_ids",
 ];
 
 /// Applies what the file still needs, all in one `BEGIN IMMEDIATE` transaction: processes
