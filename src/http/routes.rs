@@ -24,7 +24,7 @@ use crate::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use crate::instance::Source;
 use crate::metrics;
 use crate::model::{ModelRequest, Report, ReportOutcome};
-use crate::store::{Ask, Asked, Daemon, Heartbeat, NewRuntime, RuntimeCursor, Scoped};
+use crate::store::{ApiTokenUse, Ask, Asked, Daemon, Heartbeat, NewRuntime, RuntimeCursor, Scoped};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
 /// id that cannot exist gets the same 404 as one that does not.
@@ -315,12 +315,13 @@ async fn read_body(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
 struct Caller {
     workspace: WorkspaceId,
     token: TokenHash,
-    /// The token's `last_used_at` is stale enough to be written again.
-    touch_due: bool,
+    /// What the store said of the token, `last_used_at` included.
+    found: ApiTokenUse,
 }
 
-/// The caller of a UI route; read-only. Tokens are looked up in the store on every call
-/// and never cached, so a revoked token is refused at once by every instance.
+/// The caller of a UI route; read-only, and no clock: it may run on an async worker.
+/// Tokens are looked up in the store on every call and never cached, so a revoked token is
+/// refused at once by every instance.
 fn caller_of(app: &App, token: Option<&Token>) -> Result<Caller, ApiError> {
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
     let found = app
@@ -329,7 +330,7 @@ fn caller_of(app: &App, token: Option<&Token>) -> Result<Caller, ApiError> {
         .ok_or(ApiError::Unauthorized)?;
     Ok(Caller {
         workspace: found.workspace,
-        touch_due: found.touch_due(app.clock.now()),
+        found,
         token,
     })
 }
@@ -338,8 +339,9 @@ impl Caller {
     /// Records the token's use when its `last_used_at` is due (at most once a minute per
     /// token, so a UI call is not a write). Only where a write may run: the blocking pool.
     fn note_use(&self, app: &App) -> Result<(), ApiError> {
-        if self.touch_due {
-            app.store.touch_api_token(&self.token, app.clock.now())?;
+        let now = app.clock.now();
+        if self.found.touch_due(now) {
+            app.store.touch_api_token(&self.token, now)?;
         }
         Ok(())
     }
