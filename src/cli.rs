@@ -440,7 +440,7 @@ fn backup(args: &BackupArgs) -> Result<(), String> {
     let url = args.database.resolve()?;
     let path = match &url {
         DatabaseUrl::Sqlite { path, .. } => path,
-        DatabaseUrl::Postgres(_) => {
+        DatabaseUrl::Postgres { .. } => {
             return Err(format!(
                 "backup copies SQLite databases only; back up PostgreSQL ({}) with pg_dump, \
                  e.g. pg_dump --format=custom --file=model-relay.dump \"$DATABASE_URL\", and \
@@ -625,7 +625,7 @@ fn raise_open_files_limit() -> std::io::Result<u64> {
 fn shown_url(url: &DatabaseUrl) -> String {
     match url {
         DatabaseUrl::Sqlite { path, .. } => format!("sqlite:{}", path.display()),
-        DatabaseUrl::Postgres(url) => redact(url),
+        DatabaseUrl::Postgres { url, .. } => redact(url),
     }
 }
 

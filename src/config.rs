@@ -6,6 +6,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::model::Timeouts;
+use crate::store::postgres::PoolMode;
 use crate::store::sqlite::{self, Synchronous};
 use crate::store::{self, DEFAULT_WAIT, Storer, postgres};
 
@@ -17,8 +18,9 @@ pub enum DatabaseUrl {
         path: PathBuf,
         synchronous: Synchronous,
     },
-    /// `postgres://…` or `postgresql://…`, passed to the driver as written.
-    Postgres(String),
+    /// `postgres://…` or `postgresql://…`, passed to the driver as written but for
+    /// `pool_mode=session|transaction`, which is model-relay's own.
+    Postgres { url: String, pool_mode: PoolMode },
 }
 
 impl DatabaseUrl {
@@ -46,7 +48,8 @@ impl DatabaseUrl {
                 synchronous,
             })
         } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            Ok(DatabaseUrl::Postgres(s.to_owned()))
+            let (pool_mode, url) = PoolMode::from_url(s)?;
+            Ok(DatabaseUrl::Postgres { url, pool_mode })
         } else {
             Err(format!(
                 "unsupported database URL {:?}: use sqlite:PATH or postgres://…",
@@ -74,11 +77,16 @@ impl DatabaseUrl {
                     wait,
                 },
             )?),
-            DatabaseUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open_with(
-                url.parse()?,
-                timeouts,
-                wait,
-            )?),
+            DatabaseUrl::Postgres { url, pool_mode } => {
+                Arc::new(postgres::PostgresStore::open_with(
+                    url.parse()?,
+                    timeouts,
+                    postgres::Options {
+                        wait,
+                        pool_mode: *pool_mode,
+                    },
+                )?)
+            }
         })
     }
 }
@@ -204,10 +212,30 @@ mod tests {
         );
         assert!(DatabaseUrl::parse("sqlite:r.db?synchronous=off").is_err());
         assert!(DatabaseUrl::parse("sqlite:r.db?mode=ro").is_err());
+        let postgres = |url: &str, pool_mode| DatabaseUrl::Postgres {
+            url: url.to_owned(),
+            pool_mode,
+        };
         assert_eq!(
             DatabaseUrl::parse("postgres://u@h/db"),
-            Ok(DatabaseUrl::Postgres("postgres://u@h/db".into()))
+            Ok(postgres("postgres://u@h/db", PoolMode::Session))
         );
+        // model-relay's own parameter is taken out; the driver's stay, in order.
+        assert_eq!(
+            DatabaseUrl::parse("postgres://u@h:6432/db?pool_mode=transaction"),
+            Ok(postgres("postgres://u@h:6432/db", PoolMode::Transaction))
+        );
+        assert_eq!(
+            DatabaseUrl::parse(
+                "postgres://h/db?sslmode=disable&pool_mode=session&application_name=r"
+            ),
+            Ok(postgres(
+                "postgres://h/db?sslmode=disable&application_name=r",
+                PoolMode::Session
+            ))
+        );
+        let err = DatabaseUrl::parse("postgres://h/db?pool_mode=statement").unwrap_err();
+        assert!(err.contains("session or transaction"), "{err}");
         assert!(DatabaseUrl::parse("postgresql://h/db").is_ok());
         assert!(DatabaseUrl::parse("sqlite:").is_err());
         assert!(DatabaseUrl::parse("mysql://h/db").is_err());

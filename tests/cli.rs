@@ -286,6 +286,16 @@ async fn two_serve_processes_on_one_postgres_database_answer_each_others_calls()
     two_processes_alternating(&schema.url()).await;
 }
 
+/// Through PgBouncer in transaction-pooling mode, with `?pool_mode=transaction` in the URL
+/// the processes are given (the CLI's `workspace create` included).
+#[tokio::test]
+async fn two_serve_processes_through_pgbouncer_answer_each_others_calls() {
+    let Some(database) = support::pgbouncer::fresh_database("two_serve_pgbouncer") else {
+        return;
+    };
+    two_processes_alternating(&database.url()).await;
+}
+
 /// A create in one `serve` process wakes a heartbeat held in another process on the same
 /// SQLite file, through SQLite alone (the watcher of `PRAGMA data_version`): the re-check
 /// is an hour away, and the heartbeat would otherwise be held for a minute, past the test

@@ -1220,6 +1220,9 @@ impl Storer for DownStore {
     ) -> StoreResult<Option<ModelRequest>> {
         down()
     }
+    fn listens(&self) -> bool {
+        true
+    }
     fn listen(&self) -> StoreResult<Box<dyn Listener>> {
         down()
     }

@@ -79,7 +79,7 @@ fn run_once(open: Opener, targets: Vec<Arc<dyn Storer>>, s: &Schedule) -> Vec<Vi
     violations
 }
 
-engine_tests!(settings().timeouts; instances_on_one_database_keep_every_invariant);
+engine_tests!(with_pgbouncer settings().timeouts; instances_on_one_database_keep_every_invariant);
 
 /// Runs generated schedules, each on a fresh database of `engine`'s kind.
 fn instances_on_one_database_keep_every_invariant(engine: &dyn Engine) {

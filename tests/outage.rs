@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
-use model_relay::store::postgres::PostgresStore;
+use model_relay::store::postgres::{Options as PgOptions, PostgresStore};
 use model_relay::store::sqlite::{self, SqliteStore};
 use serde_json::{Value, json};
 use support::postgres::own::Cluster;
@@ -22,6 +22,13 @@ use support::server::{Answer, Http, Instance, T0, clock, settings, workspace};
 /// The store calls of these tests wait at most this long; an answer that takes much longer
 /// than that is a request hanging on the store.
 const WAIT: Duration = Duration::from_millis(500);
+
+fn pg_options() -> PgOptions {
+    PgOptions {
+        wait: WAIT,
+        ..PgOptions::default()
+    }
+}
 const HANG: Duration = Duration::from_secs(15);
 
 struct World {
@@ -256,7 +263,7 @@ async fn postgres_stopped_is_503_quickly_and_the_same_process_recovers() {
     };
     let config = cluster.config();
     let store: Arc<dyn Storer> = tokio::task::spawn_blocking(move || {
-        Arc::new(PostgresStore::open_with(config, Timeouts::default(), WAIT).unwrap())
+        Arc::new(PostgresStore::open_with(config, Timeouts::default(), pg_options()).unwrap())
             as Arc<dyn Storer>
     })
     .await
@@ -357,7 +364,7 @@ async fn postgres_tables_locked_elsewhere_are_503_by_statement_timeout_then_reco
     };
     let config = schema.config();
     let store: Arc<dyn Storer> = tokio::task::spawn_blocking(move || {
-        Arc::new(PostgresStore::open_with(config, Timeouts::default(), WAIT).unwrap())
+        Arc::new(PostgresStore::open_with(config, Timeouts::default(), pg_options()).unwrap())
             as Arc<dyn Storer>
     })
     .await

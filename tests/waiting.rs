@@ -18,7 +18,7 @@ use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
 use serde_json::{Value, json};
-use support::engines::{Engine, engine_tests};
+use support::engines::{Engine, PgBouncer, engine_tests};
 use support::prom::Scrape;
 use support::server::{Http, Instance, T0, clock, settings, workspace};
 
@@ -56,6 +56,7 @@ impl Pair {
         clock: Arc<FakeClock>,
         settings: Settings,
     ) -> Pair {
+        let listens = settings.listen && store_a.listens() && store_b.listens();
         let (store_a, api) = tokio::task::spawn_blocking(move || {
             let (_, api) = workspace(store_a.as_ref(), T0);
             (store_a, api)
@@ -75,7 +76,7 @@ impl Pair {
         assert_eq!(created.status, StatusCode::CREATED);
         let rt = created.json["id"].as_str().unwrap().to_owned();
         let daemon = created.json["daemon_token"].as_str().unwrap().to_owned();
-        if settings.listen {
+        if listens {
             // Changes made before an instance listens are not notified (its first re-check
             // covers them): wait until both listen, so that only notifications can wake.
             for on in [&a, &b] {
@@ -294,6 +295,32 @@ async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_anot
     assert_eq!(ack["pending_model_list"]["id"], id.as_str(), "{ack}");
     let woken = scrape(&pair.http, &pair.a).await;
     assert!(woken.value("model_relay_wakeups_total", &[("source", "recheck")]) >= 1.0);
+    pair.stop().await;
+}
+
+/// Behind a transaction pooler (`pool_mode=transaction`) an instance does not listen, even
+/// with listening on: a `LISTEN` would sit on a server session the proxy lends to others.
+/// A create on one instance still wakes a heartbeat held on another, by the re-check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_transaction_pooler_the_recheck_wakes_a_heartbeat_held_on_another_instance() {
+    let Some(engine) = PgBouncer::new("pooler_recheck_wakes", Timeouts::default()) else {
+        return;
+    };
+    let settings = Settings {
+        listen: true,
+        ..recheck_only()
+    };
+    let pair = Pair::start(&engine, settings).await;
+    let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
+    let create = async {
+        pair.until_held(&pair.a, "heartbeat", 1.0).await;
+        pair.create(&pair.b).await
+    };
+    let ((_, ack), id) = tokio::join!(held, create);
+    assert_eq!(ack["pending_model_list"]["id"], id.as_str(), "{ack}");
+    let woken = scrape(&pair.http, &pair.a).await;
+    assert!(woken.value("model_relay_wakeups_total", &[("source", "recheck")]) >= 1.0);
+    assert_eq!(woken.value("model_relay_listener_up", &[]), 0.0);
     pair.stop().await;
 }
 

@@ -30,7 +30,11 @@ pub(super) fn run(app: &App, stop: &AtomicBool) {
         // Re-check after this wait when the listener asks for it or fails, or when the
         // periodic one is due.
         let mut recheck: Option<Source> = None;
-        if app.settings.listen && listener.is_none() && Instant::now() >= retry_at {
+        if app.settings.listen
+            && app.store.listens()
+            && listener.is_none()
+            && Instant::now() >= retry_at
+        {
             match app.store.listen() {
                 Ok(opened) => {
                     listener = Some(opened);

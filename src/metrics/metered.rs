@@ -248,6 +248,10 @@ impl Storer for MeteredStore {
         })
     }
 
+    fn listens(&self) -> bool {
+        self.inner.listens()
+    }
+
     fn listen(&self) -> Result<Box<dyn Listener>> {
         self.timed("listen", |s| s.listen())
     }

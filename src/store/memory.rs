@@ -692,6 +692,10 @@ impl Storer for MemoryStore {
         Ok(Some(answer))
     }
 
+    fn listens(&self) -> bool {
+        true
+    }
+
     fn listen(&self) -> Result<Box<dyn Listener>> {
         let seen = *self.writes.0.lock().unwrap_or_else(|p| p.into_inner());
         Ok(Box::new(Writes {

@@ -46,6 +46,9 @@ pub enum StoreError {
     Random(#[from] RandomError),
     #[error("the store is closed")]
     Closed,
+    /// Only at opening: the database URL asks for something this build does not do.
+    #[error("database URL: {0}")]
+    Config(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -546,6 +549,12 @@ pub trait Storer: Send + Sync {
     /// Opens a listener for changes made through any handle of this store. Blocking (it
     /// may connect): the instance calls it on its wake-up thread.
     fn listen(&self) -> Result<Box<dyn Listener>>;
+
+    /// Whether [`Storer::listen`] can work where this store is. False for PostgreSQL behind
+    /// a transaction pooler, whose sessions do not outlive a transaction: the instance then
+    /// does not listen, and its re-check wakes what its own writes do not. No default, so
+    /// that a wrapper cannot forget to pass it on.
+    fn listens(&self) -> bool;
 
     // ---- composites: written once, on the primitives ----
 

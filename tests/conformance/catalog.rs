@@ -15,7 +15,7 @@ use crate::common::{
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     a_completed_report_with_models_writes_the_catalog,
     a_completed_report_with_no_models_or_no_support_removes_the_catalog,
     failed_timed_out_and_fallback_reports_leave_the_catalog,

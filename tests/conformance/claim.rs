@@ -15,7 +15,7 @@ use crate::common::{
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     claim_moves_the_pending_request_to_running_with_a_lease,
     claim_hands_out_a_request_at_most_once,
     concurrent_claims_from_two_handles_hand_out_one_request_once,

@@ -12,7 +12,7 @@ use crate::common::{PENDING_MS, T0, TIMEOUTS, completed, create, get, new_id, ru
 use crate::support::engines::{Engine, Postgres, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     create_makes_a_pending_request_with_a_claim_deadline,
     create_for_a_missing_runtime_is_none,
     create_coalesces_while_a_request_is_pending_or_running,

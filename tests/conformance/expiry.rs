@@ -17,7 +17,7 @@ use crate::common::{
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     reads_end_an_overdue_running_request_as_timeout,
     get_request_by_token_ends_an_overdue_request_first,
     terminal_status_is_final,

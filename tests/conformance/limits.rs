@@ -12,7 +12,7 @@ use crate::common::{T0, TIMEOUTS, runtime_in, workspace};
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     a_create_past_the_limit_writes_nothing,
     concurrent_creates_from_two_handles_never_pass_the_limit,
     pages_cover_every_runtime_once_in_order,

@@ -12,7 +12,7 @@ use crate::common::{
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     report_completed_records_the_models_and_ends_the_request,
     report_failed_records_the_error,
     report_without_models_reads_as_no_models,

@@ -11,7 +11,7 @@ use crate::common::{T0, TIMEOUTS, create, get, new_id, runtime_in, tenant, works
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     opening_twice_keeps_the_data,
     tokens_resolve_to_their_owner_only,
     runtimes_are_scoped_to_their_workspace,

@@ -15,7 +15,7 @@ use crate::common::{T0, TIMEOUTS, get, running, tenant, workspace};
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     a_failed_report_keeps_its_error_byte_for_byte_but_for_nul,
     a_completed_report_keeps_its_model_texts_byte_for_byte_but_for_nul,
     an_exact_replay_of_a_report_with_nul_is_a_replay,

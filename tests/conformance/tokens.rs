@@ -10,7 +10,7 @@ use crate::common::{T0, TIMEOUTS, create, get, running, runtime_in, tenant, work
 use crate::support::engines::{Engine, engine_tests};
 
 engine_tests!(
-    TIMEOUTS;
+    with_pgbouncer TIMEOUTS;
     a_workspace_holds_several_api_tokens,
     a_token_for_an_unknown_workspace_is_not_made,
     revoking_makes_the_token_unknown_at_once_through_another_handle,

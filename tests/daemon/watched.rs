@@ -201,6 +201,9 @@ impl Storer for WatchedStore {
         self.inner
             .answer_from_catalog(runtime, id, refresh, reported_after, now)
     }
+    fn listens(&self) -> bool {
+        self.inner.listens()
+    }
     fn listen(&self) -> Result<Box<dyn Listener>> {
         self.inner.listen()
     }

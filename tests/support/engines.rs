@@ -6,9 +6,10 @@ use std::sync::Arc;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
-use model_relay::store::postgres::PostgresStore;
+use model_relay::store::postgres::{self, PoolMode, PostgresStore};
 use model_relay::store::sqlite::SqliteStore;
 
+use super::pgbouncer::{PgBouncerDatabase, fresh_database};
 use super::postgres::{PgSchema, fresh_schema};
 
 /// A database under test.
@@ -103,18 +104,67 @@ impl Engine for Postgres {
     }
 }
 
+/// PostgreSQL through PgBouncer in transaction-pooling mode, opened with
+/// `pool_mode=transaction`: a database of its own per test (see [`super::pgbouncer`]).
+pub struct PgBouncer {
+    pub database: PgBouncerDatabase,
+    test: String,
+    timeouts: Timeouts,
+}
+
+impl PgBouncer {
+    /// None when there is no PostgreSQL or no PgBouncer and `REQUIRE_POSTGRES` is unset.
+    pub fn new(test: &str, timeouts: Timeouts) -> Option<Self> {
+        fresh_database(test).map(|database| PgBouncer {
+            database,
+            test: test.to_owned(),
+            timeouts,
+        })
+    }
+}
+
+impl Engine for PgBouncer {
+    fn open(&self) -> Arc<dyn Storer> {
+        let options = postgres::Options {
+            pool_mode: PoolMode::Transaction,
+            ..postgres::Options::default()
+        };
+        Arc::new(
+            PostgresStore::open_with(self.database.config(), self.timeouts, options)
+                .expect("open postgres through pgbouncer"),
+        )
+    }
+
+    fn fresh(&self) -> Arc<dyn Engine> {
+        let fresh = PgBouncer::new(&self.test, self.timeouts);
+        Arc::new(fresh.expect("PgBouncer was there for this test's first database"))
+    }
+}
+
 /// `engine_tests!(TIMEOUTS; case, …)`, for cases `fn case(engine: &dyn Engine)`, adds to the
 /// calling module the modules `memory`, `sqlite` and `postgres`, each with one `#[test]` per
 /// case, its engine opened with `TIMEOUTS`. `engine_tests!(async TIMEOUTS; case, …)` does
 /// the same for `async fn case(engine: &dyn Engine)`, on a multi-threaded runtime (so that a
-/// case can open PostgreSQL handles in `tokio::task::block_in_place`). A PostgreSQL test
-/// passes without running only when there is no PostgreSQL and `REQUIRE_POSTGRES` is unset.
+/// case can open PostgreSQL handles in `tokio::task::block_in_place`).
+/// `engine_tests!(with_pgbouncer TIMEOUTS; case, …)` adds a module `pgbouncer` as well: each
+/// case on PostgreSQL through PgBouncer in transaction-pooling mode, for the suites that need
+/// no notifications (an instance does not listen there). A PostgreSQL test passes without
+/// running only when there is no PostgreSQL (or PgBouncer) and `REQUIRE_POSTGRES` is unset.
 // Not every test binary runs a suite over the engines.
 #[allow(unused_macros)]
 macro_rules! engine_tests {
     // First: the other arm would take `async …` for the start of an async block.
     (async $timeouts:expr; $($case:ident),* $(,)?) => {
         $crate::support::engines::engine_tests!(@engines [async] $timeouts; $($case),*);
+    };
+    // Also before the plain arm, for the same reason.
+    (with_pgbouncer $timeouts:expr; $($case:ident),* $(,)?) => {
+        $crate::support::engines::engine_tests!(@engines [sync] $timeouts; $($case),*);
+        mod pgbouncer {
+            $($crate::support::engines::engine_tests!(@test [sync] $case
+                $crate::support::engines::PgBouncer::new(stringify!($case), super::engine_timeouts())
+            );)*
+        }
     };
     ($timeouts:expr; $($case:ident),* $(,)?) => {
         $crate::support::engines::engine_tests!(@engines [sync] $timeouts; $($case),*);

@@ -4,6 +4,7 @@
 
 pub mod engines;
 pub mod harness;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
 pub mod prom;

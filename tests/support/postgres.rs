@@ -32,9 +32,9 @@ use std::{env, fs, thread};
 
 use postgres::{Config, NoTls};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a freshly started server (cluster or container) may take to accept connections.
-const READY_DEADLINE: Duration = Duration::from_secs(30);
+pub(super) const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long dropping a schema may wait for a lock held by a connection a test left open.
 const DROP_LOCK_TIMEOUT: &str = "10s";
 /// Longest part of a schema name taken from the test's name.
@@ -103,10 +103,9 @@ impl Drop for PgSchema {
     }
 }
 
-/// Some(fresh schema), or None when no PostgreSQL can be found and `REQUIRE_POSTGRES` is not
-/// "1" (then a `SKIPPED` line goes to stderr). Panics when `REQUIRE_POSTGRES=1` and none can
-/// be found, and when `DATABASE_URL` names a server that does not answer.
-pub fn fresh_schema(test_name: &str) -> Option<PgSchema> {
+/// The test server, or None (said on stderr) when there is none and `REQUIRE_POSTGRES` is
+/// not "1"; panics as [`fresh_schema`] says.
+fn found_server(test_name: &str) -> Option<&'static Server> {
     let server = match server() {
         Ok(Found::Server(server)) => server,
         Ok(Found::Missing(tried)) => {
@@ -126,6 +125,20 @@ pub fn fresh_schema(test_name: &str) -> Option<PgSchema> {
         }
         Err(e) => panic!("{test_name}: {e}"),
     };
+    Some(server)
+}
+
+/// How to reach the test server itself (no schema chosen), for a test that needs its own
+/// database or a proxy in front; None as [`fresh_schema`] says.
+pub(super) fn server_config(test_name: &str) -> Option<Config> {
+    found_server(test_name).map(|server| server.config.clone())
+}
+
+/// Some(fresh schema), or None when no PostgreSQL can be found and `REQUIRE_POSTGRES` is not
+/// "1" (then a `SKIPPED` line goes to stderr). Panics when `REQUIRE_POSTGRES=1` and none can
+/// be found, and when `DATABASE_URL` names a server that does not answer.
+pub fn fresh_schema(test_name: &str) -> Option<PgSchema> {
+    let server = found_server(test_name)?;
 
     let name = schema_name(test_name);
     let admin = server.config.clone();
@@ -309,7 +322,9 @@ mod container {
 
 /// Runs `f` on a plain thread of its own and waits for it, so that the synchronous client
 /// never finds itself inside the caller's tokio runtime. `Err` carries a panic's message.
-fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+pub(super) fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     thread::Builder::new()
         .name("test-postgres".into())
         .spawn(f)
@@ -329,7 +344,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 }
 
 /// Polls until `config` connects, for at most `deadline`.
-fn wait_until_accepting(config: &Config, deadline: Duration) -> Result<(), String> {
+pub(super) fn wait_until_accepting(config: &Config, deadline: Duration) -> Result<(), String> {
     let until = Instant::now() + deadline;
     let mut config = config.clone();
     config.connect_timeout(Duration::from_secs(2));
@@ -353,14 +368,14 @@ fn wait_until_accepting(config: &Config, deadline: Duration) -> Result<(), Strin
 // The throwaway local cluster.
 
 /// How the PostgreSQL binaries are run: they refuse to run as root, so then as `postgres`.
-enum RunAs {
+pub(super) enum RunAs {
     Me,
     Runuser(PathBuf),
     Su(PathBuf),
 }
 
 impl RunAs {
-    fn detect() -> Result<RunAs, String> {
+    pub(super) fn detect() -> Result<RunAs, String> {
         if !running_as_root() {
             return Ok(RunAs::Me);
         }
@@ -383,7 +398,7 @@ impl RunAs {
     }
 
     /// `sh -c script`, as the user that runs the PostgreSQL binaries.
-    fn shell(&self, script: &str) -> Command {
+    pub(super) fn shell(&self, script: &str) -> Command {
         match self {
             RunAs::Me => {
                 let mut command = Command::new("sh");
@@ -403,7 +418,7 @@ impl RunAs {
         }
     }
 
-    fn take_ownership(&self, dir: &Path) -> Result<(), String> {
+    pub(super) fn take_ownership(&self, dir: &Path) -> Result<(), String> {
         if let RunAs::Me = self {
             return Ok(());
         }
@@ -423,7 +438,7 @@ impl RunAs {
     }
 }
 
-fn running_as_root() -> bool {
+pub(super) fn running_as_root() -> bool {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         // "Uid:	real	effective	saved	fs"
         if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
@@ -547,9 +562,9 @@ fn local_cluster() -> Result<(Server, PathBuf), String> {
 }
 
 /// The cluster's dir: removed on drop until the watchdog takes it over.
-struct TempDir {
-    path: PathBuf,
-    ours: bool,
+pub(super) struct TempDir {
+    pub(super) path: PathBuf,
+    pub(super) ours: bool,
 }
 
 impl Drop for TempDir {
@@ -733,7 +748,7 @@ fn find_pg_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, bin)| bin)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -744,7 +759,7 @@ fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("could not probe for a port: {e}"))?;
     listener
@@ -753,7 +768,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("could not probe for a port: {e}"))
 }
 
-fn log_tail(log: &str, from: u64) -> String {
+pub(super) fn log_tail(log: &str, from: u64) -> String {
     match fs::read(log) {
         Ok(bytes) => {
             let from = usize::try_from(from).unwrap_or(0).min(bytes.len());
@@ -764,7 +779,7 @@ fn log_tail(log: &str, from: u64) -> String {
 }
 
 /// The last `lines` lines of `text`, each ending in a newline.
-fn tail(text: &str, lines: usize) -> String {
+pub(super) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     let mut out = String::new();
     for line in &all[all.len().saturating_sub(lines)..] {
@@ -779,7 +794,7 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// `t_<test name, sanitized, at most 30 chars>_<8 random hex digits>`: only `[a-z0-9_]`, so
 /// it needs no quoting anywhere.
-fn schema_name(test_name: &str) -> String {
+pub(super) fn schema_name(test_name: &str) -> String {
     let mut part = String::new();
     for c in test_name.chars() {
         if c.is_ascii_alphanumeric() {
@@ -821,7 +836,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// Single-quotes `s` for `sh`.
-fn sh_quote(s: &str) -> String {
+pub(super) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -50,25 +50,104 @@ pub struct PostgresStore {
     timeouts: Timeouts,
     /// How to connect: the listener opens a connection of its own with it.
     config: postgres::Config,
+    pool_mode: PoolMode,
+}
+
+/// How model-relay's connections reach PostgreSQL: straight or through a session pooler, or
+/// through a transaction pooler (`?pool_mode=transaction` in the URL).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum PoolMode {
+    /// Each connection is one server session: statements are prepared once per
+    /// connection, the statement timeout is a session setting, and the instance `LISTEN`s.
+    #[default]
+    Session,
+    /// A proxy (PgBouncer's `pool_mode = transaction`) lends a server session for one
+    /// transaction at a time: nothing may outlive it. Statements go unnamed, nothing is
+    /// `SET` (it would stay behind for the proxy's next client), and the instance does not
+    /// listen; its waiting calls are woken by its own writes and by the re-check.
+    Transaction,
+}
+
+impl PoolMode {
+    /// The URL's query parameter that chooses the mode. The driver refuses parameters it
+    /// does not know, so [`PoolMode::from_url`] takes it out before the driver sees the URL.
+    pub const PARAMETER: &'static str = "pool_mode";
+
+    /// The mode `url` asks for, and the URL without the parameter.
+    pub fn from_url(url: &str) -> std::result::Result<(PoolMode, String), String> {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((PoolMode::Session, url.to_owned()));
+        };
+        let mut mode = PoolMode::Session;
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some((key, value)) if key == Self::PARAMETER => {
+                    mode = match value {
+                        "session" => PoolMode::Session,
+                        "transaction" => PoolMode::Transaction,
+                        other => {
+                            return Err(format!(
+                                "unsupported {}={other:?}: use session or transaction",
+                                Self::PARAMETER
+                            ));
+                        }
+                    };
+                }
+                _ => kept.push(pair),
+            }
+        }
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok((mode, url))
+    }
+}
+
+/// How a [`PostgresStore`] connects and how long it waits.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The bound on every wait: a pooled connection, a connect, a statement.
+    pub wait: Duration,
+    pub pool_mode: PoolMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            wait: DEFAULT_WAIT,
+            pool_mode: PoolMode::Session,
+        }
+    }
 }
 
 impl PostgresStore {
+    /// Opens the database `url` names; `?pool_mode=transaction` says it is behind a
+    /// transaction pooler.
     pub fn open(url: &str, timeouts: Timeouts) -> Result<Self> {
-        Self::open_config(url.parse()?, timeouts)
+        let (pool_mode, url) = PoolMode::from_url(url).map_err(StoreError::Config)?;
+        let options = Options {
+            pool_mode,
+            ..Options::default()
+        };
+        Self::open_with(url.parse()?, timeouts, options)
     }
 
     /// Opens with a ready connection config; tests use it to give each test its own schema
     /// (`options = -c search_path=…`).
     pub fn open_config(config: postgres::Config, timeouts: Timeouts) -> Result<Self> {
-        Self::open_with(config, timeouts, DEFAULT_WAIT)
+        Self::open_with(config, timeouts, Options::default())
     }
 
-    /// [`open_config`](Self::open_config), with `wait` as the bound on every wait.
+    /// [`open_config`](Self::open_config), with `options.wait` as the bound on every wait.
     pub fn open_with(
         mut config: postgres::Config,
         timeouts: Timeouts,
-        wait: Duration,
+        options: Options,
     ) -> Result<Self> {
+        let Options { wait, pool_mode } = options;
         // What the URL says wins; otherwise nothing waits longer than `wait`. The user
         // timeout also ends a query whose server stopped answering without closing the
         // connection, where the server's own statement timeout cannot help.
@@ -80,6 +159,9 @@ impl PostgresStore {
         }
         let mut client = config.connect(NoTls)?;
         migration::migrate(&mut client)?;
+        if pool_mode == PoolMode::Transaction {
+            warn_without_statement_timeout(&mut client);
+        }
         drop(client);
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
@@ -87,16 +169,18 @@ impl PostgresStore {
             .connection_timeout(wait)
             .connection_customizer(Box::new(SessionSettings {
                 statement_timeout: wait,
+                pool_mode,
             }))
             .error_handler(Box::new(LogConnectErrors))
-            .build(CachingManager(PostgresConnectionManager::new(
-                config.clone(),
-                NoTls,
-            )))?;
+            .build(CachingManager {
+                inner: PostgresConnectionManager::new(config.clone(), NoTls),
+                pool_mode,
+            })?;
         Ok(PostgresStore {
             pool: Some(pool),
             timeouts,
             config,
+            pool_mode,
         })
     }
 
@@ -128,16 +212,46 @@ impl Drop for PostgresStore {
 }
 
 /// Set on every new pooled connection: the server cancels any statement (a lock wait
-/// included) that runs longer than the store's `wait`.
+/// included) that runs longer than the store's `wait`. Not behind a transaction pooler: the
+/// setting would stay on a server session the proxy then lends to anyone, and be missing
+/// from the next one it lends us (see [`warn_without_statement_timeout`]).
 #[derive(Debug)]
 struct SessionSettings {
     statement_timeout: Duration,
+    pool_mode: PoolMode,
 }
 
 impl r2d2::CustomizeConnection<CachedClient, postgres::Error> for SessionSettings {
     fn on_acquire(&self, client: &mut CachedClient) -> Result<(), postgres::Error> {
+        if self.pool_mode == PoolMode::Transaction {
+            return Ok(());
+        }
         let ms = self.statement_timeout.as_millis().max(1);
         client.batch_execute(&format!("SET statement_timeout = {ms}"))
+    }
+}
+
+/// Behind a transaction pooler the statement timeout must come from the server's side (the
+/// role's setting, or the proxy's `connect_query`): say so when there is none, since then a
+/// stuck statement holds its call until the proxy gives up.
+fn warn_without_statement_timeout(client: &mut postgres::Client) {
+    match client.simple_query("SHOW statement_timeout") {
+        Ok(messages) => {
+            let value = messages.iter().find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            });
+            if value.as_deref() == Some("0") {
+                tracing::warn!(
+                    "postgres: pool_mode=transaction and no statement_timeout: set one for the \
+                     role (ALTER ROLE … SET statement_timeout = '5s') or in the pooler's \
+                     connect_query"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "postgres: cannot read statement_timeout")
+        }
     }
 }
 
@@ -793,6 +907,10 @@ impl Storer for PostgresStore {
             ],
         )?;
         row.as_ref().map(parse_request).transpose()
+    }
+
+    fn listens(&self) -> bool {
+        self.pool_mode == PoolMode::Session
     }
 
     fn listen(&self) -> Result<Box<dyn Listener>> {

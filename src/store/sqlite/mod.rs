@@ -841,6 +841,10 @@ impl Storer for SqliteStore {
             .transpose()
     }
 
+    fn listens(&self) -> bool {
+        true
+    }
+
     fn listen(&self) -> Result<Box<dyn Listener>> {
         Ok(Box::new(watch::DataVersion::open(&self.path)?))
     }

@@ -1,6 +1,7 @@
 //! PostgreSQL's numbered migrations. Each applied version is a row of `schema_version`.
 
 use postgres::Client;
+use postgres::types::Type;
 
 use crate::store::{Migration, Result, StoreError, migrations, migrations_after};
 
@@ -17,20 +18,25 @@ pub const MIGRATIONS: &[Migration] = migrations![
 const MIGRATION_LOCK: i64 = 0x6d6f_6465_6c72;
 
 /// Applies what the database still needs, all in one transaction under the lock: a failed
-/// step leaves the database as it was.
+/// step leaves the database as it was. Every statement goes unnamed (`query_typed`, or the
+/// simple protocol), so that it works behind a transaction pooler too: a named statement's
+/// closing can reach the server after the commit, on a session the proxy lent to another.
 pub fn migrate(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.query_typed(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[(&MIGRATION_LOCK, Type::INT8)],
+    )?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
     let found: Option<i64> = tx
-        .query_one("SELECT max(version) FROM schema_version", &[])?
+        .query_typed_one("SELECT max(version) FROM schema_version", &[])?
         .try_get(0)?;
     for m in migrations_after(MIGRATIONS, found.unwrap_or(0))? {
         tx.batch_execute(m.sql)
             .and_then(|()| {
-                tx.execute(
+                tx.query_typed(
                     "INSERT INTO schema_version (version) VALUES ($1)",
-                    &[&m.version],
+                    &[(&m.version, Type::INT8)],
                 )
             })
             .map_err(|e| StoreError::Migration {
