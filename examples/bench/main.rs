@@ -356,7 +356,10 @@ struct Run {
     cycle: Figures,
     /// The picker's open answered from a fresh catalog: one call, no daemon.
     cached: Figures,
-    /// The full cycle again, while [`SCRAPERS`] connections scrape `/metrics` flat out.
+    /// The full cycle again, while [`FLOODERS`] connections call `/healthz` flat out: what
+    /// any flood of the cheapest route costs the API on these shared cores.
+    cycle_flooded: Figures,
+    /// The full cycle again, while [`FLOODERS`] connections scrape `/metrics` flat out.
     cycle_scraped: Figures,
     /// Full cycles per second through the store's API in this process, with no HTTP.
     store_cycles: f64,
@@ -654,16 +657,20 @@ fn run_suite(
         if op == Op::IdleHeartbeat {
             runtime.block_on(bring_online(Arc::clone(&setup)))?;
         }
-        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, 0))?;
+        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, None))?;
         eprintln!("bench:   {}: {figures:?}", op.name());
         Ok::<_, BoxError>(figures)
     };
-    let scraped = |op: Op| {
+    let flooded = |op: Op, path: &'static str| {
         if options.phase_only.is_some_and(|only| only != op) {
             return Ok(Figures::default());
         }
-        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, SCRAPERS))?;
-        eprintln!("bench:   {} under a scrape flood: {figures:?}", op.name());
+        let flood = Some(path);
+        let figures = runtime.block_on(drive(Arc::clone(&setup), op, options.phase, flood))?;
+        eprintln!(
+            "bench:   {} under a flood of {path}: {figures:?}",
+            op.name()
+        );
         Ok::<_, BoxError>(figures)
     };
     let run = Run {
@@ -674,7 +681,8 @@ fn run_suite(
         idle: phase(Op::IdleHeartbeat)?,
         cycle: phase(Op::Cycle)?,
         cached: phase(Op::CachedCreate)?,
-        cycle_scraped: scraped(Op::Cycle)?,
+        cycle_flooded: flooded(Op::Cycle, "/healthz")?,
+        cycle_scraped: flooded(Op::Cycle, "/metrics")?,
         store_cycles: 0.0,
     };
     if options.phase_only.is_some() {
@@ -1083,25 +1091,33 @@ async fn one(conn: &mut Conn, setup: &Setup, op: Op, worker: usize, i: usize) ->
     Ok(())
 }
 
-/// Connections that scrape `/metrics` back to back in the scrape-flood phase (the load that
+/// Connections that call one path back to back in the flood phases (64 scraping `/metrics`
 /// slowed another tenant's writes twelvefold when each scrape counted in the store).
-const SCRAPERS: usize = 64;
+const FLOODERS: usize = 64;
 
-/// `concurrency` workers, each on its own connection, repeat `op` for `length`; meanwhile
-/// `scrapers` more connections scrape `/metrics` back to back (not counted).
-async fn drive(setup: Arc<Setup>, op: Op, length: Duration, scrapers: usize) -> Res<Figures> {
+/// `concurrency` workers, each on its own connection, repeat `op` for `length`; meanwhile,
+/// with `flood`, [`FLOODERS`] more connections `GET` that path back to back (not counted).
+async fn drive(
+    setup: Arc<Setup>,
+    op: Op,
+    length: Duration,
+    flood: Option<&'static str>,
+) -> Res<Figures> {
     let started = Instant::now();
     let counted_from = started + WARMUP;
     let end = counted_from + length;
-    let mut scraping = Vec::new();
-    for _ in 0..scrapers {
+    let mut flooding = Vec::new();
+    for path in flood
+        .into_iter()
+        .flat_map(|path| std::iter::repeat_n(path, FLOODERS))
+    {
         let addr = setup.addr;
-        scraping.push(tokio::spawn(async move {
+        flooding.push(tokio::spawn(async move {
             let mut conn = Conn::open(addr).await?;
             while Instant::now() < end {
-                let (status, _) = conn.call(Method::GET, "/metrics", None, None).await?;
+                let (status, _) = conn.call(Method::GET, path, None, None).await?;
                 if status != StatusCode::OK {
-                    return Err::<(), BoxError>(format!("/metrics: {status}").into());
+                    return Err::<(), BoxError>(format!("{path}: {status}").into());
                 }
             }
             Ok(())
@@ -1139,8 +1155,8 @@ async fn drive(setup: Arc<Setup>, op: Op, length: Duration, scrapers: usize) -> 
     for worker in workers {
         latencies.extend(worker.await??);
     }
-    for scraper in scraping {
-        scraper.await??;
+    for flooder in flooding {
+        flooder.await??;
     }
     let (from, to) = cpu.await?;
     let cpu = to.per_call(from, latencies.len());
@@ -1285,7 +1301,13 @@ fn render(
         )?;
         row(
             &mut out,
-            &format!("full cycle while {SCRAPERS} connections scrape `/metrics`"),
+            &format!("full cycle while {FLOODERS} connections call `/healthz`"),
+            &run.cycle_flooded,
+            e,
+        )?;
+        row(
+            &mut out,
+            &format!("full cycle while {FLOODERS} connections scrape `/metrics`"),
             &run.cycle_scraped,
             e,
         )?;
@@ -1296,6 +1318,14 @@ fn render(
              discovery and heartbeat wait), p50 {} ms.",
             ms(run.cached.p50),
             ms(run.cycle.p50)
+        )?;
+        writeln!(
+            out,
+            "\nUnder a flood of {FLOODERS} connections (on the same two cores as the server), \
+             full cycles per second: {:.2} of the quiet figure while they scrape `/metrics`, \
+             {:.2} while they call `/healthz`, the cheapest route.",
+            run.cycle_scraped.per_second / run.cycle.per_second,
+            run.cycle_flooded.per_second / run.cycle.per_second
         )?;
         writeln!(
             out,

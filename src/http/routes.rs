@@ -777,12 +777,14 @@ async fn metrics(app: &Arc<App>, token: Option<Token>) -> Answer {
     {
         return Err(ApiError::Unauthorized);
     }
-    // From memory: the sweeper counted the stored requests; a scrape never reaches the store.
+    // From memory: the sweeper counted the stored requests; a scrape never reaches the store,
+    // and scrapes that come together share one rendering.
     let text = app
         .metrics
-        .render(app.clock.now())
+        .scrape(|| app.clock.now())
+        .await
         .map_err(ApiError::Internal)?;
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(Full::new(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(metrics::CONTENT_TYPE),

@@ -3,9 +3,11 @@
 //!
 //! Counters and histograms are recorded as things happen: HTTP answers in the router,
 //! store calls, claims and timeouts in [`MeteredStore`](metered::MeteredStore).
-//! The gauges of stored requests are read from the store at scrape time.
+//! The gauges of stored requests are the sweeper's last count, kept here: a scrape never
+//! reaches the store, and renderings are shared between scrapes ([`scrape`]).
 
 pub mod metered;
+pub mod scrape;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
+
+use hyper::body::Bytes;
 
 use crate::clock::Millis;
 use crate::model::Status;
@@ -64,6 +68,7 @@ pub struct Metrics {
     /// first count, or when the last one failed. A scrape reads this and never the store,
     /// so a flood of scrapes costs the store nothing.
     counts: Mutex<Option<RequestCounts>>,
+    scrapes: scrape::Scrapes,
 }
 
 impl Default for Metrics {
@@ -159,6 +164,7 @@ impl Metrics {
             catalog_answers: catalog_answers.expect("valid metric"),
             catalog_refreshes: catalog_refreshes.expect("valid metric"),
             counts: Mutex::new(None),
+            scrapes: scrape::Scrapes::default(),
             registry,
         };
         for collector in [
@@ -255,6 +261,12 @@ impl Metrics {
     /// The stored requests per status, as just counted (`None`: the count failed).
     pub fn set_counts(&self, counts: Option<RequestCounts>) {
         *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+
+    /// [`Metrics::render`] for a scrape: a rendering that started after this call, shared
+    /// with the other scrapes waiting for it (see [`scrape`]).
+    pub async fn scrape(&self, now: impl FnOnce() -> Millis) -> Result<Bytes, String> {
+        self.scrapes.text(|| self.render(now())).await
     }
 
     /// Every family in the text format. The gauges of stored requests are there only when
