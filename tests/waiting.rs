@@ -286,6 +286,13 @@ async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_anot
     engine: &dyn Engine,
 ) {
     let pair = Pair::start(engine, recheck_only()).await;
+    the_recheck_wakes_a_heartbeat_held_on_a(&pair).await;
+    pair.stop().await;
+}
+
+/// A heartbeat held on `a`, a create on `b`: the heartbeat answers with the request, and
+/// `a`'s re-check woke it. Returns `a`'s metrics.
+async fn the_recheck_wakes_a_heartbeat_held_on_a(pair: &Pair) -> Scrape {
     let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
     let create = async {
         pair.until_held(&pair.a, "heartbeat", 1.0).await;
@@ -295,7 +302,7 @@ async fn with_every_notification_lost_the_recheck_wakes_a_heartbeat_held_on_anot
     assert_eq!(ack["pending_model_list"]["id"], id.as_str(), "{ack}");
     let woken = scrape(&pair.http, &pair.a).await;
     assert!(woken.value("model_relay_wakeups_total", &[("source", "recheck")]) >= 1.0);
-    pair.stop().await;
+    woken
 }
 
 /// Behind a transaction pooler (`pool_mode=transaction`) an instance does not listen, even
@@ -311,15 +318,7 @@ async fn behind_a_transaction_pooler_the_recheck_wakes_a_heartbeat_held_on_anoth
         ..recheck_only()
     };
     let pair = Pair::start(&engine, settings).await;
-    let held = async { pair.heartbeat(&pair.a, json!({"wait_ms": 8000})).await };
-    let create = async {
-        pair.until_held(&pair.a, "heartbeat", 1.0).await;
-        pair.create(&pair.b).await
-    };
-    let ((_, ack), id) = tokio::join!(held, create);
-    assert_eq!(ack["pending_model_list"]["id"], id.as_str(), "{ack}");
-    let woken = scrape(&pair.http, &pair.a).await;
-    assert!(woken.value("model_relay_wakeups_total", &[("source", "recheck")]) >= 1.0);
+    let woken = the_recheck_wakes_a_heartbeat_held_on_a(&pair).await;
     assert_eq!(woken.value("model_relay_listener_up", &[]), 0.0);
     pair.stop().await;
 }

@@ -142,21 +142,8 @@ fn start(server: &Config) -> Result<Bouncer, String> {
     // It refuses to run as root, as PostgreSQL does.
     let run_as = RunAs::detect()?;
 
-    let mut random = [0u8; 4];
-    getrandom::fill(&mut random).map_err(|e| format!("no randomness: {e}"))?;
-    let dir = env::temp_dir().join(format!(
-        "model-relay-pgbouncer-{}-{:02x}{:02x}{:02x}{:02x}",
-        std::process::id(),
-        random[0],
-        random[1],
-        random[2],
-        random[3]
-    ));
-    fs::create_dir(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
-    let mut temp = TempDir {
-        path: dir.clone(),
-        ours: true,
-    };
+    let mut temp = TempDir::new("model-relay-pgbouncer")?;
+    let dir = temp.path.clone();
     let dir_str = dir
         .to_str()
         .ok_or_else(|| format!("temp dir {} is not UTF-8", dir.display()))?

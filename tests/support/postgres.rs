@@ -546,18 +546,8 @@ fn local_cluster() -> Result<(Server, PathBuf), String> {
     )?;
     let run_as = RunAs::detect()?;
 
-    let mut random = [0u8; 4];
-    getrandom::fill(&mut random).map_err(|e| format!("no randomness: {e}"))?;
-    let dir = env::temp_dir().join(format!(
-        "model-relay-pg-{}-{}",
-        std::process::id(),
-        hex(&random)
-    ));
-    fs::create_dir(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
-    let mut temp = TempDir {
-        path: dir.clone(),
-        ours: true,
-    };
+    let mut temp = TempDir::new("model-relay-pg")?;
+    let dir = temp.path.clone();
     Ok((start_cluster(&bin, &run_as, &mut temp)?, dir))
 }
 
@@ -565,6 +555,18 @@ fn local_cluster() -> Result<(Server, PathBuf), String> {
 pub(super) struct TempDir {
     pub(super) path: PathBuf,
     pub(super) ours: bool,
+}
+
+impl TempDir {
+    /// A new dir `<prefix>-<pid>-<random>` under the system's temp dir.
+    pub(super) fn new(prefix: &str) -> Result<Self, String> {
+        let mut random = [0u8; 4];
+        getrandom::fill(&mut random).map_err(|e| format!("no randomness: {e}"))?;
+        let path =
+            env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), hex(&random)));
+        fs::create_dir(&path).map_err(|e| format!("could not create {}: {e}", path.display()))?;
+        Ok(TempDir { path, ours: true })
+    }
 }
 
 impl Drop for TempDir {
