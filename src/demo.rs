@@ -38,8 +38,7 @@ pub fn catalogue() -> Vec<ModelEntry> {
         label: label.to_owned(),
         provider: Some("anthropic".to_owned()),
         default: default.then_some(true),
-        thinking: None,
-        service_tiers: None,
+        ..Default::default()
     };
     vec![
         model("claude-sonnet-4-6", "Claude Sonnet 4.6", true),

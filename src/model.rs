@@ -68,7 +68,7 @@ pub fn holds_control(text: &str) -> bool {
 
 /// One model a runtime offers, as the daemon reported it. Stored and returned as sent;
 /// fields not named here are dropped.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct ModelEntry {
     pub id: String,
     pub label: String,
@@ -492,10 +492,7 @@ mod tests {
             models: vec![ModelEntry {
                 id: "m".into(),
                 label: "M".into(),
-                provider: None,
-                default: None,
-                thinking: None,
-                service_tiers: None,
+                ..Default::default()
             }],
             supported: true,
             error: None,

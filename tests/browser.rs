@@ -43,8 +43,7 @@ fn catalogue() -> Vec<ModelEntry> {
         label: label.into(),
         provider: Some("anthropic".into()),
         default,
-        thinking: None,
-        service_tiers: None,
+        ..Default::default()
     };
     vec![
         model("claude-sonnet-4-6", "Claude Sonnet 4.6", Some(true)),

@@ -296,10 +296,7 @@ fn found(id: &str) -> Source {
         models: vec![model_relay::model::ModelEntry {
             id: id.to_owned(),
             label: id.to_uppercase(),
-            provider: None,
-            default: None,
-            thinking: None,
-            service_tiers: None,
+            ..Default::default()
         }],
         supported: true,
         fallback: false,

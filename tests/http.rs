@@ -81,14 +81,16 @@ impl World {
     }
 
     /// A runtime created over the API: (id, daemon token).
+    /// `POST /api/runtimes` with `body`, as the workspace.
+    async fn create_runtime(&self, body: Value) -> support::server::Answer {
+        self.http
+            .post(&self.url("/api/runtimes"), &self.api, body)
+            .await
+    }
+
     async fn runtime(&self) -> (String, String) {
         let answer = self
-            .http
-            .post(
-                &self.url("/api/runtimes"),
-                &self.api,
-                json!({"name": "laptop", "provider": "claude"}),
-            )
+            .create_runtime(json!({"name": "laptop", "provider": "claude"}))
             .await;
         assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.json);
         (
@@ -470,12 +472,7 @@ async fn bad_bodies_are_400_with_a_message_and_change_nothing() {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     }
     let bad_runtime = w
-        .http
-        .post(
-            &w.url("/api/runtimes"),
-            &w.api,
-            json!({"name": "", "provider": "claude"}),
-        )
+        .create_runtime(json!({"name": "", "provider": "claude"}))
         .await;
     assert_eq!(bad_runtime.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_runtime.json, json!({"error": "name must not be empty"}));
@@ -495,12 +492,7 @@ async fn control_characters_in_names_providers_and_model_ids_are_400_naming_the_
         ("laptop", "cla\nude", "provider"),
     ] {
         let answer = w
-            .http
-            .post(
-                &w.url("/api/runtimes"),
-                &w.api,
-                json!({"name": name, "provider": provider}),
-            )
+            .create_runtime(json!({"name": name, "provider": provider}))
             .await;
         assert_eq!(
             answer.status,
@@ -765,12 +757,7 @@ async fn creating_a_runtime_past_the_workspace_limit_is_409_and_stores_nothing()
     w.runtime().await;
     w.runtime().await;
     let refused = w
-        .http
-        .post(
-            &w.url("/api/runtimes"),
-            &w.api,
-            json!({"name": "third", "provider": "claude"}),
-        )
+        .create_runtime(json!({"name": "third", "provider": "claude"}))
         .await;
     assert_eq!(refused.status, StatusCode::CONFLICT);
     assert_eq!(
@@ -1689,12 +1676,7 @@ async fn a_ui_call_records_its_token_use_at_most_once_a_minute() {
 async fn every_api_answer_says_no_store_success_or_error() {
     let w = World::new().await;
     let created = w
-        .http
-        .post(
-            &w.url("/api/runtimes"),
-            &w.api,
-            json!({"name": "laptop", "provider": "claude"}),
-        )
+        .create_runtime(json!({"name": "laptop", "provider": "claude"}))
         .await;
     // The one answer that carries a daemon token above all.
     assert_eq!(created.status, StatusCode::CREATED);

@@ -61,8 +61,7 @@ fn model_lists() -> [Vec<ModelEntry>; 3] {
         label: id.to_uppercase(),
         provider: default.then(|| "anthropic".to_owned()),
         default: default.then_some(true),
-        thinking: None,
-        service_tiers: None,
+        ..Default::default()
     };
     [
         Vec::new(),

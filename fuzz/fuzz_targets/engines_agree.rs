@@ -115,7 +115,7 @@ impl ReportKind {
                 }],
                 default_level: None,
             }),
-            service_tiers: None,
+            ..Default::default()
         };
         match *self {
             ReportKind::Running => Report::Running,

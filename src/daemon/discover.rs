@@ -294,10 +294,7 @@ mod tests {
         ModelEntry {
             id: id.into(),
             label: label.into(),
-            provider: None,
-            default: None,
-            thinking: None,
-            service_tiers: None,
+            ..Default::default()
         }
     }
 

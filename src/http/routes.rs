@@ -757,9 +757,6 @@ async fn report(
     }
 }
 
-/// `GET /metrics`. Open like `/healthz`: it tells counts and timings, nothing of anyone's
-/// data. The store is asked for its counts first; when it cannot answer, the rest is still
-/// served (it is what explains the outage) and the store's gauges are left out.
 /// The answer of the metrics listener (`--metrics-listen`): `/metrics` and nothing else.
 pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let token = wire::bearer(request.headers().get(header::AUTHORIZATION));
@@ -771,6 +768,9 @@ pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response
     answer.unwrap_or_else(ApiError::into_response)
 }
 
+/// `GET /metrics`: open like `/healthz` unless `--metrics-token` is set. The store's gauges
+/// are the sweeper's last count, left out when that count failed (the rest still explains
+/// the outage).
 async fn metrics(app: &Arc<App>, token: Option<Token>) -> Answer {
     if let Some(wanted) = &app.metrics_token
         && token.is_none_or(|t| !constant_time_eq(t.expose().as_bytes(), wanted.as_bytes()))

@@ -8,8 +8,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{
-    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Change, Claim, Created, Daemon, Expired,
-    Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
+    Active, ApiToken, ApiTokenUse, Change, Claim, Created, Daemon, Expired, Listener, NewRuntime,
+    RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace, token_use_due,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
@@ -251,10 +251,11 @@ impl Storer for MemoryStore {
 
     fn touch_api_token(&self, token: &TokenHash, now: Millis) -> Result<bool> {
         let mut state = self.state();
-        let Some(stored) = state.api_tokens.get_mut(token).filter(|t| {
-            t.last_used_at
-                .is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
-        }) else {
+        let Some(stored) = state
+            .api_tokens
+            .get_mut(token)
+            .filter(|t| token_use_due(t.last_used_at, now))
+        else {
             return Ok(false);
         };
         stored.last_used_at = Some(now);

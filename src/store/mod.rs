@@ -159,9 +159,15 @@ pub const API_TOKEN_USE_REFRESH: Millis = 60_000;
 impl ApiTokenUse {
     /// Whether a call at `now` should record its use ([`Storer::touch_api_token`]).
     pub fn touch_due(&self, now: Millis) -> bool {
-        self.last_used_at
-            .is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
+        token_use_due(self.last_used_at, now)
     }
+}
+
+/// Whether a use at `now` is to be recorded over `last_used_at`: the rule of
+/// [`ApiTokenUse::touch_due`], and the condition of the memory engine's compare-and-set
+/// (the SQL engines write it in their `WHERE`).
+fn token_use_due(last_used_at: Option<Millis>, now: Millis) -> bool {
+    last_used_at.is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
 }
 
 /// What a daemon token says about its runtime, read in one query so that an idle heartbeat

@@ -123,10 +123,7 @@ pub fn models() -> Vec<ModelEntry> {
         ModelEntry {
             id: "claude-opus-4-1".into(),
             label: "Claude Opus 4.1".into(),
-            provider: None,
-            default: None,
-            thinking: None,
-            service_tiers: None,
+            ..Default::default()
         },
     ]
 }

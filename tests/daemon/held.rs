@@ -23,10 +23,7 @@ fn found() -> Source {
         models: vec![ModelEntry {
             id: "m".into(),
             label: "M".into(),
-            provider: None,
-            default: None,
-            thinking: None,
-            service_tiers: None,
+            ..Default::default()
         }],
         supported: true,
         fallback: false,

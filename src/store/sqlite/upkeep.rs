@@ -264,10 +264,7 @@ mod tests {
             models: vec![ModelEntry {
                 id: "m".into(),
                 label: "x".repeat(60_000),
-                provider: None,
-                default: None,
-                thinking: None,
-                service_tiers: None,
+                ..Default::default()
             }],
             supported: true,
             error: None,
