@@ -163,6 +163,11 @@ pub struct Settings {
     pub max_runtimes_per_workspace: u64,
     /// The most model entries one report may carry: past it the report answers 400.
     pub max_models_per_report: usize,
+    /// The most bytes of answers one connection may hold that its client has not taken
+    /// yet (an answer alone may be larger); past it a large answer is refused with 503.
+    pub answer_bytes_per_connection: usize,
+    /// The same over all connections together.
+    pub answer_bytes_total: usize,
 }
 
 impl Default for Settings {
@@ -184,6 +189,8 @@ impl Default for Settings {
             catalog_serve: Duration::from_secs(24 * 3600),
             max_runtimes_per_workspace: 1_000,
             max_models_per_report: 500,
+            answer_bytes_per_connection: 4 * 1024 * 1024,
+            answer_bytes_total: 256 * 1024 * 1024,
         }
     }
 }

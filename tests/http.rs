@@ -905,8 +905,7 @@ async fn a_bad_limit_or_cursor_is_400_and_needs_a_token_first() {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "limit={bad}");
         assert_eq!(answer.json, limit_error, "limit={bad}");
     }
-    let cursor_error =
-        json!({"error": "cursor is not one this server handed out (take next_cursor as it is)"});
+    let cursor_error = json!({"error": "cursor is malformed (pass next_cursor back as it is)"});
     // Not hex; odd length; hex of text without a dot; hex of "1.not-a-uuid"; empty.
     for bad in ["zz", "abc", "6162", "312e6e6f742d612d75756964", ""] {
         let answer = w
@@ -916,6 +915,12 @@ async fn a_bad_limit_or_cursor_is_400_and_needs_a_token_first() {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "cursor={bad}");
         assert_eq!(answer.json, cursor_error, "cursor={bad}");
     }
+    let twice = w
+        .http
+        .get(&w.url("/api/runtimes?limit=5&limit=5"), &w.api)
+        .await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert_eq!(twice.json, json!({"error": "limit given more than once"}));
     let unauthorized = w.http.get(&w.url("/api/runtimes?limit=0"), "nobody").await;
     assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
 }

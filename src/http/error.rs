@@ -1,6 +1,5 @@
 //! Every way a call can fail, and the one place that maps each to a status code.
 
-use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode, header};
 
@@ -29,6 +28,9 @@ pub enum ApiError {
     RuntimeOffline,
     /// `--max-waiting` calls are held already.
     TooManyWaiting,
+    /// Answers not yet taken by their clients hold the whole budget of the connection
+    /// (true) or of the server (false).
+    AnswersQueued(bool),
     /// The store could not answer. Never a 404 and never a 200: the caller must retry.
     StoreUnavailable(StoreError),
     /// A bug: a store call panicked, or the OS random source failed.
@@ -63,9 +65,10 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::RuntimeOffline | ApiError::TooManyWaiting | ApiError::StoreUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::RuntimeOffline
+            | ApiError::TooManyWaiting
+            | ApiError::AnswersQueued(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,12 +84,16 @@ impl ApiError {
             ApiError::RequestTimeout => "body not received in time".to_owned(),
             ApiError::RuntimeOffline => "runtime is offline".to_owned(),
             ApiError::TooManyWaiting => "too many waiting calls".to_owned(),
+            ApiError::AnswersQueued(true) => {
+                "too many answers not yet read on this connection".to_owned()
+            }
+            ApiError::AnswersQueued(false) => "too many answers not yet read".to_owned(),
             ApiError::StoreUnavailable(_) => "store unavailable".to_owned(),
             ApiError::Internal(_) => "internal error".to_owned(),
         }
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<Bytes> {
         match &self {
             ApiError::StoreUnavailable(cause) => {
                 tracing::warn!(error = %error_chain(cause), "store unavailable");

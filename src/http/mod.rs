@@ -3,6 +3,7 @@
 //! It only serves: the instance's background work is started by [`crate::run`], the seam
 //! every caller uses — `main` with a real listener, tests with one bound to `127.0.0.1:0`.
 
+mod connection;
 mod error;
 mod routes;
 mod wire;
@@ -13,15 +14,12 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +34,7 @@ pub use wire::{
 };
 
 use crate::instance::App;
+use connection::{Answer, Budget, Connection, InFlight};
 
 /// How handlers reach the store: its engines are synchronous, so store work runs on the
 /// blocking pool, except reads that the store says are quick and local.
@@ -162,6 +161,8 @@ pub async fn serve(
     // Having them all back again is also how the drain knows every connection has ended.
     let capacity = u32::try_from(app.settings.max_connections).unwrap_or(u32::MAX);
     let slots = Arc::new(Semaphore::new(capacity as usize));
+    // The answer bytes all connections together may hold that hyper has not taken yet.
+    let answers = Arc::new(Budget::new(app.settings.answer_bytes_total));
     let mut refused_since_logged = 0u64;
     let mut refusal_logged_at: Option<Instant> = None;
     let mut backoff = ACCEPT_BACKOFF_FIRST;
@@ -215,6 +216,7 @@ pub async fn serve(
             stream,
             tls.clone(),
             Arc::clone(&app),
+            Arc::clone(&answers),
             stopping.clone(),
             slot,
         ));
@@ -240,15 +242,20 @@ async fn connection(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     app: Arc<App>,
+    answers: Arc<Budget>,
     stopping: watch::Receiver<bool>,
     slot: OwnedSemaphorePermit,
 ) {
     let peer = stream.peer_addr().ok();
+    let state = Arc::new(Connection::new(
+        app.settings.answer_bytes_per_connection,
+        answers,
+    ));
     let ended = match tls {
-        None => http1(TokioIo::new(stream), app, stopping).await,
+        None => http1(TokioIo::new(stream), app, state, stopping).await,
         // Boxed: the handshake's state and an HTTP/2 connection are large, and a task's
         // size is its future's largest state, so a plain connection would carry them too.
-        Some(acceptor) => Box::pin(over_tls(stream, acceptor, app, stopping)).await,
+        Some(acceptor) => Box::pin(over_tls(stream, acceptor, app, state, stopping)).await,
     };
     if let Err(e) = ended {
         tracing::debug!(?peer, error = %e, "connection ended with an error");
@@ -260,6 +267,7 @@ async fn over_tls(
     stream: TcpStream,
     acceptor: TlsAcceptor,
     app: Arc<App>,
+    state: Arc<Connection>,
     stopping: watch::Receiver<bool>,
 ) -> Result<(), String> {
     // A client that opens a connection and never finishes its handshake holds a slot like
@@ -271,13 +279,18 @@ async fn over_tls(
         Err(_) => return Err("no TLS handshake within --read-timeout".to_owned()),
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        http2(TokioIo::new(stream), app, stopping).await
+        http2(TokioIo::new(stream), app, state, stopping).await
     } else {
-        http1(TokioIo::new(stream), app, stopping).await
+        http1(TokioIo::new(stream), app, state, stopping).await
     }
 }
 
-async fn http1<I>(io: I, app: Arc<App>, stopping: watch::Receiver<bool>) -> Result<(), String>
+async fn http1<I>(
+    io: I,
+    app: Arc<App>,
+    state: Arc<Connection>,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -287,119 +300,53 @@ where
         // A request's headers must arrive within `--read-timeout`, and so must the next
         // request's on a connection left idle: an idle connection is closed then.
         .header_read_timeout(read_timeout)
-        .serve_connection(io, service(app, None));
-    drive(connection, stopping, None).await
+        .serve_connection(io, service(app, Arc::clone(&state)));
+    connection::drive(connection, state, stopping, read_timeout).await
 }
 
-async fn http2<I>(io: I, app: Arc<App>, stopping: watch::Receiver<bool>) -> Result<(), String>
+async fn http2<I>(
+    io: I,
+    app: Arc<App>,
+    state: Arc<Connection>,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let read_timeout = app.settings.read_timeout;
-    let activity = Arc::new(Activity::default());
+    // The client may send this much that no handler has read yet, over all its streams:
+    // with bodies read one at a time (`Connection::body_turn`), a connection holds at most
+    // one window plus the one body being read.
+    let window = u32::try_from(app.settings.body_limit).unwrap_or(u32::MAX);
     let connection = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .serve_connection(io, service(app, Some(Arc::clone(&activity))));
-    drive(connection, stopping, Some((activity, read_timeout))).await
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .serve_connection(io, service(app, Arc::clone(&state)));
+    connection::drive(connection, state, stopping, read_timeout).await
 }
 
-/// The requests of one HTTP/2 connection: hyper has no idle timeout for HTTP/2 (its
-/// `header_read_timeout` is HTTP/1's), so the connection counts them itself.
-#[derive(Default)]
-struct Activity {
-    /// Requests being answered now (a held call among them).
-    in_flight: AtomicUsize,
-    /// Requests started and answered since the connection opened: a connection is idle
-    /// from its last answer, not from its last request's start.
-    events: AtomicU64,
-}
-
-/// Counts one request as in flight while it lives.
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn begin(activity: Arc<Activity>) -> Self {
-        activity.events.fetch_add(1, Ordering::Relaxed);
-        activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(activity)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.events.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// The routes as hyper calls them, counting requests in `activity` when given.
+/// The routes as hyper calls them, counting each request in flight on `state`.
 fn service(
     app: Arc<App>,
-    activity: Option<Arc<Activity>>,
+    state: Arc<Connection>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<Full<Bytes>>,
+    Response = Response<Answer>,
     Error = Infallible,
     Future: Send + 'static,
 > + Send
 + 'static {
     service_fn(move |request| {
         let app = Arc::clone(&app);
-        let in_flight = activity.clone().map(InFlight::begin);
+        let state = Arc::clone(&state);
         async move {
-            let response = routes::handle(app, request).await;
+            let in_flight = InFlight::begin(Arc::clone(&state));
+            let response = routes::handle(app, &state, request).await;
             drop(in_flight);
             Ok::<_, Infallible>(response)
         }
     })
-}
-
-/// Runs `connection` to its end. Once `stopping` turns true it shuts down gracefully: the
-/// request in flight is answered, then the connection closes. With `idle`, the connection
-/// also shuts down when a whole period passed with no request in flight, none started and
-/// none answered: between one and two periods after its last answer.
-async fn drive<C>(
-    connection: C,
-    mut stopping: watch::Receiver<bool>,
-    idle: Option<(Arc<Activity>, Duration)>,
-) -> Result<(), String>
-where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
-{
-    tokio::pin!(connection);
-    let mut ticks = idle.as_ref().map(|(_, period)| {
-        tokio::time::interval_at(tokio::time::Instant::now() + *period, *period)
-    });
-    let mut seen = 0;
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            ended = connection.as_mut() => return ended.map_err(|e| e.to_string()),
-            // Sent once, or its sender dropped: either way the server is stopping.
-            _ = stopping.changed(), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = next_tick(&mut ticks), if !closing => {
-                let Some((activity, _)) = &idle else { continue };
-                let events = activity.events.load(Ordering::Relaxed);
-                if events == seen && activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                seen = events;
-            }
-        }
-    }
-}
-
-/// The next tick of `ticks`, or never.
-async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
-    match ticks {
-        Some(ticks) => drop(ticks.tick().await),
-        None => std::future::pending().await,
-    }
 }
 
 /// The most connections the metrics listener keeps open at once: scrapers are few.
@@ -436,7 +383,10 @@ pub async fn serve_metrics(
             let read_timeout = app.settings.read_timeout;
             let service = service_fn(move |request| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(routes::metrics_only(app, request).await) }
+                async move {
+                    let response = routes::metrics_only(app, request).await;
+                    Ok::<_, Infallible>(response.map(Full::new))
+                }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())

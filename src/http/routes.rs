@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 
+use super::connection::{Answer, Connection, Full};
 use super::error::ApiError;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
 use super::{App, StoreCalls};
@@ -152,7 +153,11 @@ struct Head {
     preflight: bool,
 }
 
-pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(
+    app: Arc<App>,
+    connection: &Arc<Connection>,
+    request: Request<Incoming>,
+) -> Response<Answer> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     // The head's URI and header values are slices of the connection's read buffer: kept
@@ -185,10 +190,31 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
     let cors = head.allowed_origin.clone().filter(|_| ui);
     let method = method_label(&head.method);
     let api = head.path.starts_with("/api/");
-    let mut response = match dispatch(&app, head, body).await {
+    let response = match dispatch(&app, connection, head, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
+    // Counted against the connection's and the server's budgets of answer bytes not yet
+    // sent; past either, a large answer is not kept but refused.
+    let (parts, bytes) = response.into_parts();
+    let (mut response, refused) = match connection.answer(bytes) {
+        Ok(answer) => (Response::from_parts(parts, answer), None),
+        Err(full) => {
+            let refused = ApiError::AnswersQueued(full == Full::Connection).into_response();
+            let (parts, bytes) = refused.into_parts();
+            (
+                Response::from_parts(parts, connection.uncounted(bytes)),
+                Some(full),
+            )
+        }
+    };
+    if let Some(full) = refused {
+        tracing::warn!(
+            ?full,
+            route,
+            "answer refused: too many answer bytes not yet sent"
+        );
+    }
     // API answers are about one caller's data, and the creation of a runtime carries its
     // daemon token: no cache, shared or private, may keep one.
     if api {
@@ -217,9 +243,19 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Full<
     response
 }
 
-type Answer = Result<Response<Full<Bytes>>, ApiError>;
+type Handled = Result<Response<Bytes>, ApiError>;
 
-async fn dispatch(app: &Arc<App>, head: Head, body: Incoming) -> Answer {
+/// A request's body, not yet read, and the connection whose turn reading it takes.
+struct Body<'a> {
+    incoming: Incoming,
+    connection: &'a Connection,
+}
+
+async fn dispatch(app: &Arc<App>, connection: &Connection, head: Head, body: Incoming) -> Handled {
+    let body = Body {
+        incoming: body,
+        connection,
+    };
     let Head {
         method,
         path,
@@ -273,8 +309,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The answer to a CORS preflight from a listed origin, for a UI route: which methods and
 /// headers its page may use. `handle` adds the origin itself.
-fn preflight_answer(route: Route<'_>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
+fn preflight_answer(route: Route<'_>) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
     headers.insert(
@@ -294,11 +330,18 @@ fn preflight_answer(route: Route<'_>) -> Response<Full<Bytes>> {
 
 /// The whole body, or 413 once it passes the limit (checked as it streams in, so a large
 /// body is refused without being held in memory), or 408 when it has not all arrived
-/// within [`BODY_TIMEOUT`] (or `--read-timeout`, if shorter) of its headers.
-async fn read_body(app: &App, body: Incoming) -> Result<Bytes, ApiError> {
+/// within [`BODY_TIMEOUT`] (or `--read-timeout`, if shorter) of its headers. One body at
+/// a time per connection.
+async fn read_body(app: &App, body: Body<'_>) -> Result<Bytes, ApiError> {
     let limit = app.settings.body_limit;
     let deadline = BODY_TIMEOUT.min(app.settings.read_timeout);
-    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+    // The wait for the connection's turn counts toward the deadline: a body that cannot
+    // be read in time is a 408 whatever held it up.
+    let read = async {
+        let _turn = body.connection.body_turn().await;
+        Limited::new(body.incoming, limit).collect().await
+    };
+    let collected = tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| ApiError::RequestTimeout)?;
     match collected {
@@ -368,7 +411,7 @@ fn parse_request_id(s: &str) -> Result<RequestId, ApiError> {
     RequestId::parse(s).ok_or(ApiError::NotFound("request"))
 }
 
-async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) -> Answer {
+async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Body<'_>) -> Handled {
     let caller = app.read(move |app| caller_of(app, token.as_ref())).await?;
     let body = read_body(app, body).await?;
     let new = wire::parse_new_runtime(&body)?;
@@ -405,7 +448,7 @@ async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Incoming) ->
     ))
 }
 
-async fn list_runtimes(app: &Arc<App>, token: Option<Token>, query: Option<&str>) -> Answer {
+async fn list_runtimes(app: &Arc<App>, token: Option<Token>, query: Option<&str>) -> Handled {
     let page = wire::parse_page_query(query);
     let (mut runtimes, limit, now) = app
         .blocking(move |app| {
@@ -436,7 +479,7 @@ async fn list_runtimes(app: &Arc<App>, token: Option<Token>, query: Option<&str>
     Ok(wire::json(StatusCode::OK, &list))
 }
 
-async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Handled {
     let rt = parse_runtime_id(rt)?;
     let deleted = app
         .blocking(move |app| {
@@ -448,14 +491,14 @@ async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answe
         return Err(ApiError::NotFound("runtime"));
     }
     tracing::info!(runtime = %rt, "runtime deleted");
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Bytes::new());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
 }
 
 /// A new daemon token for the runtime, shown once; the old one is unknown from the
 /// moment the store has the new one, on every instance (daemon tokens are not cached).
-async fn rotate_daemon_token(app: &Arc<App>, token: Option<Token>, rt: &str) -> Answer {
+async fn rotate_daemon_token(app: &Arc<App>, token: Option<Token>, rt: &str) -> Handled {
     let rt = parse_runtime_id(rt)?;
     let daemon_token = Token::new_daemon()?;
     let hash = daemon_token.hash();
@@ -477,7 +520,7 @@ async fn rotate_daemon_token(app: &Arc<App>, token: Option<Token>, rt: &str) -> 
     ))
 }
 
-async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Incoming) -> Answer {
+async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Body<'_>) -> Handled {
     let rt = parse_runtime_id(rt)?;
     let caller = app.read(move |app| caller_of(app, token.as_ref())).await?;
     let refresh = wire::parse_ask(&read_body(app, body).await?)?;
@@ -556,7 +599,7 @@ async fn get_request(
     rt: &str,
     id: &str,
     wait_ms: u64,
-) -> Answer {
+) -> Handled {
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
@@ -627,7 +670,7 @@ async fn read_request(
     Ok(request)
 }
 
-async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Incoming) -> Answer {
+async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Body<'_>) -> Handled {
     // Only a tenth of offline_after of staleness: a runtime still goes offline between 0.9
     // and 1 × offline_after after its last heartbeat.
     let refresh_after = crate::clock::millis(app.settings.offline_after) / 10;
@@ -726,8 +769,8 @@ async fn report(
     token: Option<Token>,
     rt: &str,
     id: &str,
-    body: Incoming,
-) -> Answer {
+    body: Body<'_>,
+) -> Handled {
     let rt = parse_runtime_id(rt)?;
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
@@ -758,7 +801,7 @@ async fn report(
 }
 
 /// The answer of the metrics listener (`--metrics-listen`): `/metrics` and nothing else.
-pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response<Bytes> {
     let token = wire::bearer(request.headers().get(header::AUTHORIZATION));
     let answer = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&app, token).await,
@@ -771,7 +814,7 @@ pub async fn metrics_only(app: Arc<App>, request: Request<Incoming>) -> Response
 /// `GET /metrics`: open like `/healthz` unless `--metrics-token` is set. The store's gauges
 /// are the sweeper's last count, left out when that count failed (the rest still explains
 /// the outage).
-async fn metrics(app: &Arc<App>, token: Option<Token>) -> Answer {
+async fn metrics(app: &Arc<App>, token: Option<Token>) -> Handled {
     if let Some(wanted) = &app.metrics_token
         && token.is_none_or(|t| !constant_time_eq(t.expose().as_bytes(), wanted.as_bytes()))
     {
@@ -784,7 +827,7 @@ async fn metrics(app: &Arc<App>, token: Option<Token>) -> Answer {
         .scrape(|| app.clock.now())
         .await
         .map_err(ApiError::Internal)?;
-    let mut response = Response::new(Full::new(text));
+    let mut response = Response::new(text);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(metrics::CONTENT_TYPE),

@@ -2,7 +2,6 @@
 //! message that says what is wrong), and the records we send back. Shapes follow the
 //! reference system so its daemons and UI work unchanged.
 
-use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -22,12 +21,12 @@ use crate::store::RuntimeCursor;
 const MAX_NAME: usize = 200;
 const MAX_PROVIDER: usize = 100;
 
-pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Bytes> {
     // Our response types are plain structs of strings, numbers and booleans; serializing
     // them cannot fail, but if it ever did the caller still gets valid JSON.
     let bytes =
         serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let mut response = Response::new(Bytes::from(bytes));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -152,18 +151,19 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
     #[derive(Deserialize)]
     struct Raw {
         runtime_id: String,
+        // Raw: whether it was written as an integer is in its text, which a parsed number
+        // no longer tells (`1e3` and `1000.0` parse as the float 1000).
         #[serde(default)]
-        wait_ms: Option<serde_json::Value>,
+        wait_ms: Option<Box<serde_json::value::RawValue>>,
         #[serde(default)]
         working_on: Option<Vec<String>>,
     }
     let raw: Raw = parse_json(body)?;
     let runtime_id = RuntimeId::parse(&raw.runtime_id)
         .ok_or_else(|| ApiError::BadRequest("runtime_id must be a UUID".to_owned()))?;
-    let wait_ms = match raw.wait_ms {
-        None | Some(serde_json::Value::Null) => 0,
-        Some(serde_json::Value::Number(n)) => wait_ms_from_json(&n)?,
-        Some(_) => return Err(ApiError::BadRequest(BAD_WAIT.to_owned())),
+    let wait_ms = match raw.wait_ms.as_deref().map(serde_json::value::RawValue::get) {
+        None | Some("null") => 0,
+        Some(text) => wait_ms_from_digits(text)?,
     };
     let working_on = match raw.working_on {
         None => None,
@@ -194,16 +194,15 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
 
 const BAD_WAIT: &str = "wait_ms must be an integer of at least 0";
 
-/// A JSON `wait_ms`: a whole number ≥ 0. One too large for 64 bits is still a whole number
-/// and is clamped like any other long wait.
-fn wait_ms_from_json(n: &serde_json::Number) -> Result<u64, ApiError> {
-    if let Some(ms) = n.as_u64() {
-        return Ok(ms);
+/// A `wait_ms` as written, in the body or the query: digits only, so an integer ≥ 0 (no
+/// sign, fraction or exponent: `1e3`, `1000.0` and `0.0` are refused, as DESIGN.md says of
+/// a non-integer). One too large for 64 bits is still a whole number and is clamped like
+/// any other long wait.
+fn wait_ms_from_digits(text: &str) -> Result<u64, ApiError> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(BAD_WAIT.to_owned()));
     }
-    match n.as_f64() {
-        Some(f) if f >= 0.0 && f.fract() == 0.0 && n.as_i64().is_none() => Ok(u64::MAX),
-        _ => Err(ApiError::BadRequest(BAD_WAIT.to_owned())),
-    }
+    Ok(text.parse().unwrap_or(u64::MAX))
 }
 
 /// `?wait_ms=N` of a read: absent is 0; digits only (no sign); any other parameter is
@@ -220,10 +219,7 @@ pub fn parse_wait_query(query: Option<&str>) -> Result<u64, ApiError> {
             }
             continue;
         };
-        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ApiError::BadRequest(BAD_WAIT.to_owned()));
-        }
-        wait = value.parse().unwrap_or(u64::MAX);
+        wait = wait_ms_from_digits(value)?;
     }
     Ok(wait)
 }
@@ -234,16 +230,20 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 
 const BAD_LIMIT: &str = "limit must be a whole number from 1 to 1000";
-const BAD_CURSOR: &str = "cursor is not one this server handed out (take next_cursor as it is)";
+const BAD_CURSOR: &str = "cursor is malformed (pass next_cursor back as it is)";
 
 /// `?limit=N&cursor=C` of `GET /api/runtimes`: the page size ([`DEFAULT_PAGE`] when absent)
-/// and where the page starts. Other parameters are ignored; a bad value of either is 400.
+/// and where the page starts. Other parameters are ignored; a bad value of either, or
+/// either given twice, is 400.
 pub fn parse_page_query(query: Option<&str>) -> Result<(usize, Option<RuntimeCursor>), ApiError> {
-    let mut limit = DEFAULT_PAGE;
+    let mut limit = None;
     let mut cursor = None;
     for pair in query.unwrap_or_default().split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let twice = |name: &str| ApiError::BadRequest(format!("{name} given more than once"));
         match name {
+            "limit" if limit.is_some() => return Err(twice(name)),
+            "cursor" if cursor.is_some() => return Err(twice(name)),
             "limit" => {
                 limit = value
                     .parse()
@@ -251,6 +251,7 @@ pub fn parse_page_query(query: Option<&str>) -> Result<(usize, Option<RuntimeCur
                     .filter(|n| {
                         (1..=MAX_PAGE).contains(n) && value.bytes().all(|b| b.is_ascii_digit())
                     })
+                    .map(Some)
                     .ok_or_else(|| ApiError::BadRequest(BAD_LIMIT.to_owned()))?;
             }
             "cursor" => {
@@ -262,7 +263,7 @@ pub fn parse_page_query(query: Option<&str>) -> Result<(usize, Option<RuntimeCur
             _ => {}
         }
     }
-    Ok((limit, cursor))
+    Ok((limit.unwrap_or(DEFAULT_PAGE), cursor))
 }
 
 /// The opaque `next_cursor`: `created_at.id` of the page's last runtime, in hex, so that
@@ -505,9 +506,13 @@ mod tests {
             "limit=1001",
             "limit=1e3",
             "limit=%31",
+            "limit=5&limit=5",
+            "limit=5&x=1&limit=6",
         ] {
             assert!(parse_page_query(Some(bad)).is_err(), "{bad}");
         }
+        let twice = format!("cursor={text}&cursor={text}");
+        assert!(parse_page_query(Some(&twice)).is_err());
     }
 
     #[test]
@@ -768,11 +773,19 @@ mod tests {
         .unwrap();
         assert_eq!(b.wait_ms, 25_000);
         assert_eq!(b.working_on, Some(vec![RequestId::parse(id).unwrap()]));
-        let huge = format!(r#"{{"runtime_id":"{rt}","wait_ms":1e30}}"#);
+        let huge = format!(r#"{{"runtime_id":"{rt}","wait_ms":{}}}"#, "9".repeat(30));
         assert_eq!(parse_heartbeat(huge.as_bytes()).unwrap().wait_ms, u64::MAX);
+        let null = format!(r#"{{"runtime_id":"{rt}","wait_ms":null}}"#);
+        assert_eq!(parse_heartbeat(null.as_bytes()).unwrap().wait_ms, 0);
         for bad in [
             r#""wait_ms":-1"#,
+            r#""wait_ms":-0"#,
             r#""wait_ms":1.5"#,
+            // Whole in value, not in form: DESIGN.md refuses a non-integer.
+            r#""wait_ms":1e3"#,
+            r#""wait_ms":1000.0"#,
+            r#""wait_ms":0.0"#,
+            r#""wait_ms":1e30"#,
             r#""wait_ms":"10""#,
             r#""wait_ms":true"#,
             r#""working_on":"x""#,

@@ -2,7 +2,6 @@
 //! build step and nothing from a CDN, so the page works wherever the server does and is
 //! exactly the version of the API it talks to.
 
-use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
@@ -21,12 +20,12 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      form-action 'none'; frame-ancestors 'none'";
 
 /// The page itself.
-pub fn page() -> Response<Full<Bytes>> {
+pub fn page() -> Response<Bytes> {
     file(INDEX, "text/html; charset=utf-8")
 }
 
 /// A file under `/assets/`, if there is one by that name.
-pub fn asset(name: &str) -> Option<Response<Full<Bytes>>> {
+pub fn asset(name: &str) -> Option<Response<Bytes>> {
     match name {
         "app.js" => Some(file(SCRIPT, "text/javascript; charset=utf-8")),
         "style.css" => Some(file(STYLE, "text/css; charset=utf-8")),
@@ -35,12 +34,12 @@ pub fn asset(name: &str) -> Option<Response<Full<Bytes>>> {
 }
 
 /// `GET /openapi.yaml`.
-pub fn openapi() -> Response<Full<Bytes>> {
+pub fn openapi() -> Response<Bytes> {
     file(OPENAPI, "application/yaml; charset=utf-8")
 }
 
-fn file(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn file(body: &'static str, content_type: &'static str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from_static(body.as_bytes()));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
