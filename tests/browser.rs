@@ -808,3 +808,100 @@ async fn ui_page_server() -> u16 {
     });
     port
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
+    let Some(tools) =
+        driver::tools("a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting")
+    else {
+        return;
+    };
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // The discovery lasts until the test creates this file.
+    let gate = scratch.path().join("open");
+    let command = format!(
+        "while [ ! -e '{}' ]; do sleep 0.05; done; echo '[{{\"id\":\"late-model\",\"label\":\"Late\"}}]'",
+        gate.display()
+    );
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let (_, api) = workspace(store.as_ref(), 0);
+    // A cap of held calls that is always full: every waiting read is refused.
+    let settings = Settings {
+        max_waiting: 0,
+        ..settings()
+    };
+    let server = Instance::start(store, Arc::new(SystemClock), settings).await;
+    let http = Http::default();
+    let created = http
+        .post(
+            &format!("{}/api/runtimes", server.base),
+            &api,
+            json!({"name": "capped-box", "provider": "test"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let rt = RuntimeId::parse(created.json["id"].as_str().unwrap()).unwrap();
+    let token = Token::from_header(created.json["daemon_token"].as_str().unwrap());
+    let mut config =
+        daemon::Config::new(&server.base, rt, token, Source::Command(command)).unwrap();
+    // Heartbeats on an interval: a held one would be refused at this cap too.
+    config.heartbeat_interval = Duration::from_millis(200);
+    config.heartbeat_wait = Duration::ZERO;
+    let (stop_daemon, daemon_stops) = watch::channel(false);
+    let daemon = tokio::spawn(daemon::run(config, async move {
+        let mut stop = daemon_stops;
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+
+    let driver = Driver::start(&tools, &artifacts.join("chromedriver-cap.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let client = driver.session(&tools, profile.path()).await;
+    let outcome = tokio::spawn({
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            client.goto(&format!("{base}/#token={api}")).await.unwrap();
+            let name = "capped-box";
+            wait_for_text(&client, &format!("{} .badge", runtime(name)), "online").await;
+            click(&client, &format!("{} .discover", runtime(name))).await;
+            // The page's waiting read was refused at the cap while the discovery runs.
+            let read = "/api/runtimes/{runtimeId}/models/{requestId}";
+            let start = Instant::now();
+            loop {
+                let metrics = Http::default()
+                    .get_text(&format!("{base}/metrics"))
+                    .await
+                    .text();
+                let scrape = support::prom::Scrape::parse(&metrics);
+                let refused: f64 = scrape
+                    .matching(
+                        "model_relay_http_requests_total",
+                        &[("route", read), ("method", "GET"), ("status", "503")],
+                    )
+                    .map(|sample| sample.value)
+                    .sum();
+                if refused >= 1.0 {
+                    break;
+                }
+                assert!(start.elapsed() < DEADLINE, "no waiting read was refused");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            std::fs::write(&gate, "").unwrap();
+            // Not a failure: the page read on without waiting and saw the models.
+            assert_eq!(
+                wait_for_outcome(&client, name).await,
+                "Found 1 model. Pick one, or type a model ID."
+            );
+        }
+    })
+    .await;
+    let _ = client.close().await;
+    drop(driver);
+    let _ = stop_daemon.send(true);
+    daemon.await.unwrap().unwrap();
+    server.stop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -18,6 +18,8 @@ const REFRESH_MS = 10000;
 // A poll that fails on the network this many times in a row ends the wait.
 const MAX_POLL_FAILURES = 5;
 const FAILED_TEXT = 'Could not discover models. Type a model ID or try again.';
+// How the server's error begins when it refuses to hold a call: it is at its cap.
+const CAP_TEXT = 'too many waiting calls';
 
 const $ = (id) => document.getElementById(id);
 const items = new Map(); // runtime id → its list item
@@ -283,21 +285,29 @@ async function followRefresh(base, item, ask, cached) {
 }
 
 // Waits until `request` has ended, each read held at the server until its status changes.
+// A server that holds as many calls as it may refuses a waiting read (503 "too many waiting
+// calls"): that says nothing of the discovery, so the page goes on reading without
+// waiting, every POLL_MS, until the request ends.
 async function waitForEnd(base, request) {
   const asker = token;
   let failures = 0;
+  let wait = '?wait_ms=' + WAIT_MS;
   while (request.status === 'pending' || request.status === 'running') {
     if (token !== asker) throw new SignedOut(); // signed out meanwhile: stop asking
     const sent = Date.now();
     let answer;
     try {
-      answer = await api('GET', base + '/' + encodeURIComponent(request.id) + '?wait_ms=' + WAIT_MS);
+      answer = await api('GET', base + '/' + encodeURIComponent(request.id) + wait);
     } catch (e) {
       if (e instanceof SignedOut || ++failures >= MAX_POLL_FAILURES) throw e;
       await sleep(POLL_MS);
       continue;
     }
     failures = 0;
+    if (answer.status === 503 && wait && errorOf(answer).startsWith(CAP_TEXT)) {
+      wait = '';
+      continue;
+    }
     if (answer.status !== 200) throw new Error(errorOf(answer));
     const unchanged = answer.body.status === request.status;
     request = answer.body;
