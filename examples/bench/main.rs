@@ -23,10 +23,11 @@
 //! reads with nothing happening.
 //!
 //! Last, stalled requests ([`stalled`]): what 1,000 connections that start a request and
-//! never finish its body cost the server, and when they are cut off.
+//! never finish its body cost the server, and when they are cut off; and the same over
+//! HTTP/2 ([`h2`]): streams whose large answers are never read, and bodies never finished.
 //!
 //! To look at one part (with `perf`, say): `--engine sqlite|postgres`, `--empty-only` and
-//! `--phase healthz|poll|idle|full|waiting|stalled` run only that part, print its figures
+//! `--phase healthz|poll|idle|full|waiting|stalled|h2` run only that part, print its figures
 //! and write no report.
 //!
 //! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
@@ -36,6 +37,7 @@
 //! `src/store` lives here: the baselines and the seeding of retained rows are not the
 //! service's.
 
+mod h2;
 mod stalled;
 mod waiting;
 
@@ -81,6 +83,8 @@ struct Options {
     waiting_only: bool,
     /// Exploring the stalled requests only.
     stalled_only: bool,
+    /// Exploring HTTP/2 back-pressure only.
+    h2_only: bool,
 }
 
 fn parse_options() -> Res<Options> {
@@ -97,6 +101,7 @@ fn parse_options() -> Res<Options> {
         phase_only: None,
         waiting_only: false,
         stalled_only: false,
+        h2_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -129,6 +134,10 @@ fn parse_options() -> Res<Options> {
                     options.stalled_only = true;
                     continue;
                 }
+                if name == "h2" {
+                    options.h2_only = true;
+                    continue;
+                }
                 let op = [
                     Op::Healthz,
                     Op::Poll,
@@ -139,7 +148,7 @@ fn parse_options() -> Res<Options> {
                 .into_iter()
                 .find(|op| op.name().starts_with(name.as_str()))
                 .ok_or(format!(
-                    "--phase healthz|poll|idle|full|cached|waiting|stalled, not {name}"
+                    "--phase healthz|poll|idle|full|cached|waiting|stalled|h2, not {name}"
                 ))?;
                 options.phase_only = Some(op);
             }
@@ -157,7 +166,8 @@ fn main() -> Res<()> {
         || options.empty_only
         || options.phase_only.is_some()
         || options.waiting_only
-        || options.stalled_only;
+        || options.stalled_only
+        || options.h2_only;
 
     // The baselines are for the report's ratios; exploring writes no report.
     let baselines = if exploring {
@@ -174,6 +184,7 @@ fn main() -> Res<()> {
         if options.only.is_some_and(|only| only != engine)
             || options.waiting_only
             || options.stalled_only
+            || options.h2_only
         {
             continue;
         }
@@ -192,7 +203,7 @@ fn main() -> Res<()> {
         }
     }
     let mut waits = Vec::new();
-    if options.phase_only.is_none() && !options.stalled_only {
+    if options.phase_only.is_none() && !options.stalled_only && !options.h2_only {
         for engine in [Engine::Sqlite, Engine::Postgres] {
             if options.only.is_some_and(|only| only != engine) {
                 continue;
@@ -205,7 +216,7 @@ fn main() -> Res<()> {
             waits.push(waited);
         }
     }
-    let stalled = if options.phase_only.is_none() && !options.waiting_only {
+    let stalled = if options.phase_only.is_none() && !options.waiting_only && !options.h2_only {
         eprintln!("bench: stalled requests");
         stalled::run(&runtime, &options.server, scratch.path())?
     } else {
@@ -214,6 +225,17 @@ fn main() -> Res<()> {
     if exploring {
         for s in &stalled {
             println!("{}", stalled_row(s));
+        }
+    }
+    let h2 = if options.phase_only.is_none() && !options.waiting_only && !options.stalled_only {
+        eprintln!("bench: HTTP/2 back-pressure");
+        h2::run(&runtime, &options.server, scratch.path())?
+    } else {
+        Vec::new()
+    };
+    if exploring {
+        for s in &h2 {
+            println!("{}", h2_row(s));
         }
     }
     let watcher = waiting::watcher(scratch.path())?;
@@ -228,6 +250,7 @@ fn main() -> Res<()> {
     };
     let mut report = render(&options, raw_sqlite, pgbench, &runs)?;
     let at = report.find(NOTES).unwrap_or(report.len());
+    report.insert_str(at, &render_h2(&h2)?);
     report.insert_str(at, &render_stalled(&stalled)?);
     report.insert_str(at, &render_waiting(&waits, &watcher)?);
     std::fs::write(&options.out, report)?;
@@ -1607,6 +1630,61 @@ fn render_stalled(stalled: &[stalled::Stalled]) -> Res<String> {
     )?;
     for s in stalled {
         writeln!(out, "{}", stalled_row(s))?;
+    }
+    writeln!(out)?;
+    Ok(out)
+}
+
+fn h2_row(s: &h2::H2) -> String {
+    let streams = h2::CONNECTIONS * h2::STREAMS;
+    let growth = s.rss_stalled.saturating_sub(s.rss_before);
+    let answers: Vec<String> = s
+        .answers
+        .iter()
+        .map(|(status, n)| format!("{n} × {status}"))
+        .collect();
+    format!(
+        "| {} | {} × {} | {:.1} KiB | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB | {} | {:.1} s | {:.1} s | {:.1} MiB |",
+        s.kind,
+        h2::CONNECTIONS,
+        h2::STREAMS,
+        s.each as f64 / 1024.0,
+        mib(s.rss_before),
+        mib(s.rss_stalled),
+        growth as f64 / 1024.0 / streams as f64,
+        mib(growth) / h2::CONNECTIONS as f64,
+        answers.join(", "),
+        s.answered_after.as_secs_f64(),
+        s.closed_after.as_secs_f64(),
+        mib(s.rss_after),
+    )
+}
+
+fn render_h2(measured: &[h2::H2]) -> Res<String> {
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## HTTP/2 back-pressure
+"
+    )?;
+    writeln!(
+        out,
+        "Over TLS, {} HTTP/2 connections of {} streams each, one fresh server per kind, \
+         default limits (`--read-timeout` 30 s). *Answers nobody reads*: every stream asks \
+         for a completed request whose list is about 1 MB, with a stream window of 0. \
+         *Bodies never finished*: every stream posts a heartbeat announcing 1,000,000 bytes \
+         and sends what the windows allow (*each*: what a stream could send, on average). \
+         RSS before, once all are stalled, and 2 s after the last connection ended.\n",
+        h2::CONNECTIONS,
+        h2::STREAMS
+    )?;
+    writeln!(
+        out,
+        "| kind | connections × streams | each | RSS before | RSS stalled | per stream | per connection | answers | answered after | closed after | RSS after |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+    )?;
+    for s in measured {
+        writeln!(out, "{}", h2_row(s))?;
     }
     writeln!(out)?;
     Ok(out)
