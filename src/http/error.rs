@@ -3,7 +3,7 @@
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode, header};
 
-use super::wire;
+use super::json;
 use crate::errors::error_chain;
 use crate::ids::RandomError;
 use crate::store::StoreError;
@@ -101,7 +101,7 @@ impl ApiError {
             ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
             _ => {}
         }
-        let mut response = wire::json(self.status(), &wire::ErrorBody::new(self.message()));
+        let mut response = json::json(self.status(), &json::ErrorBody::new(self.message()));
         if let ApiError::MethodNotAllowed(allowed) = self {
             response
                 .headers_mut()

@@ -5,6 +5,7 @@
 
 mod connection;
 mod error;
+mod json;
 mod routes;
 mod wire;
 

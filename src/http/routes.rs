@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::connection::{Answer, Connection, Full};
 use super::error::ApiError;
+use super::json;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
 use super::{App, StoreCalls};
 use crate::clock::millis;
@@ -279,10 +280,10 @@ async fn dispatch(app: &Arc<App>, connection: &Connection, head: Head, body: Inc
             crate::web::asset(name).ok_or(ApiError::NotFound("asset"))
         }
         (&Method::GET, Route::OpenApi) => Ok(crate::web::openapi()),
-        (&Method::GET, Route::Healthz) => Ok(wire::json(StatusCode::OK, &wire::OK)),
+        (&Method::GET, Route::Healthz) => Ok(json::json(StatusCode::OK, &json::OK)),
         (&Method::GET, Route::Readyz) => {
             app.blocking(|app| Ok(app.store.ping()?)).await?;
-            Ok(wire::json(StatusCode::OK, &wire::OK))
+            Ok(json::json(StatusCode::OK, &json::OK))
         }
         // Served on a listener of its own instead (`--metrics-listen`).
         (&Method::GET, Route::Metrics) if app.metrics_elsewhere => Err(ApiError::NotFound("route")),
@@ -442,7 +443,7 @@ async fn create_runtime(app: &Arc<App>, token: Option<Token>, body: Body<'_>) ->
         })
         .await?;
     tracing::info!(runtime = %runtime.id, "runtime created");
-    Ok(wire::json(
+    Ok(json::json(
         StatusCode::CREATED,
         &RuntimeRecord::new(&runtime, false, Some(&daemon_token)),
     ))
@@ -476,7 +477,7 @@ async fn list_runtimes(app: &Arc<App>, token: Option<Token>, query: Option<&str>
             .collect(),
         next_cursor,
     };
-    Ok(wire::json(StatusCode::OK, &list))
+    Ok(json::json(StatusCode::OK, &list))
 }
 
 async fn delete_runtime(app: &Arc<App>, token: Option<Token>, rt: &str) -> Handled {
@@ -512,7 +513,7 @@ async fn rotate_daemon_token(app: &Arc<App>, token: Option<Token>, rt: &str) -> 
         return Err(ApiError::NotFound("runtime"));
     }
     tracing::info!(runtime = %rt, "daemon token rotated");
-    Ok(wire::json(
+    Ok(json::json(
         StatusCode::OK,
         &wire::DaemonTokenRecord {
             daemon_token: daemon_token.expose(),
@@ -567,7 +568,7 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
         tracing::info!(request = %id, runtime = %rt, "request created");
         app.waiters.wake_runtime(rt, Source::Local);
     }
-    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&answer)))
+    Ok(json::json(StatusCode::OK, &RequestRecord::from(&answer)))
 }
 
 /// How long a waiting call asking for `wait_ms` is held: never past `--max-wait`, and
@@ -606,7 +607,7 @@ async fn get_request(
     let hold = hold_for(app, wait_ms);
     let first = read_request(app, &token, rt, id).await?;
     if hold.is_zero() || first.status.is_terminal() || app.is_shutting_down() {
-        return Ok(wire::json(StatusCode::OK, &RequestRecord::from(&first)));
+        return Ok(json::json(StatusCode::OK, &RequestRecord::from(&first)));
     }
     let until = tokio::time::Instant::now() + hold;
     let mut held = app.waiters.hold_read(id)?;
@@ -627,7 +628,7 @@ async fn get_request(
             break;
         }
     }
-    Ok(wire::json(StatusCode::OK, &RequestRecord::from(&request)))
+    Ok(json::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
 /// A web-UI read of one request, from its API token, with its deadline applied.
@@ -710,7 +711,7 @@ async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Body<'_>) -> Hand
         tracing::info!(request = %id, runtime = %rt, "request claimed");
         app.waiters.wake_request(id, Source::Local);
     }
-    Ok(wire::json(StatusCode::OK, &HeartbeatAck::new(claimed)))
+    Ok(json::json(StatusCode::OK, &HeartbeatAck::new(claimed)))
 }
 
 /// Holds a heartbeat that claimed nothing until a request of its runtime becomes pending
@@ -790,7 +791,7 @@ async fn report(
     match outcome {
         ReportOutcome::Recorded | ReportOutcome::Replayed => {
             tracing::info!(request = %id, ?outcome, "report accepted");
-            Ok(wire::json(StatusCode::OK, &wire::OK))
+            Ok(json::json(StatusCode::OK, &json::OK))
         }
         ReportOutcome::NotFound => Err(ApiError::NotFound("request")),
         ReportOutcome::NotRunning(status) => Err(ApiError::Conflict(format!(

@@ -2,8 +2,7 @@
 //! message that says what is wrong), and the records we send back. Shapes follow the
 //! reference system so its daemons and UI work unchanged.
 
-use hyper::body::Bytes;
-use hyper::{Response, StatusCode, header};
+use hyper::header;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -21,42 +20,10 @@ use crate::store::RuntimeCursor;
 const MAX_NAME: usize = 200;
 const MAX_PROVIDER: usize = 100;
 
-pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Bytes> {
-    // Our response types are plain structs of strings, numbers and booleans; serializing
-    // them cannot fail, but if it ever did the caller still gets valid JSON.
-    let bytes =
-        serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":"internal error"}"#.to_vec());
-    let mut response = Response::new(Bytes::from(bytes));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
-
-#[derive(Serialize)]
-pub struct ErrorBody {
-    error: String,
-}
-
-impl ErrorBody {
-    pub fn new(error: String) -> Self {
-        ErrorBody { error }
-    }
-}
-
-#[derive(Serialize)]
-pub struct StatusOk {
-    status: &'static str,
-}
-
-pub const OK: StatusOk = StatusOk { status: "ok" };
 
 // ---- bodies we accept ----
 
