@@ -535,10 +535,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             None => Listener::from(tcp),
             Some(certificate) => {
                 let config = certificate.server_config().map_err(|e| e.to_string())?;
-                tokio::spawn(reload_on_hangup(Arc::clone(certificate)));
                 Listener::tls(tcp, config)
             }
         };
+        tokio::spawn(reload_on_hangup(certificate.clone()));
         let scheme = if certificate.is_some() {
             "https"
         } else {
@@ -629,9 +629,12 @@ fn shown_url(url: &DatabaseUrl) -> String {
     }
 }
 
-/// Reloads the certificate on every SIGHUP. Registers for the signal before it returns:
-/// until then SIGHUP's default action would end the process.
-fn reload_on_hangup(certificate: Arc<ServerCertificate>) -> impl Future<Output = ()> {
+/// Reloads the certificate (if any) on every SIGHUP. Registers for the signal before it
+/// returns: until then SIGHUP's default action would end the process, and a `systemctl
+/// reload` of a server without TLS must not stop it. Each reload reads the files on the
+/// blocking pool, so a path that blocks (a FIFO, a slow disk) holds up neither serving nor
+/// shutdown; a SIGHUP that comes while a reload still runs is logged and skipped.
+fn reload_on_hangup(certificate: Option<Arc<ServerCertificate>>) -> impl Future<Output = ()> {
     #[cfg(unix)]
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     async move {
@@ -640,18 +643,30 @@ fn reload_on_hangup(certificate: Arc<ServerCertificate>) -> impl Future<Output =
             let mut hangups = match hangups {
                 Ok(hangups) => hangups,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
                     return;
                 }
             };
+            let mut running: Option<tokio::task::JoinHandle<()>> = None;
             while hangups.recv().await.is_some() {
-                match certificate.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: certificate not reloaded; keeping the one in force"
-                    ),
+                let Some(certificate) = &certificate else {
+                    tracing::info!("SIGHUP: nothing to reload (no --tls-cert)");
+                    continue;
+                };
+                if running.as_ref().is_some_and(|r| !r.is_finished()) {
+                    tracing::warn!("SIGHUP: the last reload has not finished; skipped");
+                    continue;
                 }
+                let certificate = Arc::clone(certificate);
+                running = Some(tokio::task::spawn_blocking(move || {
+                    match certificate.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "SIGHUP: certificate not reloaded; keeping the one in force"
+                        ),
+                    }
+                }));
             }
         }
         #[cfg(not(unix))]

@@ -19,6 +19,10 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
 /// What the server offers by ALPN, preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
+/// The largest PEM file read for a certificate chain or a key: a chain is a few KiB, so
+/// anything near this is not one (a device, a log file), and reading it whole would stall.
+pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {error}")]
@@ -26,6 +30,15 @@ pub enum TlsError {
         path: PathBuf,
         error: rustls_pki_types::pem::Error,
     },
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}: not a regular file")]
+    NotAFile(PathBuf),
+    #[error("{0}: larger than {MAX_PEM_BYTES} bytes, not a certificate chain or a key")]
+    TooLarge(PathBuf),
     #[error("{0}: no certificate in the file")]
     NoCertificate(PathBuf),
     #[error("the key does not go with the certificate, or is of a kind not supported: {0}")]
@@ -96,14 +109,47 @@ fn read_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError
         let path = path.to_owned();
         move |error| TlsError::Pem { path, error }
     };
-    let chain = CertificateDer::pem_file_iter(cert_path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+    let chain = CertificateDer::pem_slice_iter(&read_pem_file(cert_path)?)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error(cert_path))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate(cert_path.to_owned()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_error(key_path))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read_pem_file(key_path)?).map_err(pem_error(key_path))?;
     CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Key)
+}
+
+/// The bytes of a PEM file, never blocking on what is not one: opened without waiting (a
+/// FIFO would block the open until a writer came), refused unless it is a regular file
+/// (a FIFO, a device such as `/dev/zero` behind a symlink), and read to at most
+/// [`MAX_PEM_BYTES`] (also if it grows while read).
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read;
+    let read_error = |error| TlsError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(TlsError::NotAFile(path.to_owned()));
+    }
+    if metadata.len() > MAX_PEM_BYTES {
+        return Err(TlsError::TooLarge(path.to_owned()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(TlsError::TooLarge(path.to_owned()));
+    }
+    Ok(bytes)
 }
 
 /// A client configuration for a connector that never makes a TLS connection.
@@ -129,8 +175,8 @@ pub fn client_config(ca_cert: Option<&Path>) -> Result<ClientConfig, TlsError> {
             path: path.to_owned(),
             error,
         };
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        let certs = CertificateDer::pem_slice_iter(&read_pem_file(path)?)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(pem_error)?;
         if certs.is_empty() {
             return Err(TlsError::NoCertificate(path.to_owned()));

@@ -493,8 +493,17 @@ async fn a_call_held_on_http2_outlasts_the_idle_close() {
 
 /// Waits until the server has logged a line containing `said`.
 fn wait_for_log(serve: &Serve, said: &str) {
+    wait_for_logs(serve, said, 1);
+}
+
+/// Waits until the server has logged `times` lines containing `said`.
+fn wait_for_logs(serve: &Serve, said: &str, times: usize) {
     let start = Instant::now();
-    while !serve.logs_so_far().iter().any(|line| line.contains(said)) {
+    let count = || {
+        let logs = serve.logs_so_far();
+        logs.iter().filter(|line| line.contains(said)).count()
+    };
+    while count() < times {
         assert!(
             start.elapsed() < DEADLINE,
             "never logged {said:?}: {:#?}",
@@ -534,4 +543,117 @@ async fn sighup_reloads_the_certificate_for_new_handshakes_and_keeps_open_connec
     let tls = handshake(&serve.base, config).await;
     assert_eq!(presented(&tls), second.der);
     assert_eq!(healthz(&mut open).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_path_that_would_block_or_flood_is_refused_and_serving_goes_on() {
+    let setup = Setup::new();
+    let (serve, first) = setup.serve(1);
+    let config = client_config(&setup.ca.pem(), &[&rustls::version::TLS13], &[]);
+    let cert = setup.path().join("cert.pem");
+    let mut open = http1_over(handshake(&serve.base, Arc::clone(&config)).await).await;
+
+    // A FIFO with no writer: opening it to read would wait for one, forever.
+    std::fs::remove_file(&cert).unwrap();
+    let fifo = Command::new("mkfifo").arg(&cert).status().unwrap();
+    assert!(fifo.success());
+    serve.send("HUP");
+    wait_for_log(&serve, "not a regular file");
+    // A later SIGHUP is not stuck behind it, and serving never was.
+    let tls = handshake(&serve.base, Arc::clone(&config)).await;
+    assert_eq!(presented(&tls), first);
+    assert_eq!(healthz(&mut open).await, StatusCode::OK);
+
+    // A symlink to an endless device, and a file far larger than any chain.
+    std::fs::remove_file(&cert).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &cert).unwrap();
+    serve.send("HUP");
+    wait_for_logs(&serve, "not a regular file", 2);
+    std::fs::remove_file(&cert).unwrap();
+    let large = std::fs::File::create(&cert).unwrap();
+    large.set_len(model_relay::tls::MAX_PEM_BYTES + 1).unwrap();
+    serve.send("HUP");
+    wait_for_log(&serve, "not a certificate chain or a key");
+    let tls = handshake(&serve.base, Arc::clone(&config)).await;
+    assert_eq!(presented(&tls), first);
+    assert_eq!(healthz(&mut open).await, StatusCode::OK);
+
+    // Good files again: the next SIGHUP reloads them.
+    std::fs::remove_file(&cert).unwrap();
+    let second = setup.ca.issue(2);
+    second.write(setup.path());
+    serve.send("HUP");
+    wait_for_log(&serve, "certificate reloaded");
+    let tls = handshake(&serve.base, config).await;
+    assert_eq!(presented(&tls), second.der);
+
+    // And SIGTERM still stops it, promptly.
+    let status = serve
+        .terminate_within(DEADLINE)
+        .expect("serve stopped on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn serve_refuses_at_start_a_certificate_that_is_not_a_regular_file_or_too_large() {
+    let setup = Setup::new();
+    let (cert, key) = setup.ca.issue(1).write(setup.path());
+    let large = setup.path().join("large.pem");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(model_relay::tls::MAX_PEM_BYTES + 1)
+        .unwrap();
+    let fifo = setup.path().join("fifo.pem");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cases = [
+        (Path::new("/dev/zero"), key.as_path(), "not a regular file"),
+        (fifo.as_path(), key.as_path(), "not a regular file"),
+        (
+            large.as_path(),
+            key.as_path(),
+            "not a certificate chain or a key",
+        ),
+        (cert.as_path(), fifo.as_path(), "not a regular file"),
+    ];
+    for (cert, key, said) in cases {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                &setup.database,
+            ])
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cert:?}: {stderr}");
+        assert!(stderr.contains(said), "{cert:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_is_logged_and_changes_nothing() {
+    let setup = Setup::new();
+    let serve = Serve::start(&setup.database, &[]);
+    serve.send("HUP");
+    wait_for_log(&serve, "nothing to reload");
+    let answer = Http::default()
+        .get_text(&format!("{}/healthz", serve.base))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let status = serve
+        .terminate_within(DEADLINE)
+        .expect("serve stopped on SIGTERM");
+    assert!(status.success(), "{status:?}");
 }

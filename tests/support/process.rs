@@ -130,6 +130,20 @@ impl Serve {
         assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
     }
 
+    /// SIGTERM, then the exit status if it exits within `bound` (else it is killed when
+    /// dropped, and this says `None`).
+    pub fn terminate_within(mut self, bound: std::time::Duration) -> Option<ExitStatus> {
+        self.send("TERM");
+        let start = std::time::Instant::now();
+        while start.elapsed() < bound {
+            if let Some(status) = self.child.try_wait().expect("wait for serve") {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         self.signal("TERM")
