@@ -180,7 +180,7 @@ struct ServeArgs {
     max_models_per_report: usize,
     /// The most connections open at once; past it a new connection is closed as soon as it
     /// is accepted.
-    #[arg(long, default_value_t = 8_192, env = "MODEL_RELAY_MAX_CONNECTIONS")]
+    #[arg(long, default_value_t = 8_192, value_parser = parse_at_least_one, env = "MODEL_RELAY_MAX_CONNECTIONS")]
     max_connections: usize,
     /// A request's headers, and the next ones on an idle connection, must arrive within
     /// this; its body within this or 10 s of the headers, whichever is shorter.
@@ -222,6 +222,7 @@ struct ServeArgs {
     #[arg(
         long,
         value_name = "TOKEN",
+        value_parser = parse_metrics_token,
         env = "MODEL_RELAY_METRICS_TOKEN",
         hide_env_values = true
     )]
@@ -518,7 +519,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {}", shown_url(&url), error_chain(&e)))?;
     let mut app = App::new(store, Arc::new(SystemClock), settings)
         .with_cors_origins(args.cors_origins)
-        .with_metrics_token(args.metrics_token.filter(|t| !t.is_empty()));
+        .with_metrics_token(args.metrics_token);
     app.metrics_elsewhere = args.metrics_listen.is_some();
     let app = Arc::new(app);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -573,19 +574,70 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     served
 }
 
-/// An origin as a browser sends it: `http://` or `https://`, a host, maybe a port, and
-/// nothing after (no path, no trailing slash), else it could never match.
+/// An origin as a browser sends it, which is what `Origin` is compared with byte for byte:
+/// `http://` or `https://`, a host, maybe a port, nothing after (no path, no trailing
+/// slash). Written the way a browser writes it: lower case, and without the scheme's
+/// default port (`https://x:443` is sent as `https://x`), else it could never match.
 fn parse_origin(s: &str) -> Result<String, String> {
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"))
-        .ok_or_else(|| format!("{s:?}: an origin starts with http:// or https://"))?;
-    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
-        return Err(format!(
-            "{s:?}: an origin is scheme://host[:port], with no path or trailing slash"
-        ));
+    let lower = s.to_ascii_lowercase();
+    let (scheme, rest, default_port) = if let Some(rest) = lower.strip_prefix("https://") {
+        ("https", rest, 443)
+    } else if let Some(rest) = lower.strip_prefix("http://") {
+        ("http", rest, 80)
+    } else {
+        return Err(format!("{s:?}: an origin starts with http:// or https://"));
+    };
+    let shape =
+        || format!("{s:?}: an origin is scheme://host[:port], with no path or trailing slash");
+    if rest.contains(['/', '?', '#', ' ', '@']) {
+        return Err(shape());
+    }
+    // An IPv6 host is bracketed and holds colons of its own.
+    let host_end = match rest.starts_with('[') {
+        true => rest.find(']').map(|i| i + 1).ok_or_else(shape)?,
+        false => rest.find(':').unwrap_or(rest.len()),
+    };
+    let (host, port) = rest.split_at(host_end);
+    if host.is_empty() || host == "[]" {
+        return Err(shape());
+    }
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => None,
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => Some(
+            digits
+                .parse::<u16>()
+                .map_err(|_| format!("{s:?}: the port is past 65535"))?,
+        ),
+        _ => return Err(shape()),
+    };
+    Ok(match port {
+        Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+/// `--metrics-token`: an empty one would leave `/metrics` open while the operator thinks
+/// it closed, and one with white space could never arrive (a header value loses its outer
+/// white space, a bearer token has none inside), so both are refused at start.
+fn parse_metrics_token(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err(
+            "the metrics token is empty (leave it unset to serve /metrics openly)".to_owned(),
+        );
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the metrics token holds white space or a control character, which no client can send in a bearer token".to_owned());
     }
     Ok(s.to_owned())
+}
+
+/// A count that must be at least one: `--max-connections 0` would serve nothing at all.
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit, and answers the
@@ -712,7 +764,7 @@ fn shutdown_signal() -> impl Future<Output = ()> {
 mod tests {
     use clap::CommandFactory;
 
-    use super::{Cli, parse_origin};
+    use super::{Cli, parse_at_least_one, parse_metrics_token, parse_origin};
 
     #[test]
     fn every_serve_flag_can_come_from_the_environment() {
@@ -739,7 +791,11 @@ mod tests {
 
     #[test]
     fn cors_origins_are_scheme_host_and_port_only() {
-        for good in ["https://app.example.com", "http://localhost:3000"] {
+        for good in [
+            "https://app.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+        ] {
             assert_eq!(parse_origin(good).as_deref(), Ok(good));
         }
         for bad in [
@@ -747,10 +803,56 @@ mod tests {
             "https://",
             "https://app.example.com/",
             "https://app.example.com/ui",
+            "https://app.example.com:",
+            "https://app.example.com:x",
+            "https://app.example.com:70000",
+            "https://user@app.example.com",
+            "https://[::1",
             "ftp://x",
             "*",
         ] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cors_origins_are_written_as_a_browser_sends_them() {
+        for (given, sent) in [
+            ("https://x.example:443", "https://x.example"),
+            ("http://x.example:80", "http://x.example"),
+            ("HTTPS://App.Example.COM", "https://app.example.com"),
+            ("https://x.example:0443", "https://x.example"),
+            ("https://x.example:80", "https://x.example:80"),
+            ("http://x.example:443", "http://x.example:443"),
+        ] {
+            assert_eq!(parse_origin(given).as_deref(), Ok(sent), "{given}");
+        }
+    }
+
+    #[test]
+    fn a_metrics_token_must_be_one_a_client_can_send() {
+        assert_eq!(
+            parse_metrics_token("s3cret-token").as_deref(),
+            Ok("s3cret-token")
+        );
+        for bad in [
+            "",
+            " ",
+            "   ",
+            "\t",
+            " token",
+            "token ",
+            "to ken",
+            "tok\u{7}en",
+        ] {
+            assert!(parse_metrics_token(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn max_connections_is_at_least_one() {
+        assert_eq!(parse_at_least_one("1"), Ok(1));
+        assert!(parse_at_least_one("0").is_err());
+        assert!(parse_at_least_one("-1").is_err());
     }
 }

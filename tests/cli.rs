@@ -204,6 +204,65 @@ fn bad_database_urls_and_durations_are_refused_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pending-timeout"));
 }
 
+/// Settings that could never work are refused before anything starts, each with a
+/// message naming the flag: no connection slot at all, a metrics token that is empty
+/// (which used to leave `/metrics` open) or that no client can send.
+#[test]
+fn serve_refuses_settings_that_could_never_work() {
+    let (_dir, db) = sqlite_file();
+    let refused = |args: &[&str], env: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--database", &db]);
+        command.args(args).env_remove("MODEL_RELAY_METRICS_TOKEN");
+        if let Some(value) = env {
+            command.env("MODEL_RELAY_METRICS_TOKEN", value);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success(), "{args:?} {env:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = refused(&["--max-connections", "0"], None);
+    assert!(
+        stderr.contains("--max-connections") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    for token in ["", " ", "\t"] {
+        let stderr = refused(&[], Some(token));
+        assert!(stderr.contains("--metrics-token"), "{token:?}: {stderr}");
+    }
+    for token in ["", "  ", "a b"] {
+        let stderr = refused(&["--metrics-token", token], None);
+        assert!(stderr.contains("--metrics-token"), "{token:?}: {stderr}");
+    }
+}
+
+/// `--cors-origin HTTPS://UI.Example.com:443` is the origin a browser sends as
+/// `https://ui.example.com`: its preflight is answered (it never matched before).
+#[test]
+fn a_cors_origin_with_its_default_port_matches_what_browsers_send() {
+    use std::io::{Read, Write};
+    let (_dir, db) = sqlite_file();
+    let serve = Serve::start(&db, &["--cors-origin", "HTTPS://UI.Example.com:443"]);
+    let at = serve.base.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&at).unwrap();
+    stream
+        .write_all(
+            b"OPTIONS /api/runtimes HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example.com\r\n\
+              Access-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://ui.example.com\r\n"),
+        "{answer}"
+    );
+    serve.terminate();
+}
+
 /// Two `serve` processes on one database; every call alternates between them.
 async fn two_processes_alternating(database: &str) {
     let api = workspace_create(database)["api_token"]

@@ -376,14 +376,7 @@ async fn a_metrics_token_is_required_when_one_is_set() {
 #[test]
 fn metrics_listen_serves_metrics_apart_from_the_api() {
     let dir = tempfile::tempdir().unwrap();
-    let database = format!("sqlite:{}", dir.path().join("relay.db").display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_at = format!("127.0.0.1:{port}");
-    let serve = support::process::Serve::start(&database, &["--metrics-listen", &metrics_at]);
+    let (serve, metrics_at) = serve_with_metrics_listener(&dir);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let http = Http::default();
@@ -397,6 +390,72 @@ fn metrics_listen_serves_metrics_apart_from_the_api() {
         let healthz = http.get_text(&format!("{}/healthz", serve.base)).await;
         assert_eq!(healthz.status, StatusCode::OK);
     });
+    serve.terminate();
+}
+
+/// A `serve` with `--metrics-listen` on a free port, and that port's address.
+fn serve_with_metrics_listener(dir: &tempfile::TempDir) -> (support::process::Serve, String) {
+    let database = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_at = format!("127.0.0.1:{port}");
+    let serve = support::process::Serve::start(&database, &["--metrics-listen", &metrics_at]);
+    (serve, metrics_at)
+}
+
+/// One scrape on a connection of its own, by hand: the status line, or the error.
+fn scrape_raw(at: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(at)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.lines().next().unwrap_or_default().to_owned())
+}
+
+/// Every slot of the metrics listener held by a socket that sends nothing: the scrape
+/// that comes next takes the slot of one of them instead of being closed at once (which
+/// is what it got while they waited out their header timeout).
+#[test]
+fn a_metrics_listener_full_of_idle_sockets_still_answers_a_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (serve, metrics_at) = serve_with_metrics_listener(&dir);
+    assert_eq!(scrape_raw(&metrics_at).unwrap(), "HTTP/1.1 200 OK");
+    let idle: Vec<_> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&metrics_at).unwrap())
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(
+            scrape_raw(&metrics_at).unwrap(),
+            "HTTP/1.1 200 OK",
+            "a scrape past 64 idle sockets"
+        );
+    }
+    drop(idle);
+    serve.terminate();
+}
+
+/// A socket that opens and sends nothing is closed by the metrics listener within its
+/// short header timeout (2 s), not the API's read timeout (30 s here).
+#[test]
+fn the_metrics_listener_closes_a_silent_socket_within_seconds() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let (serve, metrics_at) = serve_with_metrics_listener(&dir);
+    let mut silent = std::net::TcpStream::connect(&metrics_at).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = silent.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0)),
+        "closed by the server, not left open: {read:?}"
+    );
     serve.terminate();
 }
 

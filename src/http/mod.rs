@@ -6,6 +6,7 @@
 mod connection;
 mod error;
 mod json;
+mod metrics_listener;
 mod routes;
 mod wire;
 
@@ -15,7 +16,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -26,6 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 pub use error::ApiError;
+pub use metrics_listener::serve_metrics;
 // The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
 // and the OpenAPI agreement test reach exactly what the server runs.
 pub use routes::Route;
@@ -348,53 +349,4 @@ fn service(
             Ok::<_, Infallible>(response)
         }
     })
-}
-
-/// The most connections the metrics listener keeps open at once: scrapers are few.
-const METRICS_CONNECTIONS: usize = 64;
-
-/// Serves `/metrics` alone on `tcp` (`--metrics-listen`) until `shutdown` completes:
-/// HTTP/1.1, at most [`METRICS_CONNECTIONS`] connections (past that a new one is closed at
-/// once), headers within the read timeout. Its answers come from memory, so it needs no
-/// store and no connection slot of the API's.
-pub async fn serve_metrics(
-    tcp: TcpListener,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = tcp.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return Ok(()),
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            continue;
-        };
-        let app = Arc::clone(&app);
-        tokio::spawn(async move {
-            let read_timeout = app.settings.read_timeout;
-            let service = service_fn(move |request| {
-                let app = Arc::clone(&app);
-                async move {
-                    let response = routes::metrics_only(app, request).await;
-                    Ok::<_, Infallible>(response.map(Full::new))
-                }
-            });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(read_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(slot);
-        });
-    }
 }
