@@ -111,26 +111,34 @@ pub async fn serve_metrics(
             Err(_) if Registry::evict_one(&registry) => None,
             Err(_) => continue,
         };
+        // Registered here, not in the task: a task not yet run must already count as an
+        // open connection the next newcomer can evict, or that newcomer finds no one to
+        // evict and is closed.
+        let (key, open) = Registry::add(&registry);
         let (app, slots, registry) = (Arc::clone(&app), Arc::clone(&slots), Arc::clone(&registry));
         tokio::spawn(async move {
-            let _slot = match slot {
-                Some(slot) => slot,
+            let slot = match slot {
+                Some(slot) => Some(slot),
                 // The evicted connection gives its slot back as soon as its task sees the
                 // notice; another newcomer may take it first, and then this one closes.
-                None => match tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await {
-                    Ok(Ok(slot)) => slot,
-                    _ => return,
+                None => tokio::select! {
+                    acquired = tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()) => {
+                        acquired.ok().and_then(Result::ok)
+                    }
+                    () = open.evict.notified() => None,
                 },
             };
-            serve_one(app, &registry, stream).await;
+            if let Some(_slot) = slot {
+                serve_one(app, &open, stream).await;
+            }
+            Registry::remove(&registry, key);
         });
     }
 }
 
-async fn serve_one(app: Arc<App>, registry: &Mutex<Registry>, stream: TcpStream) {
-    let (key, open) = Registry::add(registry);
+async fn serve_one(app: Arc<App>, open: &Arc<Open>, stream: TcpStream) {
     let header_timeout = HEADER_TIMEOUT.min(app.settings.read_timeout);
-    let answering = Arc::clone(&open);
+    let answering = Arc::clone(open);
     let service = service_fn(move |request| {
         let app = Arc::clone(&app);
         let answering = Arc::clone(&answering);
@@ -149,5 +157,4 @@ async fn serve_one(app: Arc<App>, registry: &Mutex<Registry>, stream: TcpStream)
         _ = connection => {}
         () = open.evict.notified() => {}
     }
-    Registry::remove(registry, key);
 }
