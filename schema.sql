@@ -1,4 +1,4 @@
--- model-relay schema, version 5: the whole of the newest schema, to read. Databases are
+-- model-relay schema, version 6: the whole of the newest schema, to read. Databases are
 -- built and upgraded by each dialect's numbered migrations (src/store/<engine>/migration/),
 -- and a test holds this file equal to what they build; both SQLite and PostgreSQL accept
 -- it. PostgreSQL's migrations also add the triggers that wake waiting calls. Times are
@@ -6,9 +6,11 @@
 -- database's now().
 
 CREATE TABLE workspaces (
-    id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    created_at  BIGINT NOT NULL
+    id               TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    created_at       BIGINT NOT NULL,
+    stored_requests  BIGINT NOT NULL DEFAULT 0  -- its runtimes' requests, kept by every
+                                                -- insert and delete of one
 );
 
 -- Tokens are stored only as SHA-256 hashes (hex). A workspace may hold several.
@@ -60,6 +62,10 @@ CREATE UNIQUE INDEX requests_one_active_per_runtime
 -- The claim: a runtime's pending requests, oldest first.
 CREATE INDEX requests_pending_by_runtime
     ON requests (runtime_id, created_at) WHERE status = 'pending';
+
+-- A runtime's requests: its catalog's answers to hand out again (by `cached_at`), the
+-- count of a runtime being deleted, and the rows its ON DELETE CASCADE removes.
+CREATE INDEX requests_by_runtime ON requests (runtime_id, cached_at);
 
 -- The sweeper: ended requests by end time, for deletion after retention.
 CREATE INDEX requests_ended

@@ -175,6 +175,16 @@ struct ServeArgs {
         env = "MODEL_RELAY_MAX_RUNTIMES_PER_WORKSPACE"
     )]
     max_runtimes_per_workspace: u64,
+    /// The most requests one workspace may store (active ones, and ended ones until
+    /// retention deletes them); past it a call that would store one more answers 429, so
+    /// that one tenant's churn cannot fill the disk. Answers already stored are still
+    /// handed out.
+    #[arg(
+        long,
+        default_value_t = 10_000,
+        env = "MODEL_RELAY_MAX_REQUESTS_PER_WORKSPACE"
+    )]
+    max_requests_per_workspace: u64,
     /// The most model entries one report may carry; past it the report answers 400.
     #[arg(long, default_value_t = 500, env = "MODEL_RELAY_MAX_MODELS_PER_REPORT")]
     max_models_per_report: usize,
@@ -500,6 +510,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_waiting: args.max_waiting,
         max_connections: args.max_connections,
         max_runtimes_per_workspace: args.max_runtimes_per_workspace,
+        max_requests_per_workspace: args.max_requests_per_workspace,
         max_models_per_report: args.max_models_per_report,
         read_timeout: args.read_timeout,
         catalog_fresh: args.catalog_fresh,

@@ -161,6 +161,9 @@ pub struct Settings {
     pub catalog_serve: Duration,
     /// The most runtimes a workspace may have: past it a create answers 409.
     pub max_runtimes_per_workspace: u64,
+    /// The most requests a workspace may store (active, and ended within retention): past
+    /// it a call that would store one more answers 429.
+    pub max_requests_per_workspace: u64,
     /// The most model entries one report may carry: past it the report answers 400.
     pub max_models_per_report: usize,
     /// The most bytes of answers one connection may hold that its client has not taken
@@ -188,6 +191,7 @@ impl Default for Settings {
             catalog_fresh: Duration::from_secs(60),
             catalog_serve: Duration::from_secs(24 * 3600),
             max_runtimes_per_workspace: 1_000,
+            max_requests_per_workspace: 10_000,
             max_models_per_report: 500,
             answer_bytes_per_connection: 4 * 1024 * 1024,
             answer_bytes_total: 256 * 1024 * 1024,

@@ -29,6 +29,8 @@ mod limits;
 mod listen;
 #[path = "conformance/report.rs"]
 mod report;
+#[path = "conformance/stored.rs"]
+mod stored;
 mod support;
 #[path = "conformance/tenancy.rs"]
 mod tenancy;

@@ -13,8 +13,9 @@ use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, TokenId, Workspac
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
-    RequestCounts, Result as StoreResult, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
+    Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, Daemon, Expired, Listener,
+    NewRuntime, RequestCounts, Result as StoreResult, RuntimeCursor, Scoped, StoreError, Storer,
+    Workspace,
 };
 use serde_json::{Value, json};
 use support::engines::{Engine, engine_tests};
@@ -768,6 +769,57 @@ async fn creating_a_runtime_past_the_workspace_limit_is_409_and_stores_nothing()
     assert_eq!(list.json["runtimes"].as_array().unwrap().len(), 2);
 }
 
+/// Opening the picker on one catalog hands out one stored record, again and again; past
+/// `--max-requests-per-workspace` a call that would store one more is 429 and stores
+/// nothing, while the stored answer is still handed out.
+#[tokio::test]
+async fn a_workspace_at_its_stored_request_limit_is_429_and_its_answer_still_opens() {
+    let w = World::with_settings(Settings {
+        max_requests_per_workspace: 2,
+        ..settings()
+    })
+    .await;
+    let (rt, daemon) = w.online_runtime().await;
+    let id = w.claimed(&rt, &daemon).await;
+    let done = w
+        .report(
+            &rt,
+            &id,
+            &daemon,
+            json!({"status": "completed", "models": [sonnet()]}),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.json);
+
+    let first = w.create_request(&rt).await;
+    assert_eq!(first.json["cached"], true, "{}", first.json);
+    for _ in 0..5 {
+        let again = w.create_request(&rt).await;
+        assert_eq!((again.status, &again.json), (first.status, &first.json));
+    }
+    let workspace = w.store.list_workspaces().unwrap()[0].id;
+    assert_eq!(w.store.stored_requests(workspace).unwrap(), 2);
+
+    let refused = w.refresh(&rt).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused.json,
+        json!({"error": "this workspace stores 2 requests, the most allowed: try again once older ones have passed retention"})
+    );
+    let (other, other_daemon) = w.online_runtime().await;
+    assert_eq!(
+        w.create_request(&other).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let ack = w.heartbeat(&other, &other_daemon).await;
+    assert!(ack.json["pending_model_list"].is_null(), "{}", ack.json);
+    assert_eq!(w.store.stored_requests(workspace).unwrap(), 2);
+    // The stored answer is still handed out, and readable by id.
+    assert_eq!(w.create_request(&rt).await.json, first.json);
+    let read = w.poll(&rt, first.json["id"].as_str().unwrap()).await;
+    assert_eq!(read.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_report_past_the_models_limit_or_with_a_huge_entry_is_400_and_changes_nothing() {
     let w = World::with_settings(Settings {
@@ -1167,12 +1219,16 @@ impl Storer for DownStore {
     fn find_request(&self, _: RuntimeId, _: RequestId) -> StoreResult<Option<ModelRequest>> {
         down()
     }
-    fn create_or_coalesce(
+    fn create_or_coalesce_within(
         &self,
         _: RuntimeId,
         _: RequestId,
         _: Millis,
-    ) -> StoreResult<Option<Created>> {
+        _: u64,
+    ) -> StoreResult<Added<Created>> {
+        down()
+    }
+    fn stored_requests(&self, _: WorkspaceId) -> StoreResult<u64> {
         down()
     }
     fn claim_next_pending(&self, _: RuntimeId, _: Millis) -> StoreResult<Claim> {
@@ -1205,11 +1261,11 @@ impl Storer for DownStore {
     fn answer_from_catalog(
         &self,
         _: RuntimeId,
-        _: RequestId,
+        _: &Ask,
         _: Option<RequestId>,
         _: i64,
         _: i64,
-    ) -> StoreResult<Option<ModelRequest>> {
+    ) -> StoreResult<Added<ModelRequest>> {
         down()
     }
     fn listens(&self) -> bool {

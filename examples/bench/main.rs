@@ -605,9 +605,10 @@ fn start_server_with(server: &Path, database: &str, log: &Path, extra: &[&str]) 
         ])
         // Seeded rows must outlive the run; the sweeper would delete them after retention.
         .args(["--retention", "1h"])
-        // The load puts 10,000 idle runtimes and more in one workspace, past the default
-        // limit per workspace.
+        // The load puts 10,000 idle runtimes and more in one workspace, and more requests
+        // than an hour's retention of the default limit: past both limits per workspace.
         .args(["--max-runtimes-per-workspace", "1000000"])
+        .args(["--max-requests-per-workspace", "1000000000"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

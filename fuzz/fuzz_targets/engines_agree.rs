@@ -21,6 +21,7 @@ const TIMEOUTS: Timeouts = Timeouts {
     running: Duration::from_secs(60),
 };
 const RETENTION: Duration = Duration::from_secs(600);
+const RETENTION_MS: Millis = 600_000;
 const RUNTIMES: usize = 3;
 const T0: Millis = 1_777_627_161_000;
 /// Steps around every deadline: just before, at, and past the timeouts and retention.
@@ -28,6 +29,9 @@ const STEPS: [Millis; 8] = [1, 999, 29_999, 30_000, 59_999, 60_000, 600_000, 600
 /// The catalog's windows, short enough that the steps above cross them.
 const CATALOG_FRESH: Millis = 60_000;
 const CATALOG_SERVE: Millis = 600_000;
+/// Few enough stored requests that inputs reach the workspace's limit, and cross it back
+/// as the sweeper deletes.
+const MAX_STORED: u64 = 6;
 /// What the HTTP layer passes by default (a tenth of `offline_after`): heartbeats seen this
 /// recently are answered with reads only, and both engines must agree on which those are.
 const REFRESH_AFTER: Millis = 4_500;
@@ -227,7 +231,8 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Create { rt } => {
                 let id = RequestId::random().unwrap();
                 ids.push(id);
-                let [a, b] = engines.map(|s| s.create_or_coalesce(runtime(rt), id, now).unwrap());
+                let [a, b] = engines
+                    .map(|s| s.create_or_coalesce_within(runtime(rt), id, now, MAX_STORED).unwrap());
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Ask {
@@ -242,6 +247,8 @@ fuzz_target!(|ops: Vec<Op>| {
                     online,
                     fresh: CATALOG_FRESH,
                     serve: CATALOG_SERVE,
+                    reuse_after: now - RETENTION_MS / 2,
+                    max_stored: MAX_STORED,
                 };
                 ids.extend([ask.id, ask.cached]);
                 let [a, b] = engines.map(|s| {
@@ -289,6 +296,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
         }
+        // The memory engine counts the workspace's requests; SQLite keeps a count that
+        // every insert and delete must move by exactly what it did.
+        let [a, b] = engines.map(|s| s.stored_requests(workspace).unwrap());
+        assert_eq!(a, b, "stored requests after step {step}: {op:?}");
     }
     // The rows left behind, as stored (no expiry applied), and the counts per status.
     for id in &ids {

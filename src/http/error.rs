@@ -28,6 +28,8 @@ pub enum ApiError {
     RuntimeOffline,
     /// `--max-waiting` calls are held already.
     TooManyWaiting,
+    /// The workspace stores `--max-requests-per-workspace` requests already.
+    TooManyStored(u64),
     /// Answers not yet taken by their clients hold the whole budget of the connection
     /// (true) or of the server (false).
     AnswersQueued(bool),
@@ -65,6 +67,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyStored(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RuntimeOffline
             | ApiError::TooManyWaiting
             | ApiError::AnswersQueued(_)
@@ -84,6 +87,9 @@ impl ApiError {
             ApiError::RequestTimeout => "body not received in time".to_owned(),
             ApiError::RuntimeOffline => "runtime is offline".to_owned(),
             ApiError::TooManyWaiting => "too many waiting calls".to_owned(),
+            ApiError::TooManyStored(max) => format!(
+                "this workspace stores {max} requests, the most allowed: try again once older ones have passed retention"
+            ),
             ApiError::AnswersQueued(true) => {
                 "too many answers not yet read on this connection".to_owned()
             }

@@ -540,6 +540,8 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
                 id,
                 cached,
                 refresh,
+                reuse_after: now.saturating_sub(millis(settings.retention) / 2),
+                max_stored: settings.max_requests_per_workspace,
                 online: runtime.is_online(now, settings.offline_after),
                 fresh: millis(settings.catalog_fresh),
                 serve: millis(settings.catalog_serve),
@@ -562,6 +564,10 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
             (request, Some(created).filter(|c| c.request.id == id))
         }
         Asked::Offline => return Err(ApiError::RuntimeOffline),
+        Asked::Full => {
+            let max = app.settings.max_requests_per_workspace;
+            return Err(ApiError::TooManyStored(max));
+        }
         Asked::NoRuntime => return Err(ApiError::NotFound("runtime")),
     };
     if created.is_some() {

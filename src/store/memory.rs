@@ -8,8 +8,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{
-    Active, ApiToken, ApiTokenUse, Change, Claim, Created, Daemon, Expired, Listener, NewRuntime,
-    RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace, token_use_due,
+    Active, Added, ApiToken, ApiTokenUse, Ask, Change, Claim, Created, Daemon, Expired, Listener,
+    NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace, token_use_due,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
@@ -53,6 +53,26 @@ impl StoredToken {
 }
 
 impl State {
+    /// How many requests the runtime's workspace stores: counted, where the SQL engines
+    /// keep a count on the workspace's row. `None` if the runtime does not exist.
+    fn stored_beside(&self, runtime: RuntimeId) -> Option<u64> {
+        let workspace = self.runtimes.get(&runtime)?.workspace_id;
+        Some(self.stored_in(workspace))
+    }
+
+    fn stored_in(&self, workspace: WorkspaceId) -> u64 {
+        let count = self
+            .requests
+            .values()
+            .filter(|r| {
+                self.runtimes
+                    .get(&r.runtime_id)
+                    .is_some_and(|rt| rt.workspace_id == workspace)
+            })
+            .count();
+        count as u64
+    }
+
     /// The runtime as the SQL engines read it, joined with its catalog.
     fn runtime(&self, runtime: &Runtime) -> Runtime {
         Runtime {
@@ -429,16 +449,17 @@ impl Storer for MemoryStore {
         ))
     }
 
-    fn create_or_coalesce(
+    fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<Created>> {
+        max: u64,
+    ) -> Result<Added<Created>> {
         let mut state = self.writing();
-        if !state.runtimes.contains_key(&runtime) {
-            return Ok(None);
-        }
+        let Some(stored) = state.stored_beside(runtime) else {
+            return Ok(Added::Missing);
+        };
         let timeouts = self.timeouts;
         let mut active = None;
         let mut expired = Expired::default();
@@ -451,7 +472,10 @@ impl Storer for MemoryStore {
             }
         }
         if let Some(request) = active {
-            return Ok(Some(Created { request, expired }));
+            return Ok(Added::Done(Created { request, expired }));
+        }
+        if stored >= max {
+            return Ok(Added::Full);
         }
         let request = ModelRequest {
             id,
@@ -469,7 +493,11 @@ impl Storer for MemoryStore {
             refresh_id: None,
         };
         state.requests.insert(id, request.clone());
-        Ok(Some(Created { request, expired }))
+        Ok(Added::Done(Created { request, expired }))
+    }
+
+    fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64> {
+        Ok(self.state().stored_in(workspace))
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
@@ -661,19 +689,42 @@ impl Storer for MemoryStore {
     fn answer_from_catalog(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        ask: &Ask,
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Added<ModelRequest>> {
         let mut state = self.writing();
         let Some(catalog) = state
             .catalogs
             .get(&runtime)
             .filter(|c| c.reported_at > reported_after)
         else {
-            return Ok(None);
+            return Ok(Added::Missing);
         };
+        let reused = state
+            .requests
+            .values()
+            .filter(|r| {
+                r.runtime_id == runtime
+                    && r.status == Status::Completed
+                    && r.cached_at == Some(catalog.reported_at)
+                    && r.refresh_id == refresh
+                    && r.ended_at.is_some_and(|at| at >= ask.reuse_after)
+                    && r.supported == catalog.supported
+                    && r.models == catalog.models
+            })
+            .max_by_key(|r| (r.ended_at, r.id));
+        if let Some(reused) = reused {
+            return Ok(Added::Done(reused.clone()));
+        }
+        if state
+            .stored_beside(runtime)
+            .is_none_or(|n| n >= ask.max_stored)
+        {
+            return Ok(Added::Full);
+        }
+        let id = ask.cached;
         let answer = ModelRequest {
             id,
             runtime_id: runtime,
@@ -690,7 +741,7 @@ impl Storer for MemoryStore {
             refresh_id: refresh,
         };
         state.requests.insert(id, answer.clone());
-        Ok(Some(answer))
+        Ok(Added::Done(answer))
     }
 
     fn listens(&self) -> bool {

@@ -59,7 +59,7 @@ pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes: the number of the last migration, the same for
 /// every dialect.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// One numbered step of a dialect's schema, applied at most once, in order, in the
 /// transaction that records its number.
@@ -281,6 +281,17 @@ pub struct Created {
     pub expired: Expired,
 }
 
+/// What a write that may add a stored request did.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Added<T> {
+    /// Done: `T` is the request added, or the one already stored that answers instead.
+    Done(T),
+    /// Nothing to do it on: the runtime, or the catalog young enough, is gone.
+    Missing,
+    /// The runtime's workspace already stores its most requests, and none stored answers.
+    Full,
+}
+
 /// What [`Storer::ask_for_models`] is asked.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask {
@@ -288,6 +299,13 @@ pub struct Ask {
     pub id: RequestId,
     /// The id of an answer from the catalog, if one is made.
     pub cached: RequestId,
+    /// An answer from the catalog that ended at or after this, from the same catalog and
+    /// naming the same refresh, is handed out again instead of a copy: the HTTP layer
+    /// passes half the retention ago, so that a record handed out stays readable for at
+    /// least that long.
+    pub reuse_after: Millis,
+    /// The most requests the runtime's workspace may store (`--max-requests-per-workspace`).
+    pub max_stored: u64,
     /// Skip the catalog (the page's "Refresh").
     pub refresh: bool,
     /// Whether the runtime is online: an offline one gets no new discovery.
@@ -312,6 +330,8 @@ pub enum Asked {
     Discovery(Created),
     /// No catalog to answer from, and the runtime is offline.
     Offline,
+    /// Nothing stored answers, and the workspace stores its most requests already.
+    Full,
     /// The runtime is gone.
     NoRuntime,
 }
@@ -488,13 +508,36 @@ pub trait Storer: Send + Sync {
 
     /// Atomically: ends the runtime's overdue active request, then inserts a new pending
     /// request `id` unless the runtime still has an active one, which is returned instead.
-    /// `None` if the runtime does not exist.
+    /// The insert counts against the workspace's stored requests: `Full` when it stores
+    /// `max` already (and nothing is active). `Missing` if the runtime does not exist.
+    fn create_or_coalesce_within(
+        &self,
+        runtime: RuntimeId,
+        id: RequestId,
+        now: Millis,
+        max: u64,
+    ) -> Result<Added<Created>>;
+
+    /// [`Storer::create_or_coalesce_within`] whatever the workspace stores: for tooling
+    /// and tests. The server always passes its limit. `None` if the runtime does not exist.
     fn create_or_coalesce(
         &self,
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<Created>>;
+    ) -> Result<Option<Created>> {
+        match self.create_or_coalesce_within(runtime, id, now, u64::MAX)? {
+            Added::Done(created) => Ok(Some(created)),
+            Added::Missing => Ok(None),
+            Added::Full => Err(StoreError::Corrupt(
+                "a create without a limit was refused".to_owned(),
+            )),
+        }
+    }
+
+    /// How many requests the workspace stores, as counted with every insert and delete:
+    /// what `--max-requests-per-workspace` bounds.
+    fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64>;
 
     /// Moves the runtime's oldest claimable pending request to running, with a fresh lease.
     /// A pending request past its deadline is never claimed: it is ended as `timeout`.
@@ -538,19 +581,22 @@ pub trait Storer: Send + Sync {
     /// calls compares against.
     fn active_requests(&self) -> Result<Vec<Active>>;
 
-    /// Inserts request `id` as an answer from the runtime's catalog, if the catalog was
-    /// reported after `reported_after`: `completed`, with the catalog's models and
-    /// `supported`, `cached_at` when the catalog was reported, and `refresh` (the discovery
-    /// started beside it, if any). One statement, so the answer is exactly one catalog as
-    /// it stood. `None` when there is no such catalog (any more).
+    /// An answer from the runtime's catalog, if the catalog was reported after
+    /// `reported_after`: a stored record that ended at or after `ask.reuse_after` with this
+    /// very catalog (`cached_at` its report time, the same models and `supported`) and the
+    /// same `refresh`, or else a new one, `ask.cached`: `completed`, with the catalog's
+    /// models and `supported`, `cached_at` when the catalog was reported, and `refresh`
+    /// (the discovery started beside it, if any), counted against the workspace's
+    /// `ask.max_stored`. Each is one statement, so the answer is exactly one catalog as it
+    /// stood. `Missing` when there is no such catalog (any more).
     fn answer_from_catalog(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        ask: &Ask,
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Option<ModelRequest>>;
+    ) -> Result<Added<ModelRequest>>;
 
     /// Opens a listener for changes made through any handle of this store. Blocking (it
     /// may connect): the instance calls it on its wake-up thread.
@@ -665,44 +711,63 @@ pub trait Storer: Send + Sync {
             .catalog_at
             .filter(|_| !ask.refresh)
             .map(|at| now.saturating_sub(at));
+        // Whether a step was refused for the workspace's stored requests: the answer then,
+        // if nothing else answers, rather than "offline".
+        let mut full = false;
         if catalog_age.is_some_and(|age| age < ask.fresh) {
             let after = now - ask.fresh;
-            if let Some(answer) =
-                self.answer_from_catalog(runtime.id, ask.cached, None, after, now)?
-            {
-                return Ok(Asked::Cached {
-                    answer,
-                    stale: false,
-                    refresh: None,
-                });
+            match self.answer_from_catalog(runtime.id, ask, None, after, now)? {
+                Added::Done(answer) => {
+                    return Ok(Asked::Cached {
+                        answer,
+                        stale: false,
+                        refresh: None,
+                    });
+                }
+                Added::Full => full = true,
+                Added::Missing => {}
             }
         } else if catalog_age.is_some_and(|age| age < ask.serve) {
             let refresh = match ask.online {
-                true => self.create_or_coalesce(runtime.id, ask.id, now)?,
+                true => {
+                    match self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)? {
+                        Added::Done(created) => Some(created),
+                        Added::Full => {
+                            full = true;
+                            None
+                        }
+                        Added::Missing => None,
+                    }
+                }
                 false => None,
             };
             let refresh_id = refresh.as_ref().map(|r| r.request.id);
             let after = now - ask.serve;
-            if let Some(answer) =
-                self.answer_from_catalog(runtime.id, ask.cached, refresh_id, after, now)?
-            {
-                return Ok(Asked::Cached {
-                    answer,
-                    stale: true,
-                    refresh,
-                });
+            match self.answer_from_catalog(runtime.id, ask, refresh_id, after, now)? {
+                Added::Done(answer) => {
+                    return Ok(Asked::Cached {
+                        answer,
+                        stale: true,
+                        refresh,
+                    });
+                }
+                Added::Full => full = true,
+                Added::Missing => {}
             }
             if let Some(created) = refresh {
                 return Ok(Asked::Discovery(created));
             }
         }
         if !ask.online {
-            return Ok(Asked::Offline);
+            return Ok(if full { Asked::Full } else { Asked::Offline });
         }
-        Ok(match self.create_or_coalesce(runtime.id, ask.id, now)? {
-            Some(created) => Asked::Discovery(created),
-            None => Asked::NoRuntime,
-        })
+        Ok(
+            match self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)? {
+                Added::Done(created) => Asked::Discovery(created),
+                Added::Full => Asked::Full,
+                Added::Missing => Asked::NoRuntime,
+            },
+        )
     }
 
     /// A daemon's heartbeat, after [`Storer::daemon_by_token`]: marks the runtime alive and

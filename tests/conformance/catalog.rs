@@ -6,7 +6,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use model_relay::model::{ModelRequest, Outcome, Report, ReportOutcome, Runtime, Status};
-use model_relay::store::{Ask, Asked, Storer};
+use model_relay::store::{Added, Ask, Asked, Storer};
 
 use crate::common::{
     RUNNING_MS, T0, TIMEOUTS, Tenant, completed, create, failed, get, models, new_id, running,
@@ -31,6 +31,8 @@ engine_tests!(
 
 const FRESH_MS: i64 = 60_000;
 const SERVE_MS: i64 = 24 * 3_600_000;
+/// Half the default retention: an answer that ended longer ago is not handed out again.
+const REUSE_MS: i64 = 300_000;
 
 fn runtime(store: &dyn Storer, t: &Tenant) -> Runtime {
     store
@@ -47,6 +49,8 @@ fn ask_with(store: &dyn Storer, t: &Tenant, refresh: bool, online: bool, now: i6
         online,
         fresh: FRESH_MS,
         serve: SERVE_MS,
+        reuse_after: now - REUSE_MS,
+        max_stored: u64::MAX,
     };
     store.ask_for_models(&runtime(store, t), &ask, now).unwrap()
 }
@@ -216,9 +220,10 @@ fn a_stale_catalog_answers_and_starts_one_discovery_in_the_background(engine: &d
     assert_eq!(answer.cached_at, Some(T0));
     assert_eq!(get(store.as_ref(), t.runtime, answer.id, now), answer);
 
-    // Asked again while it runs: answered from the catalog, the same discovery named.
+    // Asked again while it runs: answered from the catalog, the same discovery named, by
+    // the same record (it names the same catalog and the same refresh).
     let (again, _, same) = cached(ask(store.as_ref(), &t, now + 1));
-    assert_ne!(again.id, answer.id);
+    assert_eq!(again, answer);
     assert_eq!(same.map(|r| r.id), Some(refresh.id));
     assert_eq!(again.refresh_id, Some(refresh.id));
     assert_eq!(store.active_requests().unwrap().len(), 1);
@@ -294,9 +299,15 @@ fn deleting_a_runtime_deletes_its_catalog(engine: &dyn Engine) {
     // runtime's foreign key rather than find nothing.
     assert_eq!(
         store
-            .answer_from_catalog(t.runtime, new_id(), None, T0 - 1, T0 + 1)
+            .answer_from_catalog(
+                t.runtime,
+                &crate::stored::ask_at(T0, u64::MAX),
+                None,
+                T0 - 1,
+                T0 + 1
+            )
             .unwrap(),
-        None
+        Added::Missing
     );
 }
 
@@ -327,7 +338,10 @@ fn concurrent_asks_on_a_stale_catalog_from_two_handles_start_one_discovery(engin
             refreshes[0].is_some() && refreshes[0] == refreshes[1],
             "{answers:?}"
         );
-        assert_ne!(answers[0].0.id, answers[1].0.id);
+        // One record or two (both may look for one to hand out before either stores it),
+        // each the same catalog.
+        assert_eq!(answers[0].0.models, answers[1].0.models);
+        assert_eq!(answers[0].0.cached_at, Some(T0));
         assert_eq!(handles[0].active_requests().unwrap().len(), 1);
         // End it as timed out, so that the next round starts a discovery of its own.
         let id = refreshes[0].unwrap();

@@ -9,8 +9,8 @@ use model_relay::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
 use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
-    Active, ApiToken, ApiTokenUse, Claim, Created, Daemon, Expired, Listener, NewRuntime,
-    RequestCounts, Result, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
+    Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, Daemon, Expired, Listener,
+    NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
 };
 
 #[derive(Default)]
@@ -158,13 +158,17 @@ impl Storer for WatchedStore {
     ) -> Result<Scoped<Option<ModelRequest>>> {
         self.inner.find_request_by_token(t, rt, id)
     }
-    fn create_or_coalesce(
+    fn create_or_coalesce_within(
         &self,
         rt: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<Created>> {
-        self.inner.create_or_coalesce(rt, id, now)
+        max: u64,
+    ) -> Result<Added<Created>> {
+        self.inner.create_or_coalesce_within(rt, id, now, max)
+    }
+    fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64> {
+        self.inner.stored_requests(workspace)
     }
     fn claim_next_pending(&self, rt: RuntimeId, now: Millis) -> Result<Claim> {
         self.inner.claim_next_pending(rt, now)
@@ -193,13 +197,13 @@ impl Storer for WatchedStore {
     fn answer_from_catalog(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        ask: &Ask,
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Added<ModelRequest>> {
         self.inner
-            .answer_from_catalog(runtime, id, refresh, reported_after, now)
+            .answer_from_catalog(runtime, ask, refresh, reported_after, now)
     }
     fn listens(&self) -> bool {
         self.inner.listens()

@@ -25,7 +25,8 @@ use super::PoolMode;
 type Statements = HashMap<String, Statement>;
 
 /// A statement parameter and the PostgreSQL type it is sent as when nothing was prepared to
-/// tell. Every column the engine writes is `TEXT`, `BIGINT` or `BOOLEAN`.
+/// tell. Every column the engine writes is `TEXT`, `BIGINT` or `BOOLEAN`; the sweeper also
+/// sends lists of ids (`TEXT[]`).
 pub trait Param: ToSql + Sync {
     fn pg_type(&self) -> Type;
 }
@@ -55,6 +56,10 @@ impl Typed for String {
 
 impl Typed for &str {
     const TYPE: Type = Type::TEXT;
+}
+
+impl Typed for Vec<String> {
+    const TYPE: Type = Type::TEXT_ARRAY;
 }
 
 impl<T: Typed> Typed for Option<T> {

@@ -27,10 +27,10 @@ use r2d2_postgres::PostgresConnectionManager;
 use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
-    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Claim, Created, DEFAULT_WAIT, Daemon,
-    Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError,
-    Storer, Workspace, models_from_db, models_to_db, request_id_from_db, runtime_id_from_db,
-    status_from_db, token_id_from_db, workspace_id_from_db,
+    API_TOKEN_USE_REFRESH, Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, DEFAULT_WAIT,
+    Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped,
+    StoreError, Storer, Workspace, models_from_db, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, token_id_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::errors::error_chain;
@@ -301,16 +301,39 @@ fn parse_runtime(row: &Row) -> Result<Runtime> {
 
 /// One attempt at create-or-coalesce, in its own transaction. `Ok(None)` means the active
 /// request that blocked the insert ended before it could be read: try again.
-/// A new pending request, unless the runtime is missing ($2) or already has an active
-/// request: the unique index of active requests refuses it then (DO NOTHING), and nothing
-/// comes back. Both create paths insert with this one statement.
-fn insert_pending_sql() -> String {
+/// Lock order. Every transaction that adds or removes requests first locks the rows of the
+/// workspaces it counts them in (`FOR NO KEY UPDATE`, which leaves other writers' foreign-key
+/// checks unblocked), several in the order of their ids, and only then touches runtimes and
+/// requests: so the counts are exact (a count is read under its lock) and no two such
+/// transactions wait for each other in a circle.
+///
+/// The room a workspace has for one more request: its row, locked, if the runtime ($2) is
+/// there and the workspace stores fewer than $5. `FOR NO KEY UPDATE` re-reads a row that
+/// changed while it waited for the lock, and drops it if it no longer has room: the check
+/// holds at the lock, not at the statement's snapshot.
+const ROOM: &str = "room AS (
+         SELECT w.id FROM workspaces w
+          WHERE w.id = (SELECT workspace_id FROM runtimes WHERE id = $2) AND w.stored_requests < $5
+            FOR NO KEY UPDATE)";
+
+/// Counts the request `new` inserted, if it did, on the row `room` locked.
+const COUNTED: &str = "counted AS (
+         UPDATE workspaces SET stored_requests = stored_requests + 1
+          WHERE id IN (SELECT id FROM room) AND EXISTS (SELECT 1 FROM new))";
+
+/// A new pending request, counted, if its workspace has room and the runtime ($2) has no
+/// active request: the unique index of active requests refuses it then (DO NOTHING), and
+/// nothing comes back. One round trip, for the common case.
+fn create_within_sql() -> String {
     format!(
-        "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-         SELECT $1, $2, 'pending', TRUE, $3, $3, $4
-          WHERE EXISTS (SELECT 1 FROM runtimes WHERE id = $2)
+        "WITH {ROOM},
+              new AS (
+         INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+         SELECT $1, $2, 'pending', TRUE, $3, $3, $4 FROM room
          ON CONFLICT DO NOTHING
-         RETURNING {REQUEST_COLUMNS}"
+         RETURNING {REQUEST_COLUMNS}),
+              {COUNTED}
+         SELECT * FROM new"
     )
 }
 
@@ -358,9 +381,21 @@ fn try_create_or_coalesce(
     runtime: &str,
     id: &str,
     now: Millis,
-) -> Result<Option<Option<Created>>> {
-    // FOR KEY SHARE: a concurrent delete of the runtime waits until this transaction ends,
-    // so the insert below cannot fail on the foreign key.
+    max: u64,
+) -> Result<Option<Added<Created>>> {
+    let Some(workspace) = tx.query_opt(
+        "SELECT id, stored_requests FROM workspaces
+          WHERE id = (SELECT workspace_id FROM runtimes WHERE id = $1) FOR NO KEY UPDATE",
+        &[&runtime],
+    )?
+    else {
+        return Ok(Some(Added::Missing));
+    };
+    let (workspace, stored): (String, i64) = (workspace.try_get(0)?, workspace.try_get(1)?);
+    let room = u64::try_from(stored).unwrap_or(0) < max;
+    // FOR KEY SHARE: a delete of the runtime that does not lock its workspace first (one
+    // of an older version) waits until this transaction ends, so the insert below cannot
+    // fail on the foreign key.
     if tx
         .query_opt(
             "SELECT 1 FROM runtimes WHERE id = $1 FOR KEY SHARE",
@@ -368,7 +403,7 @@ fn try_create_or_coalesce(
         )?
         .is_none()
     {
-        return Ok(Some(None));
+        return Ok(Some(Added::Missing));
     }
     // The old status comes back from the locked subquery: which phase's deadline it missed.
     let mut expired = Expired::default();
@@ -391,15 +426,24 @@ fn try_create_or_coalesce(
     )? {
         expired += Expired::one(status_from_db(row.try_get(0)?)?);
     }
-    // A concurrent insert of another active request makes this one wait for it, then
-    // conflict on the unique index of active requests: DO NOTHING, and coalesce.
-    let inserted = tx.query_opt(
-        &insert_pending_sql(),
-        &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
-    )?;
-    if let Some(row) = inserted {
-        let request = parse_request(&row)?;
-        return Ok(Some(Some(Created { request, expired })));
+    if room {
+        let inserted = tx.query_opt(
+            &format!(
+                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+                 VALUES ($1, $2, 'pending', TRUE, $3, $3, $4)
+                 ON CONFLICT DO NOTHING
+                 RETURNING {REQUEST_COLUMNS}"
+            ),
+            &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
+        )?;
+        if let Some(row) = inserted {
+            tx.execute(
+                "UPDATE workspaces SET stored_requests = stored_requests + 1 WHERE id = $1",
+                &[&workspace],
+            )?;
+            let request = parse_request(&row)?;
+            return Ok(Some(Added::Done(Created { request, expired })));
+        }
     }
     let active = tx.query_opt(
         &format!(
@@ -408,12 +452,14 @@ fn try_create_or_coalesce(
         ),
         &[&runtime],
     )?;
-    active
-        .map(|row| {
-            let request = parse_request(&row)?;
-            Ok(Some(Created { request, expired }))
-        })
-        .transpose()
+    Ok(match active {
+        Some(row) => Some(Added::Done(Created {
+            request: parse_request(&row)?,
+            expired,
+        })),
+        None if !room => Some(Added::Full),
+        None => None,
+    })
 }
 
 impl Storer for PostgresStore {
@@ -632,12 +678,27 @@ impl Storer for PostgresStore {
     }
 
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
-        // The runtime's requests go with it: ON DELETE CASCADE.
-        let deleted = self.conn()?.execute(
-            "DELETE FROM runtimes WHERE id = $1 AND workspace_id = $2",
-            &[&id.to_string(), &workspace.to_string()],
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let (id, workspace) = (id.to_string(), workspace.to_string());
+        // The lock first (see ROOM), then a statement of its own, whose snapshot is taken
+        // under the lock: it counts every request the cascade removes.
+        tx.execute(
+            "SELECT 1 FROM workspaces WHERE id = $1 FOR NO KEY UPDATE",
+            &[&workspace],
         )?;
-        Ok(deleted == 1)
+        // The runtime's requests go with it (ON DELETE CASCADE), and out of the count.
+        let deleted = tx.query(
+            "WITH gone AS (DELETE FROM runtimes WHERE id = $1 AND workspace_id = $2 RETURNING id)
+             UPDATE workspaces
+                SET stored_requests = stored_requests
+                                      - (SELECT count(*) FROM requests WHERE runtime_id = $1)
+              WHERE id = $2 AND EXISTS (SELECT 1 FROM gone)
+             RETURNING 1",
+            &[&id, &workspace],
+        )?;
+        tx.commit()?;
+        Ok(deleted.len() == 1)
     }
 
     fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
@@ -713,35 +774,39 @@ impl Storer for PostgresStore {
         }))
     }
 
-    fn create_or_coalesce(
+    fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<Created>> {
+        max: u64,
+    ) -> Result<Added<Created>> {
         let mut conn = self.conn()?;
         let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
-        // The common case first, in one round trip: the runtime exists and has no active
-        // request, so there is nothing to end and the insert goes in. When nothing comes
-        // back, the transaction below sorts out why.
+        // The common case first, in one round trip: the runtime exists, its workspace has
+        // room and it has no active request, so there is nothing to end and the insert goes
+        // in. When nothing comes back, the transaction below sorts out why.
         let inserted = conn.query_opt(
-            &insert_pending_sql(),
+            &create_within_sql(),
             &[
                 &id_text,
                 &runtime_text,
                 &now,
                 &self.timeouts.pending_deadline(now),
+                &i64::try_from(max).unwrap_or(i64::MAX),
             ],
         );
         match inserted {
             Ok(Some(row)) => {
                 let request = parse_request(&row)?;
                 let expired = Expired::default();
-                return Ok(Some(Created { request, expired }));
+                return Ok(Added::Done(Created { request, expired }));
             }
             Ok(None) => {}
             // The runtime was deleted between the check and the insert's foreign key.
-            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => return Ok(None),
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                return Ok(Added::Missing);
+            }
             Err(e) => return Err(e.into()),
         }
         // Each retry means an active request ended between our conflict and our read; a
@@ -749,7 +814,7 @@ impl Storer for PostgresStore {
         for _ in 0..3 {
             let mut tx = conn.transaction()?;
             let settled =
-                try_create_or_coalesce(&mut tx, &self.timeouts, &runtime_text, &id_text, now)?;
+                try_create_or_coalesce(&mut tx, &self.timeouts, &runtime_text, &id_text, now, max)?;
             tx.commit()?;
             if let Some(answer) = settled {
                 return Ok(answer);
@@ -758,6 +823,15 @@ impl Storer for PostgresStore {
         Err(StoreError::Corrupt(format!(
             "runtime {runtime}: no active request after three coalesced inserts"
         )))
+    }
+
+    fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64> {
+        let row = self.conn()?.query_opt(
+            "SELECT stored_requests FROM workspaces WHERE id = $1",
+            &[&workspace.to_string()],
+        )?;
+        let stored: Option<i64> = row.map(|row| row.try_get(0)).transpose()?;
+        Ok(stored.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
@@ -884,29 +958,72 @@ impl Storer for PostgresStore {
     fn answer_from_catalog(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        ask: &Ask,
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
-        let row = self.conn()?.query_opt(
+    ) -> Result<Added<ModelRequest>> {
+        let mut conn = self.conn()?;
+        let runtime_text = runtime.to_string();
+        let refresh_text = refresh.map(|r| r.to_string());
+        // The common answer, the one handed out a moment ago, is a read. Two callers that
+        // both find none each store one: no more than the callers.
+        let reused = conn.query_opt(
             &format!(
-                "INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
-                                       updated_at, deadline_at, ended_at, cached_at, refresh_id)
-                 SELECT $1, runtime_id, 'completed', models, supported, $4::bigint, $4::bigint,
-                        $4::bigint, $4::bigint, reported_at, $3::text
-                   FROM catalogs WHERE runtime_id = $2 AND reported_at > $5
-                 RETURNING {REQUEST_COLUMNS}"
+                "SELECT {REQUEST_COLUMNS}
+                   FROM requests,
+                        (SELECT reported_at, models AS catalog_models,
+                                supported AS catalog_supported
+                           FROM catalogs WHERE runtime_id = $1 AND reported_at > $2) catalog
+                  WHERE runtime_id = $1 AND cached_at = catalog.reported_at
+                    AND status = 'completed'
+                    AND models = catalog_models AND supported = catalog_supported
+                    AND refresh_id IS NOT DISTINCT FROM $3::text AND ended_at >= $4
+                  ORDER BY ended_at DESC LIMIT 1"
             ),
             &[
-                &id.to_string(),
-                &runtime.to_string(),
-                &refresh.map(|r| r.to_string()),
+                &runtime_text,
+                &reported_after,
+                &refresh_text,
+                &ask.reuse_after,
+            ],
+        )?;
+        if let Some(row) = reused {
+            return Ok(Added::Done(parse_request(&row)?));
+        }
+        let row = conn.query_opt(
+            &format!(
+                "WITH {ROOM},
+                      new AS (
+                 INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
+                                       updated_at, deadline_at, ended_at, cached_at, refresh_id)
+                 SELECT $1, c.runtime_id, 'completed', c.models, c.supported, $3::bigint,
+                        $3::bigint, $3::bigint, $3::bigint, c.reported_at, $4::text
+                   FROM catalogs c, room WHERE c.runtime_id = $2 AND c.reported_at > $6
+                 RETURNING {REQUEST_COLUMNS}),
+                      {COUNTED}
+                 SELECT * FROM new"
+            ),
+            &[
+                &ask.cached.to_string(),
+                &runtime_text,
                 &now,
+                &refresh_text,
+                &i64::try_from(ask.max_stored).unwrap_or(i64::MAX),
                 &reported_after,
             ],
         )?;
-        row.as_ref().map(parse_request).transpose()
+        if let Some(row) = row {
+            return Ok(Added::Done(parse_request(&row)?));
+        }
+        let catalog = conn.query_opt(
+            "SELECT 1 FROM catalogs WHERE runtime_id = $1 AND reported_at > $2",
+            &[&runtime_text, &reported_after],
+        )?;
+        Ok(match catalog {
+            Some(_) => Added::Full,
+            None => Added::Missing,
+        })
     }
 
     fn listens(&self) -> bool {

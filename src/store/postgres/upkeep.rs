@@ -54,12 +54,45 @@ pub(super) fn delete_ended_before(
     cutoff: Millis,
     limit: u32,
 ) -> Result<u64> {
-    Ok(client.execute(
-        "DELETE FROM requests WHERE id = ANY(ARRAY(
-             SELECT id FROM requests WHERE ended_at < $1
-              ORDER BY ended_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    let mut tx = client.transaction()?;
+    let batch = tx.query(
+        "SELECT r.id, t.workspace_id FROM requests r JOIN runtimes t ON t.id = r.runtime_id
+          WHERE r.ended_at < $1 ORDER BY r.ended_at LIMIT $2",
         &[&cutoff, &i64::from(limit)],
-    )?)
+    )?;
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut workspaces = Vec::new();
+    for row in &batch {
+        ids.push(row.try_get::<_, String>(0)?);
+        workspaces.push(row.try_get::<_, String>(1)?);
+    }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    workspaces.sort_unstable();
+    workspaces.dedup();
+    // The workspaces' rows first, in the order of their ids (see `ROOM` in the engine's
+    // module); then a statement of its own, under the locks: it deletes what another
+    // instance's sweeper has not, and counts exactly that.
+    tx.execute(
+        "SELECT 1 FROM workspaces WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&workspaces],
+    )?;
+    let deleted = tx.query(
+        "WITH gone AS (DELETE FROM requests r USING runtimes t
+                        WHERE r.id = ANY($1) AND r.ended_at < $2 AND t.id = r.runtime_id
+                       RETURNING t.workspace_id),
+              per AS (SELECT workspace_id, count(*) AS n FROM gone GROUP BY workspace_id),
+              counted AS (UPDATE workspaces w SET stored_requests = w.stored_requests - per.n
+                            FROM per WHERE w.id = per.workspace_id)
+         SELECT coalesce(sum(n), 0)::bigint FROM per",
+        &[&ids, &cutoff],
+    )?;
+    tx.commit()?;
+    match deleted.first() {
+        Some(row) => count_from_db(row.try_get(0)?),
+        None => Err(StoreError::Corrupt("a sum with no row".to_owned())),
+    }
 }
 
 /// One statement, so one snapshot; each count is a range of `requests_by_status`, and the

@@ -24,10 +24,10 @@ pub use self::backup::{BackupError, Copied, backup};
 use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
-    API_TOKEN_USE_REFRESH, Active, ApiToken, ApiTokenUse, Claim, Created, DEFAULT_WAIT, Daemon,
-    Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError,
-    Storer, Workspace, models_to_db, request_id_from_db, runtime_id_from_db, status_from_db,
-    token_id_from_db, workspace_id_from_db,
+    API_TOKEN_USE_REFRESH, Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, DEFAULT_WAIT,
+    Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped,
+    StoreError, Storer, Workspace, models_to_db, request_id_from_db, runtime_id_from_db,
+    status_from_db, token_id_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
@@ -236,6 +236,39 @@ fn incremental_auto_vacuum(conn: &Connection) -> Result<()> {
         tracing::info!("sqlite: rebuilding the file once so that it can give space back");
         conn.execute_batch("VACUUM")?;
     }
+    Ok(())
+}
+
+/// An answer from the runtime's catalog ($1) that can be handed out again: from this very
+/// catalog (reported after $2: its time, models and `supported`), naming refresh $3, ended
+/// at or after $4; the newest. One seek of `requests_by_runtime`.
+const REUSABLE_ANSWER: &str = "FROM requests,
+         (SELECT reported_at, models AS catalog_models, supported AS catalog_supported
+            FROM catalogs WHERE runtime_id = ?1 AND reported_at > ?2) catalog
+   WHERE runtime_id = ?1 AND cached_at = catalog.reported_at AND status = 'completed'
+     AND models = catalog_models AND supported = catalog_supported
+     AND refresh_id IS ?3 AND ended_at >= ?4
+   ORDER BY ended_at DESC LIMIT 1";
+
+/// How many requests the runtime's workspace stores; `None` if the runtime does not exist.
+fn stored_beside(conn: &Connection, runtime: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT w.stored_requests FROM runtimes t JOIN workspaces w ON w.id = t.workspace_id
+              WHERE t.id = ?1",
+        )?
+        .query_row([runtime], |row| row.get(0))
+        .optional()?)
+}
+
+/// Adds `n` to the count of stored requests of the runtime's workspace: in the transaction
+/// of the insert or delete it counts.
+fn count_stored(conn: &Connection, runtime: &str, n: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE workspaces SET stored_requests = stored_requests + ?2
+          WHERE id = (SELECT workspace_id FROM runtimes WHERE id = ?1)",
+    )?
+    .execute(params![runtime, n])?;
     Ok(())
 }
 
@@ -523,11 +556,22 @@ impl Storer for SqliteStore {
     }
 
     fn delete_runtime(&self, workspace: WorkspaceId, id: RuntimeId) -> Result<bool> {
-        // The runtime's requests go with it: ON DELETE CASCADE, foreign_keys is on.
-        let deleted = self.conn()?.execute(
-            "DELETE FROM runtimes WHERE id = ?1 AND workspace_id = ?2",
-            params![id.to_string(), workspace.to_string()],
-        )?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids = params![id.to_string(), workspace.to_string()];
+        // The runtime's requests go with it (ON DELETE CASCADE, foreign_keys is on), and
+        // out of its workspace's count.
+        tx.prepare_cached(
+            "UPDATE workspaces
+                SET stored_requests = stored_requests
+                                      - (SELECT count(*) FROM requests WHERE runtime_id = ?1)
+              WHERE id = ?2 AND EXISTS (SELECT 1 FROM runtimes WHERE id = ?1 AND workspace_id = ?2)",
+        )?
+        .execute(ids)?;
+        let deleted = tx
+            .prepare_cached("DELETE FROM runtimes WHERE id = ?1 AND workspace_id = ?2")?
+            .execute(ids)?;
+        tx.commit()?;
         Ok(deleted == 1)
     }
 
@@ -613,21 +657,20 @@ impl Storer for SqliteStore {
         })
     }
 
-    fn create_or_coalesce(
+    fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<Created>> {
+        max: u64,
+    ) -> Result<Added<Created>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let runtime_text = runtime.to_string();
-        let exists = tx
-            .prepare_cached("SELECT 1 FROM runtimes WHERE id = ?1")?
-            .exists([&runtime_text])?;
-        if !exists {
-            return Ok(None);
-        }
+        let Some(stored) = stored_beside(&tx, &runtime_text)? else {
+            return Ok(Added::Missing);
+        };
+        let room = u64::try_from(stored).unwrap_or(0) < max;
         // The write lock is ours until commit, so what this reads is what the expiry below
         // finds; the expiry still names the status and deadline it expects.
         let overdue: Option<(String, String)> = tx
@@ -648,19 +691,23 @@ impl Storer for SqliteStore {
         }
         // The unique index on active requests per runtime turns a second active request
         // into a conflict, which DO NOTHING turns into "coalesce".
-        let inserted = tx
-            .prepare_cached(
-                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-                 VALUES (?1, ?2, 'pending', TRUE, ?3, ?3, ?4)
-                 ON CONFLICT DO NOTHING",
-            )?
-            .execute(params![
-                id.to_string(),
-                runtime_text,
-                now,
-                self.timeouts.pending_deadline(now)
-            ])?;
+        let inserted = match room {
+            true => tx
+                .prepare_cached(
+                    "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
+                     VALUES (?1, ?2, 'pending', TRUE, ?3, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    runtime_text,
+                    now,
+                    self.timeouts.pending_deadline(now)
+                ])?,
+            false => 0,
+        };
         let request = if inserted == 1 {
+            count_stored(&tx, &runtime_text, 1)?;
             find_request_in(&tx, runtime, id)?
         } else {
             tx.prepare_cached(&format!(
@@ -674,11 +721,21 @@ impl Storer for SqliteStore {
         };
         tx.commit()?;
         match request {
-            Some(request) => Ok(Some(Created { request, expired })),
+            Some(request) => Ok(Added::Done(Created { request, expired })),
+            None if !room => Ok(Added::Full),
             None => Err(StoreError::Corrupt(format!(
                 "runtime {runtime}: insert coalesced but no active request exists"
             ))),
         }
+    }
+
+    fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64> {
+        let stored: Option<i64> = self
+            .reader()?
+            .prepare_cached("SELECT stored_requests FROM workspaces WHERE id = ?1")?
+            .query_row([workspace.to_string()], |row| row.get(0))
+            .optional()?;
+        Ok(stored.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
 
     fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
@@ -777,7 +834,7 @@ impl Storer for SqliteStore {
     }
 
     fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        upkeep::delete_ended_before(&*self.conn()?, cutoff, limit)
+        upkeep::delete_ended_before(&mut *self.conn()?, cutoff, limit)
     }
 
     fn count_requests(&self) -> Result<RequestCounts> {
@@ -812,33 +869,67 @@ impl Storer for SqliteStore {
     fn answer_from_catalog(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        ask: &Ask,
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
-        self.conn()?
+    ) -> Result<Added<ModelRequest>> {
+        let runtime_text = runtime.to_string();
+        let refresh_text = refresh.map(|r| r.to_string());
+        // A read, so the common answer (the one handed out a moment ago) takes no write
+        // lock. Two callers that both find none each store one: no more than the callers.
+        let reused = self
+            .reader()?
+            .prepare_cached(&format!("SELECT {REQUEST_COLUMNS} {REUSABLE_ANSWER}"))?
+            .query_row(
+                params![runtime_text, reported_after, refresh_text, ask.reuse_after],
+                RawRequest::from_row,
+            )
+            .optional()?;
+        if let Some(reused) = reused {
+            return Ok(Added::Done(reused.parse()?));
+        }
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let answer = tx
             .prepare_cached(&format!(
                 "INSERT INTO requests (id, runtime_id, status, models, supported, created_at,
                                        updated_at, deadline_at, ended_at, cached_at, refresh_id)
                  SELECT ?1, runtime_id, 'completed', models, supported, ?4, ?4, ?4, ?4,
                         reported_at, ?3
                    FROM catalogs WHERE runtime_id = ?2 AND reported_at > ?5
+                    AND (SELECT w.stored_requests FROM runtimes t
+                           JOIN workspaces w ON w.id = t.workspace_id WHERE t.id = ?2) < ?6
                  RETURNING {REQUEST_COLUMNS}"
             ))?
             .query_row(
                 params![
-                    id.to_string(),
-                    runtime.to_string(),
-                    refresh.map(|r| r.to_string()),
+                    ask.cached.to_string(),
+                    runtime_text,
+                    refresh_text,
                     now,
-                    reported_after
+                    reported_after,
+                    i64::try_from(ask.max_stored).unwrap_or(i64::MAX)
                 ],
                 RawRequest::from_row,
             )
-            .optional()?
-            .map(RawRequest::parse)
-            .transpose()
+            .optional()?;
+        let added = match answer {
+            Some(answer) => {
+                count_stored(&tx, &runtime_text, 1)?;
+                Added::Done(answer.parse()?)
+            }
+            None => {
+                let catalog = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM catalogs WHERE runtime_id = ?1 AND reported_at > ?2",
+                    )?
+                    .exists(params![runtime_text, reported_after])?;
+                if catalog { Added::Full } else { Added::Missing }
+            }
+        };
+        tx.commit()?;
+        Ok(added)
     }
 
     fn listens(&self) -> bool {

@@ -1,13 +1,14 @@
 //! The SQLite statements behind the sweeper and the metrics: batched expiry and deletion,
 //! counts per status, and the checkpoint that keeps the write-ahead log small.
 //!
-//! Each batch is one autocommit statement, so the write lock is held for one batch at a
-//! time and other writers get their turn between batches.
+//! Each batch is one transaction, so the write lock is held for one batch at a time and
+//! other writers get their turn between batches.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::super::{
     Active, Expired, RequestCounts, Result, StoreError, request_id_from_db, runtime_id_from_db,
@@ -90,14 +91,30 @@ pub(super) fn expire_overdue(
     Ok(expired)
 }
 
-pub(super) fn delete_ended_before(conn: &Connection, cutoff: Millis, limit: u32) -> Result<u64> {
-    let deleted = conn
-        .prepare_cached(
+/// One batch, and the counts of stored requests it lowers, in one transaction.
+pub(super) fn delete_ended_before(
+    conn: &mut Connection,
+    cutoff: Millis,
+    limit: u32,
+) -> Result<u64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut gone: HashMap<String, i64> = HashMap::new();
+    {
+        let mut delete = tx.prepare_cached(
             "DELETE FROM requests WHERE id IN
-               (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
-        )?
-        .execute(params![cutoff, limit])?;
-    Ok(deleted as u64)
+               (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)
+             RETURNING runtime_id",
+        )?;
+        let mut rows = delete.query(params![cutoff, limit])?;
+        while let Some(row) = rows.next()? {
+            *gone.entry(row.get(0)?).or_default() += 1;
+        }
+    }
+    for (runtime, n) in &gone {
+        super::count_stored(&tx, runtime, -n)?;
+    }
+    tx.commit()?;
+    Ok(gone.values().map(|&n| n as u64).sum())
 }
 
 /// One statement, so one snapshot. Each count is a range of `requests_by_status` (a

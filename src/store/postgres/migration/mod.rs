@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     3 "003_renewed_at_and_notify",
     4 "004_catalog",
     5 "005_token_ids",
+    6 "006_stored_requests",
 ];
 
 /// Any key, the same for every instance: the advisory lock that makes instances starting

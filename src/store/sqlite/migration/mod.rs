@@ -10,6 +10,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     3 "003_renewed_at",
     4 "004_catalog",
     5 "005_token_ids",
+    6 "006_stored_requests",
 ];
 
 /// Applies what the file still needs, all in one `BEGIN IMMEDIATE` transaction: processes
