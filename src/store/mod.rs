@@ -714,6 +714,7 @@ pub trait Storer: Send + Sync {
         // Whether a step was refused for the workspace's stored requests: the answer then,
         // if nothing else answers, rather than "offline".
         let mut full = false;
+        let mut created = None;
         if catalog_age.is_some_and(|age| age < ask.fresh) {
             let after = now - ask.fresh;
             match self.answer_from_catalog(runtime.id, ask, None, after, now)? {
@@ -728,18 +729,19 @@ pub trait Storer: Send + Sync {
                 Added::Missing => {}
             }
         } else if catalog_age.is_some_and(|age| age < ask.serve) {
-            let refresh = match ask.online {
-                true => {
-                    match self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)? {
-                        Added::Done(created) => Some(created),
-                        Added::Full => {
-                            full = true;
-                            None
-                        }
-                        Added::Missing => None,
-                    }
-                }
-                false => None,
+            // The background discovery's outcome, kept: when it was refused, the create
+            // below would only be refused again.
+            if ask.online {
+                created = Some(self.create_or_coalesce_within(
+                    runtime.id,
+                    ask.id,
+                    now,
+                    ask.max_stored,
+                )?);
+            }
+            let refresh = match &created {
+                Some(Added::Done(created)) => Some(created.clone()),
+                _ => None,
             };
             let refresh_id = refresh.as_ref().map(|r| r.request.id);
             let after = now - ask.serve;
@@ -761,13 +763,15 @@ pub trait Storer: Send + Sync {
         if !ask.online {
             return Ok(if full { Asked::Full } else { Asked::Offline });
         }
-        Ok(
-            match self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)? {
-                Added::Done(created) => Asked::Discovery(created),
-                Added::Full => Asked::Full,
-                Added::Missing => Asked::NoRuntime,
-            },
-        )
+        let created = match created {
+            Some(created) => created,
+            None => self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)?,
+        };
+        Ok(match created {
+            Added::Done(created) => Asked::Discovery(created),
+            Added::Full => Asked::Full,
+            Added::Missing => Asked::NoRuntime,
+        })
     }
 
     /// A daemon's heartbeat, after [`Storer::daemon_by_token`]: marks the runtime alive and
