@@ -1,4 +1,4 @@
--- model-relay schema, version 6: the whole of the newest schema, to read. Databases are
+-- model-relay schema, version 7: the whole of the newest schema, to read. Databases are
 -- built and upgraded by each dialect's numbered migrations (src/store/<engine>/migration/),
 -- and a test holds this file equal to what they build; both SQLite and PostgreSQL accept
 -- it. PostgreSQL's migrations also add the triggers that wake waiting calls. Times are
@@ -34,12 +34,14 @@ CREATE TABLE runtimes (
 
 CREATE INDEX runtimes_by_workspace ON runtimes (workspace_id, created_at);
 
+-- Requests of every kind (DESIGN.md, "Request kinds"): one table, one state machine.
 CREATE TABLE requests (
     id           TEXT PRIMARY KEY,
     runtime_id   TEXT NOT NULL REFERENCES runtimes (id) ON DELETE CASCADE,
     status       TEXT NOT NULL
                  CHECK (status IN ('pending', 'running', 'completed', 'failed', 'timeout')),
-    models       TEXT,                          -- JSON array of model entries; NULL for none
+    models       TEXT,                          -- kind models: JSON array of model entries;
+                                                -- NULL for none
     supported    BOOLEAN NOT NULL DEFAULT TRUE,
     error        TEXT,
     created_at   BIGINT NOT NULL,
@@ -51,25 +53,34 @@ CREATE TABLE requests (
     fallback     BOOLEAN NOT NULL DEFAULT FALSE, -- the report was a static stand-in list
     cached_at    BIGINT,                        -- an answer from the catalog: when the
                                                 -- catalog was reported
-    refresh_id   TEXT                           -- ... and the discovery it started
+    refresh_id   TEXT,                          -- ... and the discovery it started
+    kind         TEXT NOT NULL DEFAULT 'models', -- a name from the service's table of
+                                                -- kinds (no CHECK: a new kind is no
+                                                -- schema change)
+    coalesce_key TEXT NOT NULL DEFAULT '',      -- the kind's key field (a skill import's
+                                                -- skill_key); empty for the other kinds
+    input        TEXT,                          -- the kind's input, a JSON object
+    result       TEXT                           -- every kind's result but models': a JSON
+                                                -- object
 );
 
--- Create-coalescing: at most one active request per runtime, enforced by the database so
--- that two instances racing to create cannot both insert.
-CREATE UNIQUE INDEX requests_one_active_per_runtime
-    ON requests (runtime_id) WHERE status IN ('pending', 'running');
+-- Create-coalescing: at most one active request per runtime, kind and key, enforced by the
+-- database so that two instances racing to create cannot both insert.
+CREATE UNIQUE INDEX requests_one_active
+    ON requests (runtime_id, kind, coalesce_key) WHERE status IN ('pending', 'running');
 
--- The claim: a runtime's pending requests, oldest first.
+-- The claim: a runtime's pending requests of one kind, oldest first.
 CREATE INDEX requests_pending_by_runtime
-    ON requests (runtime_id, created_at) WHERE status = 'pending';
+    ON requests (runtime_id, kind, created_at) WHERE status = 'pending';
 
 -- A runtime's requests: its catalog's answers to hand out again (by `cached_at`), the
 -- count of a runtime being deleted, and the rows its ON DELETE CASCADE removes.
 CREATE INDEX requests_by_runtime ON requests (runtime_id, cached_at);
 
--- The sweeper: ended requests by end time, for deletion after retention.
+-- The sweeper: ended requests of each kind by end time, for deletion after the kind's
+-- retention.
 CREATE INDEX requests_ended
-    ON requests (ended_at) WHERE ended_at IS NOT NULL;
+    ON requests (kind, ended_at) WHERE ended_at IS NOT NULL;
 
 -- Requests by status and deadline: the sweeper expires one phase at a time in deadline
 -- order, and the metrics count each status, both as a range of this index rather than a

@@ -12,6 +12,8 @@
 //! seconds (the default) with a retention of five seconds, so rows are deleted too. The
 //! `-wal` file's size is sampled every 20 ms.
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -169,17 +171,20 @@ fn cycle(store: &dyn Storer, runtime: RuntimeId) -> RequestId {
     if let Err(e) = store.touch_runtime(runtime, now) {
         eprintln!("heartbeat: {e}");
     }
-    match store.create_or_coalesce(runtime, id, now) {
+    match store.create_or_coalesce(runtime, &NewRequest::of(Kind::Models, id), now) {
         Ok(Some(created)) => {
-            let _ = store.claim_next_pending(runtime, now);
+            let _ = store.claim_next_pending(runtime, Kind::Models, now);
             let report = Report::Ended(Outcome {
+                result: None,
                 status: Status::Completed,
                 models: Vec::new(),
                 supported: true,
                 error: None,
                 fallback: false,
             });
-            if let Err(e) = store.apply_report(runtime, created.request.id, &report, now) {
+            if let Err(e) =
+                store.apply_report(runtime, Kind::Models, created.request.id, &report, now)
+            {
                 eprintln!("report: {e}");
             }
             created.request.id

@@ -2,10 +2,18 @@
 
 import schemathesis
 
+# The UI's creates, one per kind: each answers 503 `runtime is offline` for an offline runtime.
+CREATES = {
+    "/api/runtimes/{runtimeId}/models",
+    "/api/runtimes/{runtimeId}/local-skills",
+    "/api/runtimes/{runtimeId}/local-skills/import",
+    "/api/runtimes/{runtimeId}/update",
+}
+
 
 @schemathesis.check
 def only_offline_runtime_is_unavailable(ctx, response, case):
-    """A 5xx is allowed only as 503 `runtime is offline` on POST …/models (see
+    """A 5xx is allowed only as 503 `runtime is offline` on a create of any kind (see
     schemathesis.toml); nothing else may answer 5xx in a run without store outages."""
     if response.status_code < 500:
         return None
@@ -15,7 +23,7 @@ def only_offline_runtime_is_unavailable(ctx, response, case):
         body = response.text
     offline = (
         case.method.upper() == "POST"
-        and case.operation.path == "/api/runtimes/{runtimeId}/models"
+        and case.operation.path in CREATES
         and response.status_code == 503
         and body == {"error": "runtime is offline"}
     )

@@ -17,6 +17,7 @@ use crate::errors::error_chain;
 use crate::http::Listener;
 use crate::ids::{Token, TokenId, WorkspaceId};
 use crate::instance::App;
+use crate::kind::{Kind, PerKind};
 use crate::model::Timeouts;
 use crate::store::Storer;
 use crate::tls::ServerCertificate;
@@ -188,6 +189,28 @@ struct ServeArgs {
     /// The most model entries one report may carry; past it the report answers 400.
     #[arg(long, default_value_t = 500, env = "MODEL_RELAY_MAX_MODELS_PER_REPORT")]
     max_models_per_report: usize,
+    /// The largest report of a skill import (its files), in bytes: the one body allowed
+    /// past the 1 MiB limit; past it the report answers 413.
+    #[arg(long, default_value_t = 8 * 1024 * 1024, env = "MODEL_RELAY_MAX_IMPORT_BYTES")]
+    max_import_bytes: usize,
+    /// How long a skill list waits to be claimed [default: 3m].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_LOCAL_SKILLS_PENDING_TIMEOUT")]
+    local_skills_pending_timeout: Option<Duration>,
+    /// How long a claimed skill list may run without a report or renewal [default: 60s].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_LOCAL_SKILLS_RUNNING_TIMEOUT")]
+    local_skills_running_timeout: Option<Duration>,
+    /// How long a skill import waits to be claimed [default: 3m].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_SKILL_IMPORT_PENDING_TIMEOUT")]
+    skill_import_pending_timeout: Option<Duration>,
+    /// How long a claimed skill import may run without a report or renewal [default: 60s].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_SKILL_IMPORT_RUNNING_TIMEOUT")]
+    skill_import_running_timeout: Option<Duration>,
+    /// How long an update waits to be claimed [default: 120s].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_UPDATE_PENDING_TIMEOUT")]
+    update_pending_timeout: Option<Duration>,
+    /// How long a claimed update may run without a report or renewal [default: 150s].
+    #[arg(long, value_parser = parse_duration, env = "MODEL_RELAY_UPDATE_RUNNING_TIMEOUT")]
+    update_running_timeout: Option<Duration>,
     /// The most connections open at once; past it a new connection is closed as soon as it
     /// is accepted.
     #[arg(long, default_value_t = 8_192, value_parser = parse_at_least_one, env = "MODEL_RELAY_MAX_CONNECTIONS")]
@@ -277,7 +300,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn open_store(url: &DatabaseUrl, timeouts: Timeouts) -> Result<Arc<dyn Storer>, String> {
+fn open_store(url: &DatabaseUrl, timeouts: PerKind<Timeouts>) -> Result<Arc<dyn Storer>, String> {
     url.open(timeouts)
         .map_err(|e| format!("cannot open {}: {}", shown_url(url), error_chain(&e)))
 }
@@ -319,7 +342,7 @@ fn store_failed(what: &str) -> impl Fn(crate::store::StoreError) -> String + '_ 
 }
 
 fn list_workspaces(database: &DatabaseArg, json: bool) -> Result<(), String> {
-    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let store = open_store(&database.resolve()?, PerKind::defaults())?;
     let list = store
         .list_workspaces()
         .map_err(store_failed("list the workspaces"))?;
@@ -345,7 +368,7 @@ fn list_workspaces(database: &DatabaseArg, json: bool) -> Result<(), String> {
 
 fn create_token(workspace: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
     let workspace = parse_workspace_id(workspace)?;
-    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let store = open_store(&database.resolve()?, PerKind::defaults())?;
     let token = Token::new_api().map_err(|e| e.to_string())?;
     let hash = token.hash();
     let created = store
@@ -369,7 +392,7 @@ fn create_token(workspace: &str, database: &DatabaseArg, json: bool) -> Result<(
 
 fn list_tokens(workspace: &str, database: &DatabaseArg, json: bool) -> Result<(), String> {
     let workspace = parse_workspace_id(workspace)?;
-    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let store = open_store(&database.resolve()?, PerKind::defaults())?;
     let list = store
         .list_api_tokens(workspace)
         .map_err(store_failed("list the tokens"))?;
@@ -404,7 +427,7 @@ fn revoke_token(workspace: &str, token_id: &str, database: &DatabaseArg) -> Resu
     let workspace = parse_workspace_id(workspace)?;
     let id = TokenId::parse(token_id)
         .ok_or_else(|| format!("{token_id:?} is not a token id (16 lowercase hex digits)"))?;
-    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let store = open_store(&database.resolve()?, PerKind::defaults())?;
     let revoked = store
         .revoke_api_token(workspace, &id)
         .map_err(store_failed("revoke the token"))?;
@@ -420,7 +443,7 @@ fn create_workspace(name: &str, database: &DatabaseArg, json: bool) -> Result<()
     if name.is_empty() {
         return Err("the workspace name must not be empty".to_owned());
     }
-    let store = open_store(&database.resolve()?, Timeouts::default())?;
+    let store = open_store(&database.resolve()?, PerKind::defaults())?;
     let id = WorkspaceId::random().map_err(|e| e.to_string())?;
     let token = Token::new_api().map_err(|e| e.to_string())?;
     store
@@ -497,12 +520,38 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Ok(limit) => tracing::info!(open_files = limit, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
+    let mut timeouts = PerKind::defaults();
+    let mut set = |kind: Kind, pending: Option<Duration>, running: Option<Duration>| {
+        let default = timeouts.of(kind);
+        let pending = pending.unwrap_or(default.pending);
+        let running = running.unwrap_or(default.running);
+        timeouts.set(kind, Timeouts { pending, running });
+    };
+    set(
+        Kind::Models,
+        Some(args.pending_timeout),
+        Some(args.running_timeout),
+    );
+    set(
+        Kind::LocalSkills,
+        args.local_skills_pending_timeout,
+        args.local_skills_running_timeout,
+    );
+    set(
+        Kind::SkillImport,
+        args.skill_import_pending_timeout,
+        args.skill_import_running_timeout,
+    );
+    set(
+        Kind::Update,
+        args.update_pending_timeout,
+        args.update_running_timeout,
+    );
+    let mut retention = PerKind::retentions();
+    retention.set(Kind::Models, args.retention);
     let settings = Settings {
-        timeouts: Timeouts {
-            pending: args.pending_timeout,
-            running: args.running_timeout,
-        },
-        retention: args.retention,
+        timeouts,
+        retention,
         offline_after: args.offline_after,
         sweep_every: args.sweep_every,
         max_wait: args.max_wait,
@@ -512,6 +561,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_runtimes_per_workspace: args.max_runtimes_per_workspace,
         max_requests_per_workspace: args.max_requests_per_workspace,
         max_models_per_report: args.max_models_per_report,
+        max_import_bytes: args.max_import_bytes,
         read_timeout: args.read_timeout,
         catalog_fresh: args.catalog_fresh,
         catalog_serve: args.catalog_serve,

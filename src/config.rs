@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use crate::kind::PerKind;
 use crate::model::Timeouts;
 use crate::store::postgres::PoolMode;
 use crate::store::sqlite::{self, Synchronous};
@@ -61,13 +62,18 @@ impl DatabaseUrl {
 
 impl DatabaseUrl {
     /// Opens the store this URL names, creating or upgrading its schema.
-    pub fn open(&self, timeouts: Timeouts) -> store::Result<Arc<dyn Storer>> {
+    pub fn open(&self, timeouts: impl Into<PerKind<Timeouts>>) -> store::Result<Arc<dyn Storer>> {
         self.open_with(timeouts, DEFAULT_WAIT)
     }
 
     /// [`open`](Self::open), with `wait` as the longest a store call waits for a
     /// connection, a lock or a statement before it fails.
-    pub fn open_with(&self, timeouts: Timeouts, wait: Duration) -> store::Result<Arc<dyn Storer>> {
+    pub fn open_with(
+        &self,
+        timeouts: impl Into<PerKind<Timeouts>>,
+        wait: Duration,
+    ) -> store::Result<Arc<dyn Storer>> {
+        let timeouts = timeouts.into();
         Ok(match self {
             DatabaseUrl::Sqlite { path, synchronous } => Arc::new(sqlite::SqliteStore::open_with(
                 path,
@@ -124,9 +130,11 @@ pub fn parse_window(s: &str) -> Result<Duration, String> {
 /// The service's timing rules. Defaults are those of DESIGN.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    pub timeouts: Timeouts,
-    /// How long a terminal request stays readable before the sweeper deletes it.
-    pub retention: Duration,
+    /// Each kind's deadlines.
+    pub timeouts: PerKind<Timeouts>,
+    /// How long a terminal request of each kind stays readable before the sweeper deletes
+    /// it.
+    pub retention: PerKind<Duration>,
     /// A runtime with no heartbeat for this long is offline.
     pub offline_after: Duration,
     /// How often the sweeper runs.
@@ -166,6 +174,9 @@ pub struct Settings {
     pub max_requests_per_workspace: u64,
     /// The most model entries one report may carry: past it the report answers 400.
     pub max_models_per_report: usize,
+    /// The largest body of a skill import's report (its files): the one body allowed past
+    /// `body_limit`; past it the answer is 413.
+    pub max_import_bytes: usize,
     /// The most bytes of answers one connection may hold that its client has not taken
     /// yet (an answer alone may be larger); past it a large answer is refused with 503.
     pub answer_bytes_per_connection: usize,
@@ -176,8 +187,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            timeouts: Timeouts::default(),
-            retention: Duration::from_secs(600),
+            timeouts: PerKind::defaults(),
+            retention: PerKind::retentions(),
             offline_after: Duration::from_secs(45),
             sweep_every: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
@@ -193,6 +204,7 @@ impl Default for Settings {
             max_runtimes_per_workspace: 1_000,
             max_requests_per_workspace: 10_000,
             max_models_per_report: 500,
+            max_import_bytes: 8 * 1024 * 1024,
             answer_bytes_per_connection: 4 * 1024 * 1024,
             answer_bytes_total: 256 * 1024 * 1024,
         }

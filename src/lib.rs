@@ -8,6 +8,8 @@
 //! Module map:
 //! - [`clock`]: the one source of time (milliseconds since the epoch); a fake for tests.
 //! - [`ids`]: typed ids and tokens, parsed at the edge, random from the OS.
+//! - [`kind`]: the kinds of request (models, local skills, a skill import, an update):
+//!   the one table of what differs between them.
 //! - [`model`]: the domain: request and runtime records, statuses, reports, deadlines.
 //! - [`store`]: the `Storer` trait and its engines (memory, SQLite, PostgreSQL). Only
 //!   these modules know SQL.
@@ -34,6 +36,7 @@ pub mod errors;
 pub mod http;
 pub mod ids;
 pub mod instance;
+pub mod kind;
 pub mod metrics;
 pub mod model;
 pub mod store;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Millis, millis};
 use crate::ids::{RequestId, RuntimeId, WorkspaceId};
+use crate::kind::Kind;
 
 /// Where a request is in its life. See the state machine in DESIGN.md.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -258,11 +259,20 @@ pub struct ServiceTier {
     pub description: Option<String>,
 }
 
-/// One model-list discovery request for one runtime.
+/// One request for one runtime, of any kind, as stored.
 #[derive(Clone, PartialEq, Eq, Debug)]
-pub struct ModelRequest {
+pub struct StoredRequest {
     pub id: RequestId,
     pub runtime_id: RuntimeId,
+    pub kind: Kind,
+    /// The coalescing key: the value of the kind's key field in `input` (a skill import's
+    /// `skill_key`), empty for kinds without one.
+    pub key: String,
+    /// The kind's input, a JSON object as the create's parser wrote it; `None` for none.
+    pub input: Option<String>,
+    /// The result of every kind but `models` (whose result has columns of its own): a JSON
+    /// object as the report's parser wrote it; `None` until reported.
+    pub result: Option<String>,
     pub status: Status,
     pub models: Vec<ModelEntry>,
     /// False when the runtime does not support listing models at all.
@@ -283,7 +293,7 @@ pub struct ModelRequest {
     pub refresh_id: Option<RequestId>,
 }
 
-impl ModelRequest {
+impl StoredRequest {
     /// Active (pending or running) but past its deadline: the next look at it ends it.
     pub fn is_overdue(&self, now: Millis) -> bool {
         !self.status.is_terminal() && self.deadline_at <= now
@@ -299,6 +309,8 @@ pub struct Outcome {
     pub supported: bool,
     pub error: Option<String>,
     pub fallback: bool,
+    /// The result of a kind other than `models`, a JSON object; `None` for none.
+    pub result: Option<String>,
 }
 
 impl Outcome {
@@ -312,12 +324,13 @@ impl Outcome {
     }
 
     /// Whether `request` already ended with exactly this outcome: a retried report.
-    pub fn is_recorded_in(&self, request: &ModelRequest) -> bool {
+    pub fn is_recorded_in(&self, request: &StoredRequest) -> bool {
         request.status == self.status
             && request.models == self.models
             && request.supported == self.supported
             && request.error == self.error
             && request.fallback == self.fallback
+            && request.result == self.result
     }
 
     /// What this outcome does to the runtime's catalog, in the transaction that records
@@ -348,6 +361,9 @@ pub enum CatalogChange {
 pub enum Report {
     /// Still working: renew the lease.
     Running,
+    /// Still working, and this far: renew the lease and store this result (a JSON object;
+    /// an update's output so far).
+    Progress(String),
     Ended(Outcome),
 }
 
@@ -409,53 +425,11 @@ impl Timeouts {
     pub fn running_deadline(&self, now: Millis) -> Millis {
         now.saturating_add(millis(self.running))
     }
-
-    /// The error a request gets when it times out in `phase` (pending or running).
-    pub fn error_for(&self, phase: Status) -> String {
-        if phase == Status::Pending {
-            format!("daemon did not respond within {}", spell(self.pending))
-        } else {
-            format!("daemon did not finish within {}", spell(self.running))
-        }
-    }
-}
-
-fn spell(d: Duration) -> String {
-    match (d.as_secs(), d.subsec_millis()) {
-        (1, 0) => "1 second".to_owned(),
-        (s, 0) => format!("{s} seconds"),
-        _ => format!("{} milliseconds", d.as_millis()),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timeout_errors_name_the_configured_seconds() {
-        let t = Timeouts::default();
-        assert_eq!(
-            t.error_for(Status::Pending),
-            "daemon did not respond within 30 seconds"
-        );
-        assert_eq!(
-            t.error_for(Status::Running),
-            "daemon did not finish within 60 seconds"
-        );
-        let short = Timeouts {
-            pending: Duration::from_millis(1500),
-            running: Duration::from_secs(1),
-        };
-        assert_eq!(
-            short.error_for(Status::Pending),
-            "daemon did not respond within 1500 milliseconds"
-        );
-        assert_eq!(
-            short.error_for(Status::Running),
-            "daemon did not finish within 1 second"
-        );
-    }
 
     #[test]
     fn nul_is_replaced_in_free_text_and_controls_are_found_in_identifiers() {
@@ -488,6 +462,7 @@ mod tests {
     #[test]
     fn only_a_real_discovery_with_models_writes_the_catalog() {
         let found = Outcome {
+            result: None,
             status: Status::Completed,
             models: vec![ModelEntry {
                 id: "m".into(),

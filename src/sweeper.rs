@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::clock::{Clock, Millis, millis};
 use crate::errors::error_chain;
+use crate::kind::{Kind, PerKind};
 use crate::store::{RequestCounts, Result, Storer};
 
 /// Rows ended or deleted per statement: small enough that one batch holds SQLite's write
@@ -36,11 +37,20 @@ pub struct Swept {
     pub deleted: u64,
 }
 
-/// One pass: expire what is overdue, then delete what ended more than `retention` ago.
-pub fn sweep_once(store: &dyn Storer, now: Millis, retention: Duration) -> Result<Swept> {
+/// One pass: expire what is overdue, then delete what ended more than its kind's
+/// `retention` ago.
+pub fn sweep_once(
+    store: &dyn Storer,
+    now: Millis,
+    retention: impl Into<PerKind<Duration>>,
+) -> Result<Swept> {
+    let retention = retention.into();
     let expired = in_batches(|| Ok(store.expire_overdue(now, BATCH)?.total()))?;
-    let cutoff = now.saturating_sub(millis(retention));
-    let deleted = in_batches(|| store.delete_ended_before(cutoff, BATCH))?;
+    let mut deleted = 0;
+    for kind in Kind::ALL {
+        let cutoff = now.saturating_sub(millis(retention.of(kind)));
+        deleted += in_batches(|| store.delete_ended_before(kind, cutoff, BATCH))?;
+    }
     Ok(Swept { expired, deleted })
 }
 
@@ -67,7 +77,7 @@ pub async fn run(
     store: Arc<dyn Storer>,
     clock: Arc<dyn Clock>,
     every: Duration,
-    retention: Duration,
+    retention: PerKind<Duration>,
     mut stop: watch::Receiver<()>,
     counted: impl Fn(Option<RequestCounts>) + Send + Sync + 'static,
 ) {

@@ -72,7 +72,7 @@ async fn the_page_tells_models_found_none_and_failure_apart_in_chromium() {
 
     let catalog = CatalogBox::new(scratch.path());
 
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (_, api) = workspace(store.as_ref(), 0);
     // Today's time, so "as of" reads as it would; it moves only when the test says.
     let clock = Arc::new(FakeClock::new(SystemClock.now()));
@@ -638,7 +638,7 @@ async fn a_workspace_of_several_pages_shows_every_runtime() {
     };
     let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (workspace_id, api) = workspace(store.as_ref(), 0);
     // Past two of the server's default pages (100): the page must follow `next_cursor`
     // twice to show them all. Two share each millisecond, so pages also end inside a tie.
@@ -694,7 +694,7 @@ async fn a_page_on_a_listed_origin_calls_the_ui_routes_and_never_the_daemon_rout
     };
     let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (_, api) = workspace(store.as_ref(), 0);
     // The platform's UI: a page of its own, on another server. It is reached under two
     // origins, http://localhost:PORT (listed) and http://127.0.0.1:PORT (not listed).
@@ -825,7 +825,7 @@ async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
         "while [ ! -e '{}' ]; do sleep 0.05; done; echo '[{{\"id\":\"late-model\",\"label\":\"Late\"}}]'",
         gate.display()
     );
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (_, api) = workspace(store.as_ref(), 0);
     // A cap of held calls that is always full: every waiting read is refused.
     let settings = Settings {

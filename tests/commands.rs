@@ -106,7 +106,7 @@ async fn discover(http: &Http, base: &str, token: &str, rt: &str) -> Value {
 
 #[tokio::test]
 async fn daemon_command_serves_its_runtime_and_stops_cleanly_on_sigterm() {
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (_, api) = workspace(store.as_ref(), T0);
     let server = Instance::start(store, clock(), settings()).await;
     let http = Http::default();

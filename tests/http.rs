@@ -10,7 +10,8 @@ use hyper::{Method, StatusCode};
 use model_relay::clock::{Clock, FakeClock, Millis, rfc3339};
 use model_relay::config::Settings;
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, TokenId, WorkspaceId};
-use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use model_relay::kind::Kind;
+use model_relay::model::{Report, Runtime, Status, StoredRequest, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
     Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, Daemon, Expired, Listener,
@@ -192,7 +193,7 @@ async fn full_cycle_answers_with_the_reference_shapes() {
     assert!(RequestId::parse(&id).is_some(), "32 lowercase hex: {id}");
     assert_eq!(
         created.json,
-        json!({"id": id, "runtime_id": rt, "status": "pending", "supported": true,
+        json!({"id": id, "runtime_id": rt, "kind": "models", "status": "pending", "supported": true,
                "created_at": "2026-05-01T09:19:21.123Z", "updated_at": "2026-05-01T09:19:21.123Z"})
     );
 
@@ -214,7 +215,7 @@ async fn full_cycle_answers_with_the_reference_shapes() {
     let done = w.poll(&rt, &id).await;
     assert_eq!(
         done.json,
-        json!({"id": id, "runtime_id": rt, "status": "completed",
+        json!({"id": id, "runtime_id": rt, "kind": "models", "status": "completed",
                "models": [sonnet(), {"id": "o", "label": "O"}], "supported": true,
                "created_at": "2026-05-01T09:19:21.123Z", "updated_at": "2026-05-01T09:19:26.123Z"})
     );
@@ -1144,8 +1145,8 @@ impl Storer for DownStore {
     fn ping(&self) -> StoreResult<()> {
         down()
     }
-    fn timeouts(&self) -> Timeouts {
-        Timeouts::default()
+    fn timeouts(&self) -> model_relay::kind::PerKind<Timeouts> {
+        model_relay::kind::PerKind::defaults()
     }
     fn create_workspace(
         &self,
@@ -1210,19 +1211,19 @@ impl Storer for DownStore {
         _: &TokenHash,
         _: RuntimeId,
         _: RequestId,
-    ) -> StoreResult<Scoped<Option<ModelRequest>>> {
+    ) -> StoreResult<Scoped<Option<StoredRequest>>> {
         down()
     }
     fn touch_runtime(&self, _: RuntimeId, _: Millis) -> StoreResult<bool> {
         down()
     }
-    fn find_request(&self, _: RuntimeId, _: RequestId) -> StoreResult<Option<ModelRequest>> {
+    fn find_request(&self, _: RuntimeId, _: RequestId) -> StoreResult<Option<StoredRequest>> {
         down()
     }
     fn create_or_coalesce_within(
         &self,
         _: RuntimeId,
-        _: RequestId,
+        _: &model_relay::store::NewRequest,
         _: Millis,
         _: u64,
     ) -> StoreResult<Added<Created>> {
@@ -1231,19 +1232,26 @@ impl Storer for DownStore {
     fn stored_requests(&self, _: WorkspaceId) -> StoreResult<u64> {
         down()
     }
-    fn claim_next_pending(&self, _: RuntimeId, _: Millis) -> StoreResult<Claim> {
+    fn claim_next_pending(&self, _: RuntimeId, _: Kind, _: Millis) -> StoreResult<Claim> {
         down()
     }
-    fn apply_report(&self, _: RuntimeId, _: RequestId, _: &Report, _: Millis) -> StoreResult<bool> {
+    fn apply_report(
+        &self,
+        _: RuntimeId,
+        _: Kind,
+        _: RequestId,
+        _: &Report,
+        _: Millis,
+    ) -> StoreResult<bool> {
         down()
     }
-    fn expire_request(&self, _: RequestId, _: Status, _: Millis) -> StoreResult<bool> {
+    fn expire_request(&self, _: RequestId, _: Kind, _: Status, _: Millis) -> StoreResult<bool> {
         down()
     }
     fn expire_overdue(&self, _: Millis, _: u32) -> StoreResult<Expired> {
         down()
     }
-    fn delete_ended_before(&self, _: Millis, _: u32) -> StoreResult<u64> {
+    fn delete_ended_before(&self, _: Kind, _: Millis, _: u32) -> StoreResult<u64> {
         down()
     }
     fn count_requests(&self) -> StoreResult<RequestCounts> {
@@ -1252,7 +1260,7 @@ impl Storer for DownStore {
     fn checkpoint(&self) -> StoreResult<()> {
         down()
     }
-    fn hand_out_again(&self, _: RuntimeId, _: RequestId, _: Millis) -> StoreResult<bool> {
+    fn hand_out_again(&self, _: RuntimeId, _: Kind, _: RequestId, _: Millis) -> StoreResult<bool> {
         down()
     }
     fn active_requests(&self) -> StoreResult<Vec<Active>> {
@@ -1265,7 +1273,7 @@ impl Storer for DownStore {
         _: Option<RequestId>,
         _: i64,
         _: i64,
-    ) -> StoreResult<Added<ModelRequest>> {
+    ) -> StoreResult<Added<StoredRequest>> {
         down()
     }
     fn listens(&self) -> bool {

@@ -7,6 +7,8 @@
 
 mod support;
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,9 +68,14 @@ async fn target(settings: Settings) -> Target {
         )
         .unwrap();
     let id = RequestId::random().unwrap();
-    store.create_or_coalesce(runtime.id, id, T0).unwrap();
+    store
+        .create_or_coalesce(runtime.id, &NewRequest::of(Kind::Models, id), T0)
+        .unwrap();
     assert_eq!(
-        store.claim_next_pending(runtime.id, T0).unwrap().claimed,
+        store
+            .claim_next_pending(runtime.id, Kind::Models, T0)
+            .unwrap()
+            .claimed,
         Some(id)
     );
     let models = (0..MODELS)
@@ -79,6 +86,7 @@ async fn target(settings: Settings) -> Target {
         })
         .collect();
     let outcome = Outcome {
+        result: None,
         status: Status::Completed,
         models,
         supported: true,
@@ -86,7 +94,7 @@ async fn target(settings: Settings) -> Target {
         fallback: false,
     };
     store
-        .report(runtime.id, id, &Report::Ended(outcome), T0)
+        .report(runtime.id, Kind::Models, id, &Report::Ended(outcome), T0)
         .unwrap();
     let app = App::new(store, clock(), settings);
     let server = Instance::start_tls(app, certificate.server_config().unwrap()).await;

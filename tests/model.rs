@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use model_relay::clock::Millis;
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
+use model_relay::kind::Kind;
 use model_relay::model::{
-    ModelEntry, ModelRequest, Outcome, Report, ReportOutcome, Status, Timeouts,
+    ModelEntry, Outcome, Report, ReportOutcome, Status, StoredRequest, Timeouts,
 };
-use model_relay::store::{Created, Expired, Heartbeat, NewRuntime, Storer};
+use model_relay::store::{Created, Expired, Handed, Heartbeat, NewRequest, NewRuntime, Storer};
 use model_relay::sweeper::{Swept, sweep_once};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -72,7 +73,7 @@ fn model_lists() -> [Vec<ModelEntry>; 3] {
 
 fn report() -> impl Strategy<Value = Report> {
     prop_oneof![
-        3 => (0..3usize, any::<bool>()).prop_map(|(models, supported)| Report::Ended(Outcome {
+        3 => (0..3usize, any::<bool>()).prop_map(|(models, supported)| Report::Ended(Outcome { result: None,
             status: Status::Completed,
             models: model_lists()[models].clone(),
             supported,
@@ -80,7 +81,7 @@ fn report() -> impl Strategy<Value = Report> {
             fallback: false,
         })),
         2 => prop::sample::select(vec!["not logged in", "timed out locally"]).prop_map(|e| {
-            Report::Ended(Outcome {
+            Report::Ended(Outcome { result: None,
                 status: Status::Failed,
                 models: Vec::new(),
                 supported: true,
@@ -113,15 +114,15 @@ struct Model {
     /// Per runtime slot: false once deleted.
     alive: [bool; RUNTIMES],
     /// Every request still stored, oldest first, with the slot of its runtime.
-    requests: Vec<(usize, ModelRequest)>,
+    requests: Vec<(usize, StoredRequest)>,
 }
 
 impl Model {
-    fn expire(r: &mut ModelRequest, now: Millis) -> bool {
+    fn expire(r: &mut StoredRequest, now: Millis) -> bool {
         if r.status.is_terminal() || r.deadline_at > now {
             return false;
         }
-        r.error = Some(TIMEOUTS.error_for(r.status));
+        r.error = Some(Kind::Models.timeout_error(&TIMEOUTS, r.status));
         r.status = Status::Timeout;
         r.updated_at = r.deadline_at;
         r.ended_at = Some(r.deadline_at);
@@ -151,7 +152,11 @@ impl Model {
                 }
             }
         }
-        let r = ModelRequest {
+        let r = StoredRequest {
+            kind: Kind::Models,
+            key: String::new(),
+            input: None,
+            result: None,
             id,
             runtime_id: runtime,
             status: Status::Pending,
@@ -173,14 +178,14 @@ impl Model {
         })
     }
 
-    fn find(&mut self, rt: usize, id: RequestId) -> Option<&mut ModelRequest> {
+    fn find(&mut self, rt: usize, id: RequestId) -> Option<&mut StoredRequest> {
         self.requests
             .iter_mut()
             .find(|(slot, r)| *slot == rt && r.id == id)
             .map(|(_, r)| r)
     }
 
-    fn get(&mut self, rt: usize, id: RequestId) -> Option<ModelRequest> {
+    fn get(&mut self, rt: usize, id: RequestId) -> Option<StoredRequest> {
         let now = self.now;
         let r = self.find(rt, id)?;
         Self::expire(r, now);
@@ -204,7 +209,12 @@ impl Model {
                 claimed = Some(r.id);
             }
         }
-        Heartbeat::Alive(claimed)
+        let handed = claimed.map(|id| Handed {
+            id,
+            kind: Kind::Models,
+            input: None,
+        });
+        Heartbeat::Alive(handed.into_iter().collect())
     }
 
     fn report(&mut self, rt: usize, id: RequestId, report: &Report) -> ReportOutcome {
@@ -215,7 +225,7 @@ impl Model {
         if r.status == Status::Running && r.deadline_at > now {
             r.updated_at = now;
             match report {
-                Report::Running => r.deadline_at = now + 60_000,
+                Report::Running | Report::Progress(_) => r.deadline_at = now + 60_000,
                 Report::Ended(o) => {
                     r.status = o.status;
                     r.models = o.models.clone();
@@ -294,7 +304,9 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
         match op {
             Op::Create { rt } => {
                 let id = RequestId::random().unwrap();
-                let got = store.create_or_coalesce(runtimes[*rt], id, now).unwrap();
+                let got = store
+                    .create_or_coalesce(runtimes[*rt], &NewRequest::of(Kind::Models, id), now)
+                    .unwrap();
                 let want = model.create(*rt, id, runtimes[*rt]);
                 prop_assert_eq!(&got, &want, "step {}: {:?}", step, op);
                 if got.as_ref().is_some_and(|c| c.request.id == id) {
@@ -309,14 +321,16 @@ fn check(store: &dyn Storer, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Heartbeat { rt } => {
                 // As the HTTP layer does it: the token first; a deleted runtime's is gone.
                 let got = match store.daemon_by_token(&tokens[*rt]).unwrap() {
-                    Some(daemon) => store.heartbeat(&daemon, now, 0, None).unwrap(),
+                    Some(daemon) => store.heartbeat(&daemon, now, 0, None, false).unwrap(),
                     None => Heartbeat::UnknownRuntime,
                 };
                 prop_assert_eq!(got, model.heartbeat(*rt), "step {}: {:?}", step, op);
             }
             Op::Report { rt, req, report } => {
                 let id = pick(&ids, *req).unwrap_or(RequestId::random().unwrap());
-                let got = store.report(runtimes[*rt], id, report, now).unwrap();
+                let got = store
+                    .report(runtimes[*rt], Kind::Models, id, report, now)
+                    .unwrap();
                 prop_assert_eq!(
                     got,
                     model.report(*rt, id, report),

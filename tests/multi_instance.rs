@@ -37,9 +37,10 @@ fn settings() -> Settings {
         timeouts: Timeouts {
             pending: Duration::from_millis(LIMITS.pending_ms as u64),
             running: Duration::from_millis(LIMITS.running_ms as u64),
-        },
+        }
+        .into(),
         // Everything a run creates must stay readable until the final reads.
-        retention: Duration::from_secs(600),
+        retention: Duration::from_secs(600).into(),
         offline_after: Duration::from_secs(3600),
         sweep_every: Duration::from_millis(100),
         // Runs see catalogs fresh, then stale with a discovery in the background.

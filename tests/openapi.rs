@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 
 use model_relay::http::Route;
+use model_relay::kind::Kind;
 use serde_yaml_ng::Value;
 
 /// One example of every route, with a path that resolves to it. The `match` has no
 /// wildcard, so a new `Route` variant does not compile until it is listed here too.
-fn every_route() -> Vec<(Route<'static>, &'static str)> {
-    let examples = [
+fn every_route() -> Vec<(Route<'static>, String)> {
+    let mut examples: Vec<(Route<'static>, String)> = [
         (Route::Page, "/"),
         (Route::Asset("app.js"), "/assets/app.js"),
         (Route::OpenApi, "/openapi.yaml"),
@@ -18,15 +19,26 @@ fn every_route() -> Vec<(Route<'static>, &'static str)> {
         (Route::Metrics, "/metrics"),
         (Route::Runtimes, "/api/runtimes"),
         (Route::Runtime("r"), "/api/runtimes/r"),
-        (Route::Models("r"), "/api/runtimes/r/models"),
-        (Route::Model("r", "q"), "/api/runtimes/r/models/q"),
         (Route::DaemonToken("r"), "/api/runtimes/r/daemon-token"),
         (Route::Heartbeat, "/api/daemon/heartbeat"),
-        (
-            Route::Result("r", "q"),
-            "/api/daemon/runtimes/r/models/q/result",
-        ),
-    ];
+    ]
+    .map(|(route, path)| (route, path.to_owned()))
+    .into();
+    // Every kind's three routes.
+    for kind in Kind::ALL {
+        let path = kind.spec().path;
+        examples.extend([
+            (Route::Create("r", kind), format!("/api/runtimes/r/{path}")),
+            (
+                Route::Read("r", kind, "q"),
+                format!("/api/runtimes/r/{path}/q"),
+            ),
+            (
+                Route::Result("r", kind, "q"),
+                format!("/api/daemon/runtimes/r/{path}/q/result"),
+            ),
+        ]);
+    }
     for (route, _) in &examples {
         match route {
             Route::Page
@@ -37,14 +49,14 @@ fn every_route() -> Vec<(Route<'static>, &'static str)> {
             | Route::Metrics
             | Route::Runtimes
             | Route::Runtime(_)
-            | Route::Models(_)
-            | Route::Model(..)
+            | Route::Create(..)
+            | Route::Read(..)
             | Route::DaemonToken(_)
             | Route::Heartbeat
             | Route::Result(..) => {}
         }
     }
-    examples.to_vec()
+    examples
 }
 
 /// Path template → its methods, upper case and sorted, as the document lists them.
@@ -72,7 +84,7 @@ fn routed() -> BTreeMap<String, Vec<String>> {
     every_route()
         .into_iter()
         .map(|(route, example)| {
-            assert_eq!(Route::resolve(example), Some(route), "{example}");
+            assert_eq!(Route::resolve(&example), Some(route), "{example}");
             // HEAD is served wherever GET is (DESIGN.md), and not listed path by path.
             let mut methods: Vec<String> = route
                 .allowed()

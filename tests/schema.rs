@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 
 use hyper::StatusCode;
 use model_relay::ids::{RequestId, RuntimeId, Token};
+use model_relay::kind::Kind;
 use model_relay::model::{ModelEntry, Timeouts};
 use model_relay::store::postgres::PostgresStore;
 use model_relay::store::sqlite::SqliteStore;
@@ -431,6 +432,12 @@ fn check_store_reads_fixture(store: &dyn Storer, fixture: &Fixture, before: &Row
         );
         assert_eq!(found.cached_at, None, "{id}");
         assert_eq!(found.refresh_id, None, "{id}");
+        // Every request before schema 7 was a model list.
+        assert_eq!(found.kind, Kind::Models, "{id}");
+        assert_eq!(
+            (found.key.as_str(), &found.input, &found.result),
+            ("", &None, &None)
+        );
 
         if found.status.as_str() == "completed" {
             // The entry fields the fixture was made to carry came through.

@@ -13,7 +13,7 @@ use model_relay::store::memory::MemoryStore;
 use support::server::{Instance, clock, settings};
 
 async fn server() -> Instance {
-    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(Default::default()));
+    let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     Instance::start(store, clock(), settings()).await
 }
 

@@ -423,7 +423,9 @@ fn store_cycles(database: &str, workers: usize, length: Duration) -> Res<f64> {
     use model_relay::clock::{Clock, SystemClock};
     use model_relay::config::DatabaseUrl;
     use model_relay::ids::{RequestId, RuntimeId, Token, WorkspaceId};
+    use model_relay::kind::Kind;
     use model_relay::model::{Outcome, Report, Status, Timeouts};
+    use model_relay::store::NewRequest;
     use model_relay::store::NewRuntime;
 
     let store = DatabaseUrl::parse(database)?.open(Timeouts::default())?;
@@ -463,20 +465,29 @@ fn store_cycles(database: &str, workers: usize, length: Duration) -> Res<f64> {
                     }
                     let rt = runtimes[worker + workers * (i % CYCLE_RUNTIMES_PER_WORKER)];
                     let created = store
-                        .create_or_coalesce(rt, RequestId::random()?, SystemClock.now())?
+                        .create_or_coalesce(
+                            rt,
+                            &NewRequest::of(Kind::Models, RequestId::random()?),
+                            SystemClock.now(),
+                        )?
                         .ok_or("store cycles: runtime gone")?;
                     let id = created.request.id;
-                    if store.claim_next_pending(rt, SystemClock.now())?.claimed != Some(id) {
+                    if store
+                        .claim_next_pending(rt, Kind::Models, SystemClock.now())?
+                        .claimed
+                        != Some(id)
+                    {
                         return Err("store cycles: the claim did not hand out the request".into());
                     }
                     let done = Report::Ended(Outcome {
+                        result: None,
                         status: Status::Completed,
                         models: Vec::new(),
                         supported: true,
                         error: None,
                         fallback: false,
                     });
-                    if !store.apply_report(rt, id, &done, SystemClock.now())? {
+                    if !store.apply_report(rt, Kind::Models, id, &done, SystemClock.now())? {
                         return Err("store cycles: the report was refused".into());
                     }
                     let read = store.get_request(rt, id, SystemClock.now())?;

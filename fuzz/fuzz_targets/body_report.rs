@@ -10,6 +10,7 @@ use model_relay::model::{Report, Status, holds_control};
 fuzz_target!(|body: &[u8]| {
     match parse_report(body) {
         Ok(Report::Running) => {}
+        Ok(Report::Progress(_)) => panic!("a model list's report carries no progress"),
         Ok(Report::Ended(outcome)) => {
             assert!(matches!(outcome.status, Status::Completed | Status::Failed));
             assert!(outcome.models.iter().all(|m| !m.id.trim().is_empty()));

@@ -17,7 +17,10 @@ fuzz_target!(|s: &str| {
             // gets; transaction pooling only when asked for.
             let (base, query) = url.split_once('?').unwrap_or((&url, ""));
             assert!(s.starts_with(base), "{s:?} -> {url:?}");
-            assert!(!query.split('&').any(|p| p.starts_with("pool_mode=")), "{url:?}");
+            assert!(
+                !query.split('&').any(|p| p.starts_with("pool_mode=")),
+                "{url:?}"
+            );
             if pool_mode == PoolMode::Transaction {
                 assert!(s.contains("pool_mode=transaction"), "{s:?}");
             }

@@ -3,6 +3,8 @@
 //! the same rows behind. The clock is the `now` each call is given.
 #![no_main]
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -131,6 +133,7 @@ impl ReportKind {
             } => {
                 let text = awkward_text(text);
                 Report::Ended(Outcome {
+                    result: None,
                     status: Status::Completed,
                     models: [entry("sonnet", true, &text), entry("opus", false, &text)]
                         .into_iter()
@@ -142,6 +145,7 @@ impl ReportKind {
                 })
             }
             ReportKind::Failed { error } => Report::Ended(Outcome {
+                result: None,
                 status: Status::Failed,
                 models: Vec::new(),
                 supported: true,
@@ -231,8 +235,15 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Create { rt } => {
                 let id = RequestId::random().unwrap();
                 ids.push(id);
-                let [a, b] = engines
-                    .map(|s| s.create_or_coalesce_within(runtime(rt), id, now, MAX_STORED).unwrap());
+                let [a, b] = engines.map(|s| {
+                    s.create_or_coalesce_within(
+                        runtime(rt),
+                        &NewRequest::of(Kind::Models, id),
+                        now,
+                        MAX_STORED,
+                    )
+                    .unwrap()
+                });
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Ask {
@@ -270,7 +281,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 let token = &tokens[usize::from(rt) % RUNTIMES];
                 let [a, b] = engines.map(|s| {
                     let daemon = s.daemon_by_token(token).unwrap();
-                    let beat = daemon.map(|d| s.heartbeat(&d, now, REFRESH_AFTER, None).unwrap());
+                    let beat = daemon
+                        .as_ref()
+                        .map(|d| s.heartbeat(d, now, REFRESH_AFTER, None, false).unwrap());
                     (daemon, beat)
                 });
                 assert_eq!(a, b, "step {step}: {op:?}");
@@ -282,7 +295,10 @@ fuzz_target!(|ops: Vec<Op>| {
             } => {
                 let Some(id) = pick(&ids, req) else { continue };
                 let report = report.report();
-                let [a, b] = engines.map(|s| s.report(runtime(rt), id, &report, now).unwrap());
+                let [a, b] = engines.map(|s| {
+                    s.report(runtime(rt), Kind::Models, id, &report, now)
+                        .unwrap()
+                });
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Step { step } => now += STEPS[usize::from(step) % STEPS.len()],

@@ -11,8 +11,8 @@ fuzz_target!(|path: &str| {
         assert!(route.template().starts_with('/'));
         assert!(!route.allowed().is_empty());
         let ids: &[&str] = match route {
-            Route::Runtime(rt) | Route::Models(rt) | Route::DaemonToken(rt) => &[rt],
-            Route::Model(rt, id) | Route::Result(rt, id) => &[rt, id],
+            Route::Runtime(rt) | Route::Create(rt, _) | Route::DaemonToken(rt) => &[rt],
+            Route::Read(rt, _, id) | Route::Result(rt, _, id) => &[rt, id],
             _ => &[],
         };
         for id in ids {

@@ -6,6 +6,7 @@
 mod connection;
 mod error;
 mod json;
+mod kinds;
 mod metrics_listener;
 mod routes;
 mod wire;
@@ -29,6 +30,7 @@ pub use error::ApiError;
 pub use metrics_listener::serve_metrics;
 // The parsers of everything a caller sends, public so that the fuzz targets under `fuzz/`
 // and the OpenAPI agreement test reach exactly what the server runs.
+pub use kinds::{Input, parse_input, parse_result};
 pub use routes::Route;
 pub use wire::{
     HeartbeatBody, NewRuntimeBody, parse_ask, parse_heartbeat, parse_new_runtime, parse_report,

@@ -9,7 +9,7 @@
 //! stale `last_seen_at`). Waiting calls (`wait_ms`) register with the instance's waiters
 //! and park until woken, until their wait ends, or until shutdown begins.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
@@ -19,14 +19,19 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use super::connection::{Answer, Connection, Full};
 use super::error::ApiError;
 use super::json;
+use super::kinds;
 use super::wire::{self, HeartbeatAck, RequestRecord, RuntimeList, RuntimeRecord};
 use super::{App, StoreCalls};
 use crate::clock::millis;
 use crate::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use crate::instance::Source;
+use crate::kind::{Coalesce, Kind};
 use crate::metrics;
-use crate::model::{ModelRequest, Report, ReportOutcome};
-use crate::store::{ApiTokenUse, Ask, Asked, Daemon, Heartbeat, NewRuntime, RuntimeCursor, Scoped};
+use crate::model::{Report, ReportOutcome, StoredRequest};
+use crate::store::{
+    Added, ApiTokenUse, Ask, Asked, Daemon, Handed, Heartbeat, NewRequest, NewRuntime,
+    RuntimeCursor, Scoped,
+};
 
 /// Every path the service answers. Ids are still text: handlers parse them, so that an
 /// id that cannot exist gets the same 404 as one that does not.
@@ -42,12 +47,46 @@ pub enum Route<'a> {
     Metrics,
     Runtimes,
     Runtime(&'a str),
-    Models(&'a str),
-    Model(&'a str, &'a str),
+    /// The UI's create of a request of this kind for a runtime.
+    Create(&'a str, Kind),
+    /// The UI's read of one request of this kind.
+    Read(&'a str, Kind, &'a str),
     /// Rotation of a runtime's daemon token.
     DaemonToken(&'a str),
     Heartbeat,
-    Result(&'a str, &'a str),
+    /// The daemon's report on one request of this kind.
+    Result(&'a str, Kind, &'a str),
+}
+
+/// Each kind's route templates, made once from the kinds table: `[create, read, result]`.
+static TEMPLATES: LazyLock<Vec<[String; 3]>> = LazyLock::new(|| {
+    Kind::ALL
+        .iter()
+        .map(|kind| {
+            let path = kind.spec().path;
+            [
+                format!("/api/runtimes/{{runtimeId}}/{path}"),
+                format!("/api/runtimes/{{runtimeId}}/{path}/{{requestId}}"),
+                format!("/api/daemon/runtimes/{{runtimeId}}/{path}/{{requestId}}/result"),
+            ]
+        })
+        .collect()
+});
+
+/// The kind whose path is `segments`, then what follows it: a create's path exactly
+/// (tried first, so that `local-skills/import` is never read as a skill list's id), else
+/// a path and one more segment.
+fn kind_path<'a>(segments: &[&'a str]) -> Option<(Kind, Option<&'a str>)> {
+    let path = |kind: Kind| kind.spec().path.split('/');
+    let exact = |kind: &Kind| path(*kind).eq(segments.iter().copied());
+    if let Some(kind) = Kind::ALL.into_iter().find(exact) {
+        return Some((kind, None));
+    }
+    let (id, before) = segments.split_last()?;
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|kind| path(*kind).eq(before.iter().copied()))?;
+    Some((kind, Some(*id)))
 }
 
 impl<'a> Route<'a> {
@@ -68,11 +107,16 @@ impl<'a> Route<'a> {
             ["metrics"] => Route::Metrics,
             ["api", "runtimes"] => Route::Runtimes,
             ["api", "runtimes", rt] => Route::Runtime(rt),
-            ["api", "runtimes", rt, "models"] => Route::Models(rt),
-            ["api", "runtimes", rt, "models", id] => Route::Model(rt, id),
             ["api", "runtimes", rt, "daemon-token"] => Route::DaemonToken(rt),
+            ["api", "runtimes", rt, rest @ ..] => match kind_path(rest)? {
+                (kind, None) => Route::Create(rt, kind),
+                (kind, Some(id)) => Route::Read(rt, kind, id),
+            },
             ["api", "daemon", "heartbeat"] => Route::Heartbeat,
-            ["api", "daemon", "runtimes", rt, "models", id, "result"] => Route::Result(rt, id),
+            ["api", "daemon", "runtimes", rt, rest @ .., "result"] => match kind_path(rest)? {
+                (kind, Some(id)) => Route::Result(rt, kind, id),
+                (_, None) => return None,
+            },
             _ => return None,
         })
     }
@@ -81,11 +125,11 @@ impl<'a> Route<'a> {
     /// `GET`.
     pub fn allowed(self) -> &'static str {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Model(..) => "GET, HEAD",
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Read(..) => "GET, HEAD",
             Route::Page | Route::Asset(_) | Route::OpenApi => "GET, HEAD",
             Route::Runtimes => "GET, HEAD, POST",
             Route::Runtime(_) => "DELETE",
-            Route::Models(_) | Route::Heartbeat | Route::Result(..) => "POST",
+            Route::Create(..) | Route::Heartbeat | Route::Result(..) => "POST",
             Route::DaemonToken(_) => "POST",
         }
     }
@@ -97,8 +141,8 @@ impl<'a> Route<'a> {
             self,
             Route::Runtimes
                 | Route::Runtime(_)
-                | Route::Models(_)
-                | Route::Model(..)
+                | Route::Create(..)
+                | Route::Read(..)
                 | Route::DaemonToken(_)
         )
     }
@@ -115,11 +159,11 @@ impl<'a> Route<'a> {
             Route::Metrics => "/metrics",
             Route::Runtimes => "/api/runtimes",
             Route::Runtime(_) => "/api/runtimes/{runtimeId}",
-            Route::Models(_) => "/api/runtimes/{runtimeId}/models",
-            Route::Model(..) => "/api/runtimes/{runtimeId}/models/{requestId}",
+            Route::Create(_, kind) => &TEMPLATES[kind.index()][0],
+            Route::Read(_, kind, _) => &TEMPLATES[kind.index()][1],
             Route::DaemonToken(_) => "/api/runtimes/{runtimeId}/daemon-token",
             Route::Heartbeat => "/api/daemon/heartbeat",
-            Route::Result(..) => "/api/daemon/runtimes/{runtimeId}/models/{requestId}/result",
+            Route::Result(_, kind, _) => &TEMPLATES[kind.index()][2],
         }
     }
 }
@@ -293,14 +337,19 @@ async fn dispatch(app: &Arc<App>, connection: &Connection, head: Head, body: Inc
         (&Method::POST, Route::Runtimes) => create_runtime(app, token, body).await,
         (&Method::GET, Route::Runtimes) => list_runtimes(app, token, query.as_deref()).await,
         (&Method::DELETE, Route::Runtime(rt)) => delete_runtime(app, token, rt).await,
-        (&Method::POST, Route::Models(rt)) => create_request(app, token, rt, body).await,
-        (&Method::GET, Route::Model(rt, id)) => {
+        (&Method::POST, Route::Create(rt, Kind::Models)) => {
+            create_request(app, token, rt, body).await
+        }
+        (&Method::POST, Route::Create(rt, kind)) => create_of(app, token, rt, kind, body).await,
+        (&Method::GET, Route::Read(rt, kind, id)) => {
             let wait_ms = wire::parse_wait_query(query.as_deref())?;
-            get_request(app, token, rt, id, wait_ms).await
+            get_request(app, token, rt, kind, id, wait_ms).await
         }
         (&Method::POST, Route::DaemonToken(rt)) => rotate_daemon_token(app, token, rt).await,
         (&Method::POST, Route::Heartbeat) => heartbeat(app, token, body).await,
-        (&Method::POST, Route::Result(rt, id)) => report(app, token, rt, id, body).await,
+        (&Method::POST, Route::Result(rt, kind, id)) => {
+            report(app, token, rt, kind, id, body).await
+        }
         (_, route) => Err(ApiError::MethodNotAllowed(route.allowed())),
     }
 }
@@ -334,7 +383,11 @@ fn preflight_answer(route: Route<'_>) -> Response<Bytes> {
 /// within [`BODY_TIMEOUT`] (or `--read-timeout`, if shorter) of its headers. One body at
 /// a time per connection.
 async fn read_body(app: &App, body: Body<'_>) -> Result<Bytes, ApiError> {
-    let limit = app.settings.body_limit;
+    read_body_within(app, body, app.settings.body_limit).await
+}
+
+/// [`read_body`] with another limit than the body limit.
+async fn read_body_within(app: &App, body: Body<'_>, limit: usize) -> Result<Bytes, ApiError> {
     let deadline = BODY_TIMEOUT.min(app.settings.read_timeout);
     // The wait for the connection's turn counts toward the deadline: a body that cannot
     // be read in time is a 408 whatever held it up.
@@ -540,7 +593,7 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
                 id,
                 cached,
                 refresh,
-                reuse_after: now.saturating_sub(millis(settings.retention) / 2),
+                reuse_after: now.saturating_sub(millis(settings.retention.of(Kind::Models)) / 2),
                 max_stored: settings.max_requests_per_workspace,
                 online: runtime.is_online(now, settings.offline_after),
                 fresh: millis(settings.catalog_fresh),
@@ -557,7 +610,7 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
         } => {
             let started = refresh.filter(|r| r.request.id == id);
             app.metrics.answered_from_catalog(stale, started.is_some());
-            (answer, started)
+            (*answer, started)
         }
         Asked::Discovery(created) => {
             let request = created.request.clone();
@@ -575,6 +628,57 @@ async fn create_request(app: &Arc<App>, token: Option<Token>, rt: &str, body: Bo
         app.waiters.wake_runtime(rt, Source::Local);
     }
     Ok(json::json(StatusCode::OK, &RequestRecord::from(&answer)))
+}
+
+/// The UI's create of a request of any kind but `models` (whose create knows the catalog):
+/// a new pending request, or the runtime's active one of that kind and key, or 409 where
+/// the kind refuses a second one.
+async fn create_of(
+    app: &Arc<App>,
+    token: Option<Token>,
+    rt: &str,
+    kind: Kind,
+    body: Body<'_>,
+) -> Handled {
+    let rt = parse_runtime_id(rt)?;
+    let caller = app.read(move |app| caller_of(app, token.as_ref())).await?;
+    let input = kinds::parse_input(kind, &read_body(app, body).await?)?;
+    let id = RequestId::random()?;
+    let new = NewRequest {
+        id,
+        kind,
+        key: input.key,
+        input: input.json,
+    };
+    let created = app
+        .blocking(move |app| {
+            caller.note_use(app)?;
+            let runtime = app
+                .store
+                .find_runtime(caller.workspace, rt)?
+                .ok_or(ApiError::NotFound("runtime"))?;
+            let now = app.clock.now();
+            let settings = &app.settings;
+            if !runtime.is_online(now, settings.offline_after) {
+                return Err(ApiError::RuntimeOffline);
+            }
+            let max = settings.max_requests_per_workspace;
+            match app.store.create_or_coalesce_within(rt, &new, now, max)? {
+                Added::Done(created) => Ok(created),
+                Added::Full => Err(ApiError::TooManyStored(max)),
+                Added::Missing => Err(ApiError::NotFound("runtime")),
+            }
+        })
+        .await?;
+    let request = created.request;
+    if request.id == id {
+        let kind = kind.name();
+        tracing::info!(request = %id, runtime = %rt, kind, "request created");
+        app.waiters.wake_runtime(rt, Source::Local);
+    } else if let Coalesce::Refuse(message) = kind.spec().coalesce {
+        return Err(ApiError::Conflict(message.to_owned()));
+    }
+    Ok(json::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
 /// How long a waiting call asking for `wait_ms` is held: never past `--max-wait`, and
@@ -604,6 +708,7 @@ async fn get_request(
     app: &Arc<App>,
     token: Option<Token>,
     rt: &str,
+    kind: Kind,
     id: &str,
     wait_ms: u64,
 ) -> Handled {
@@ -611,7 +716,7 @@ async fn get_request(
     let id = parse_request_id(id)?;
     let token = token.ok_or(ApiError::Unauthorized)?.hash();
     let hold = hold_for(app, wait_ms);
-    let first = read_request(app, &token, rt, id).await?;
+    let first = read_request(app, &token, rt, kind, id).await?;
     if hold.is_zero() || first.status.is_terminal() || app.is_shutting_down() {
         return Ok(json::json(StatusCode::OK, &RequestRecord::from(&first)));
     }
@@ -622,14 +727,14 @@ async fn get_request(
     let mut notified = std::pin::pin!(notify.notified());
     // Read again now that it is registered: a change made since the first read is seen
     // here, and any later one wakes it.
-    let mut request = read_request(app, &token, rt, id).await?;
+    let mut request = read_request(app, &token, rt, kind, id).await?;
     while request.status == first.status {
         held.parked();
         let woken = woken_before(app, notified.as_mut(), until).await;
         notified.set(notify.notified());
         // Read again in either case: at the end of the wait the answer is the record as
         // it is now, not as it was when the call arrived.
-        request = read_request(app, &token, rt, id).await?;
+        request = read_request(app, &token, rt, kind, id).await?;
         if !woken {
             break;
         }
@@ -637,13 +742,15 @@ async fn get_request(
     Ok(json::json(StatusCode::OK, &RequestRecord::from(&request)))
 }
 
-/// A web-UI read of one request, from its API token, with its deadline applied.
+/// A web-UI read of one request of `kind`, from its API token, with its deadline applied.
+/// A request of another kind is not found: each kind's ids are read on its own route.
 async fn read_request(
     app: &Arc<App>,
     token: &TokenHash,
     rt: RuntimeId,
+    kind: Kind,
     id: RequestId,
-) -> Result<ModelRequest, ApiError> {
+) -> Result<StoredRequest, ApiError> {
     let token = token.clone();
     let (request, ended_here) = app
         .read_then(
@@ -665,6 +772,7 @@ async fn read_request(
                     Scoped::Unauthorized => Err(ApiError::Unauthorized),
                     Scoped::NoRuntime => Err(ApiError::NotFound("runtime")),
                     Scoped::Found(request) => request
+                        .filter(|r| r.kind == kind)
                         .map(|r| (r, ended_here))
                         .ok_or(ApiError::NotFound("request")),
                 }
@@ -694,30 +802,36 @@ async fn heartbeat(app: &Arc<App>, token: Option<Token>, body: Body<'_>) -> Hand
     let now = app.clock.now();
     // The common heartbeat (seen lately, nothing pending, nothing lost) writes nothing and
     // makes no store call past the read above.
-    let claimed = if daemon.heartbeat_writes(now, refresh_after, beat.working_on.as_deref()) {
+    let batches = beat.batches;
+    let handed = if daemon.heartbeat_writes(now, refresh_after, beat.working_on.as_deref()) {
         app.blocking(move |app| {
+            let working_on = beat.working_on.as_deref();
             match app
                 .store
-                .heartbeat(&daemon, now, refresh_after, beat.working_on.as_deref())?
+                .heartbeat(&daemon, now, refresh_after, working_on, batches)?
             {
                 Heartbeat::UnknownRuntime => Err(ApiError::NotFound("runtime")),
-                Heartbeat::Alive(claimed) => Ok(claimed),
+                Heartbeat::Alive(handed) => Ok(handed),
             }
         })
         .await?
     } else {
-        None
+        Vec::new()
     };
-    let claimed = match claimed {
-        Some(id) => Some(id),
-        None if hold.is_zero() || app.is_shutting_down() => None,
-        None => hold_heartbeat(app, token, rt, hold).await?,
+    let handed = match handed {
+        handed if !handed.is_empty() => handed,
+        none if hold.is_zero() || app.is_shutting_down() => none,
+        _ => hold_heartbeat(app, token, rt, hold, batches).await?,
     };
-    if let Some(id) = claimed {
-        tracing::info!(request = %id, runtime = %rt, "request claimed");
-        app.waiters.wake_request(id, Source::Local);
+    for h in &handed {
+        let kind = h.kind.name();
+        tracing::info!(request = %h.id, runtime = %rt, kind, "request claimed");
+        app.waiters.wake_request(h.id, Source::Local);
     }
-    Ok(json::json(StatusCode::OK, &HeartbeatAck::new(claimed)))
+    Ok(json::json(
+        StatusCode::OK,
+        &HeartbeatAck::new(&handed, batches),
+    ))
 }
 
 /// Holds a heartbeat that claimed nothing until a request of its runtime becomes pending
@@ -727,7 +841,8 @@ async fn hold_heartbeat(
     token: TokenHash,
     rt: RuntimeId,
     hold: Duration,
-) -> Result<Option<RequestId>, ApiError> {
+    batches: bool,
+) -> Result<Vec<Handed>, ApiError> {
     let until = tokio::time::Instant::now() + hold;
     let mut held = app.waiters.hold_heartbeat(rt)?;
     let notify = held.notify();
@@ -735,23 +850,26 @@ async fn hold_heartbeat(
     loop {
         // First right after registering: a request made between the heartbeat's own
         // claim and the registration is not missed.
-        if let Some(id) = claim_if_pending(app, &token, rt).await? {
-            return Ok(Some(id));
+        let handed = claim_if_pending(app, &token, rt, batches).await?;
+        if !handed.is_empty() {
+            return Ok(handed);
         }
         held.parked();
         if !woken_before(app, notified.as_mut(), until).await {
-            return Ok(None);
+            return Ok(handed);
         }
         notified.set(notify.notified());
     }
 }
 
-/// One read (is a request pending for this daemon's runtime?) and, only if so, a claim.
+/// One read (is a request of any kind pending for this daemon's runtime?) and, only if
+/// so, the claims.
 async fn claim_if_pending(
     app: &Arc<App>,
     token: &TokenHash,
     rt: RuntimeId,
-) -> Result<Option<RequestId>, ApiError> {
+    batches: bool,
+) -> Result<Vec<Handed>, ApiError> {
     let token = token.clone();
     app.read_then(
         move |app| {
@@ -759,13 +877,19 @@ async fn claim_if_pending(
             if daemon.runtime != rt {
                 return Err(ApiError::NotFound("runtime"));
             }
-            Ok((daemon.pending, daemon.pending))
+            let pending = daemon.any_pending();
+            Ok((daemon, pending))
         },
         // `read_then` runs this step whatever the read said (in place when it writes
         // nothing): it must look at the read's answer itself.
-        move |app, pending| match pending {
-            true => Ok(app.store.claim_next_pending(rt, app.clock.now())?.claimed),
-            false => Ok(None),
+        move |app, daemon| {
+            let mut handed = Vec::new();
+            if daemon.any_pending() {
+                let now = app.clock.now();
+                app.store
+                    .claim_pending(&daemon, now, batches, &mut handed)?;
+            }
+            Ok(handed)
         },
     )
     .await
@@ -775,6 +899,7 @@ async fn report(
     app: &Arc<App>,
     token: Option<Token>,
     rt: &str,
+    kind: Kind,
     id: &str,
     body: Body<'_>,
 ) -> Handled {
@@ -785,11 +910,23 @@ async fn report(
     if daemon.runtime != rt {
         return Err(ApiError::NotFound("runtime"));
     }
-    let body = read_body(app, body).await?;
-    let report = wire::parse_report_within(&body, app.settings.max_models_per_report)?;
+    let settings = &app.settings;
+    // An import carries the skill's files: the one body allowed past the body limit.
+    let limit = match kind {
+        Kind::SkillImport => settings.max_import_bytes.max(settings.body_limit),
+        _ => settings.body_limit,
+    };
+    let body = read_body_within(app, body, limit).await?;
+    let report = match kind {
+        Kind::Models => wire::parse_report_within(&body, settings.max_models_per_report)?,
+        kind => kinds::parse_result(kind, &body)?,
+    };
     let ended = matches!(report, Report::Ended(_));
     let outcome = app
-        .blocking(move |app| Ok(app.store.report(rt, id, &report, app.clock.now())?))
+        .blocking(move |app| {
+            let now = app.clock.now();
+            Ok(app.store.report(rt, kind, id, &report, now)?)
+        })
         .await?;
     if ended && outcome == ReportOutcome::Recorded {
         app.waiters.wake_request(id, Source::Local);
@@ -851,6 +988,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::Route;
+    use crate::kind::Kind;
 
     #[test]
     fn paths_resolve_to_routes_and_nothing_else_does() {
@@ -865,11 +1003,28 @@ mod tests {
         assert_eq!(Route::resolve("/api/runtimes/a"), Some(Route::Runtime("a")));
         assert_eq!(
             Route::resolve("/api/runtimes/a/models/b"),
-            Some(Route::Model("a", "b"))
+            Some(Route::Read("a", Kind::Models, "b"))
         );
         assert_eq!(
             Route::resolve("/api/daemon/runtimes/a/models/b/result"),
-            Some(Route::Result("a", "b"))
+            Some(Route::Result("a", Kind::Models, "b"))
+        );
+        // A create's exact path wins over a read of the shorter kind's path.
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/local-skills/import"),
+            Some(Route::Create("a", Kind::SkillImport))
+        );
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/local-skills/b"),
+            Some(Route::Read("a", Kind::LocalSkills, "b"))
+        );
+        assert_eq!(
+            Route::resolve("/api/runtimes/a/local-skills/import/b"),
+            Some(Route::Read("a", Kind::SkillImport, "b"))
+        );
+        assert_eq!(
+            Route::resolve("/api/daemon/runtimes/a/update/b/result"),
+            Some(Route::Result("a", Kind::Update, "b"))
         );
         assert_eq!(
             Route::resolve("/api/runtimes/a/daemon-token"),
@@ -883,6 +1038,9 @@ mod tests {
             "/healthz/",
             "/api/runtimes/",
             "/api/runtimes/a/models/b/c",
+            "/api/runtimes/a/local-skills/import/b/c",
+            "/api/daemon/runtimes/a/local-skills/result",
+            "/api/daemon/runtimes/a/update/result",
             "/api/daemon",
             "//healthz",
         ] {

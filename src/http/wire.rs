@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use crate::clock::rfc3339;
 use crate::ids::{RequestId, RuntimeId, Token};
+use crate::kind::Kind;
 use crate::model::{
-    DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, ModelRequest, Outcome, Report, Runtime, Status,
+    DEFAULT_MAX_MODELS_PER_REPORT, ModelEntry, Outcome, Report, Runtime, Status, StoredRequest,
     check_model_count, holds_control,
 };
+use crate::store::Handed;
 use crate::store::RuntimeCursor;
 
 /// Longest runtime name and provider we store: enough for any real name, small enough that
@@ -20,7 +22,7 @@ use crate::store::RuntimeCursor;
 const MAX_NAME: usize = 200;
 const MAX_PROVIDER: usize = 100;
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -112,6 +114,8 @@ pub struct HeartbeatBody {
     /// The requests the daemon holds, when it says so; `None` keeps v1 behaviour (nothing
     /// is handed out twice).
     pub working_on: Option<Vec<RequestId>>,
+    /// The daemon takes a kind's batch in one answer (`supports_batch_import`).
+    pub batches: bool,
 }
 
 pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
@@ -124,6 +128,8 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
         wait_ms: Option<Box<serde_json::value::RawValue>>,
         #[serde(default)]
         working_on: Option<Vec<String>>,
+        #[serde(default)]
+        supports_batch_import: Option<bool>,
     }
     let raw: Raw = parse_json(body)?;
     let runtime_id = RuntimeId::parse(&raw.runtime_id)
@@ -156,6 +162,7 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatBody, ApiError> {
         runtime_id,
         wait_ms,
         working_on,
+        batches: raw.supports_batch_import.unwrap_or(false),
     })
 }
 
@@ -300,6 +307,7 @@ pub fn parse_report_within(body: &[u8], max_models: usize) -> Result<Report, Api
         supported: raw.supported.unwrap_or(true),
         error: raw.error.filter(|e| !e.is_empty()),
         fallback: raw.fallback,
+        result: None,
     };
     // NUL in free text is replaced, not refused: a discovery command's stderr may hold
     // one, and the failure it reports is worth keeping. The store does it again; doing it
@@ -332,14 +340,19 @@ pub fn bearer(value: Option<&header::HeaderValue>) -> Option<Token> {
 
 // ---- records we send ----
 
+/// A request's record: the fields every kind has, a model list's own fields, and the
+/// kind's input and result fields.
 #[derive(Serialize)]
 pub struct RequestRecord<'a> {
     id: String,
     runtime_id: String,
+    kind: &'static str,
     status: &'static str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     models: &'a [ModelEntry],
-    supported: bool,
+    /// A model list's; a skill list's is among its result fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    supported: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -352,16 +365,28 @@ pub struct RequestRecord<'a> {
     refresh_id: Option<String>,
     created_at: String,
     updated_at: String,
+    /// The kind's input fields, then its result fields.
+    #[serde(flatten)]
+    fields: serde_json::Map<String, serde_json::Value>,
 }
 
-impl<'a> From<&'a ModelRequest> for RequestRecord<'a> {
-    fn from(r: &'a ModelRequest) -> Self {
+/// The fields of a stored JSON object; nothing when there is none (or it is not one).
+fn object_fields(json: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
+    json.and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default()
+}
+
+impl<'a> From<&'a StoredRequest> for RequestRecord<'a> {
+    fn from(r: &'a StoredRequest) -> Self {
+        let mut fields = object_fields(r.input.as_deref());
+        fields.extend(object_fields(r.result.as_deref()));
         RequestRecord {
             id: r.id.to_string(),
             runtime_id: r.runtime_id.to_string(),
+            kind: r.kind.name(),
             status: r.status.as_str(),
             models: &r.models,
-            supported: r.supported,
+            supported: (r.kind == Kind::Models).then_some(r.supported),
             error: r.error.as_deref().filter(|e| !e.is_empty()),
             fallback: r.fallback,
             cached: r.cached_at.is_some(),
@@ -369,6 +394,7 @@ impl<'a> From<&'a ModelRequest> for RequestRecord<'a> {
             refresh_id: r.refresh_id.map(|id| id.to_string()),
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
+            fields,
         }
     }
 }
@@ -410,23 +436,45 @@ pub struct RuntimeList<'a> {
 }
 
 #[derive(Serialize)]
-pub struct HeartbeatAck {
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pending_model_list: Option<PendingModelList>,
-}
-
-#[derive(Serialize)]
-struct PendingModelList {
-    id: String,
-}
+#[serde(transparent)]
+pub struct HeartbeatAck(serde_json::Map<String, serde_json::Value>);
 
 impl HeartbeatAck {
-    pub fn new(claimed: Option<RequestId>) -> Self {
-        HeartbeatAck {
-            status: "ok",
-            pending_model_list: claimed.map(|id| PendingModelList { id: id.to_string() }),
+    /// `{"status":"ok"}` and each request handed out in its kind's field: `{"id", …}` with
+    /// the input fields the kind's hand-out names, or an array of them in the kind's batch
+    /// field when the daemon takes batches.
+    pub fn new(handed: &[Handed], batches: bool) -> Self {
+        let mut ack = serde_json::Map::new();
+        ack.insert("status".to_owned(), "ok".into());
+        for h in handed {
+            let spec = h.kind.spec();
+            let input: serde_json::Map<String, serde_json::Value> = h
+                .input
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok())
+                .unwrap_or_default();
+            let mut entry = serde_json::Map::new();
+            entry.insert("id".to_owned(), h.id.to_string().into());
+            for &field in spec.ack_fields {
+                if let Some(value) = input.get(field) {
+                    entry.insert(field.to_owned(), value.clone());
+                }
+            }
+            match spec.batch_ack.filter(|_| batches) {
+                Some(field) => {
+                    let list = ack
+                        .entry(field)
+                        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                    if let serde_json::Value::Array(list) = list {
+                        list.push(entry.into());
+                    }
+                }
+                None => {
+                    ack.insert(spec.ack.to_owned(), entry.into());
+                }
+            }
         }
+        HeartbeatAck(ack)
     }
 }
 

@@ -11,10 +11,11 @@ use std::time::Instant;
 use super::Metrics;
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use crate::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::kind::{Kind, PerKind};
+use crate::model::{Report, Runtime, Status, StoredRequest, Timeouts};
 use crate::store::{
     Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, Daemon, Expired, Listener,
-    NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
+    NewRequest, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
 };
 
 pub struct MeteredStore {
@@ -37,10 +38,11 @@ impl MeteredStore {
     }
 
     /// Counts and logs requests that a call ended as `timeout` on the way.
-    fn expired_on_the_way(&self, runtime: RuntimeId, expired: Expired) {
+    fn expired_on_the_way(&self, runtime: RuntimeId, kind: Kind, expired: Expired) {
         if expired.total() > 0 {
             self.metrics.expired(expired);
-            tracing::info!(%runtime, expired.pending, expired.running, "request timed out");
+            let kind = kind.name();
+            tracing::info!(%runtime, kind, expired.pending, expired.running, "request timed out");
         }
     }
 }
@@ -50,7 +52,7 @@ impl Storer for MeteredStore {
         self.timed("ping", |s| s.ping())
     }
 
-    fn timeouts(&self) -> Timeouts {
+    fn timeouts(&self) -> PerKind<Timeouts> {
         self.inner.timeouts()
     }
 
@@ -148,7 +150,7 @@ impl Storer for MeteredStore {
         self.timed("touch_runtime", |s| s.touch_runtime(id, now))
     }
 
-    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>> {
         self.timed("find_request", |s| s.find_request(runtime, id))
     }
 
@@ -157,7 +159,7 @@ impl Storer for MeteredStore {
         api_token: &TokenHash,
         runtime: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         self.timed("find_request_by_token", |s| {
             s.find_request_by_token(api_token, runtime, id)
         })
@@ -166,16 +168,16 @@ impl Storer for MeteredStore {
     fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>> {
         // Labelled by what it does, as before it had a limit: dashboards keep their series.
         let created = self.timed("create_or_coalesce", |s| {
-            s.create_or_coalesce_within(runtime, id, now, max)
+            s.create_or_coalesce_within(runtime, new, now, max)
         })?;
         if let Added::Done(created) = &created {
-            self.expired_on_the_way(runtime, created.expired);
+            self.expired_on_the_way(runtime, new.kind, created.expired);
         }
         Ok(created)
     }
@@ -184,9 +186,11 @@ impl Storer for MeteredStore {
         self.timed("stored_requests", |s| s.stored_requests(workspace))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
-        let claim = self.timed("claim_next_pending", |s| s.claim_next_pending(runtime, now))?;
-        self.expired_on_the_way(runtime, claim.expired);
+    fn claim_next_pending(&self, runtime: RuntimeId, kind: Kind, now: Millis) -> Result<Claim> {
+        let claim = self.timed("claim_next_pending", |s| {
+            s.claim_next_pending(runtime, kind, now)
+        })?;
+        self.expired_on_the_way(runtime, kind, claim.expired);
         if claim.claimed.is_some() {
             self.metrics.claimed();
         }
@@ -196,18 +200,28 @@ impl Storer for MeteredStore {
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
-        self.timed("apply_report", |s| s.apply_report(runtime, id, report, now))
+        self.timed("apply_report", |s| {
+            s.apply_report(runtime, kind, id, report, now)
+        })
     }
 
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
-        let ended = self.timed("expire_request", |s| s.expire_request(id, phase, now))?;
+    fn expire_request(
+        &self,
+        id: RequestId,
+        kind: Kind,
+        phase: Status,
+        now: Millis,
+    ) -> Result<bool> {
+        let ended = self.timed("expire_request", |s| s.expire_request(id, kind, phase, now))?;
         if ended {
             self.metrics.expired(Expired::one(phase));
-            tracing::info!(request = %id, phase = phase.as_str(), "request timed out");
+            let (kind, phase) = (kind.name(), phase.as_str());
+            tracing::info!(request = %id, kind, phase, "request timed out");
         }
         Ok(ended)
     }
@@ -219,9 +233,9 @@ impl Storer for MeteredStore {
         Ok(expired)
     }
 
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {
         self.timed("delete_ended_before", |s| {
-            s.delete_ended_before(cutoff, limit)
+            s.delete_ended_before(kind, cutoff, limit)
         })
     }
 
@@ -233,8 +247,16 @@ impl Storer for MeteredStore {
         self.timed("checkpoint", |s| s.checkpoint())
     }
 
-    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
-        self.timed("hand_out_again", |s| s.hand_out_again(runtime, id, now))
+    fn hand_out_again(
+        &self,
+        runtime: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool> {
+        self.timed("hand_out_again", |s| {
+            s.hand_out_again(runtime, kind, id, now)
+        })
     }
 
     fn active_requests(&self) -> Result<Vec<Active>> {
@@ -248,7 +270,7 @@ impl Storer for MeteredStore {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>> {
+    ) -> Result<Added<StoredRequest>> {
         self.timed("answer_from_catalog", |s| {
             s.answer_from_catalog(runtime, ask, refresh, reported_after, now)
         })
@@ -269,6 +291,7 @@ mod tests {
 
     use super::MeteredStore;
     use crate::ids::{RequestId, RuntimeId};
+    use crate::kind::{Kind, PerKind};
     use crate::metrics::Metrics;
     use crate::model::Timeouts;
     use crate::store::memory::MemoryStore;
@@ -286,7 +309,7 @@ mod tests {
         for refresh_after in [0, 100] {
             for last_seen_at in [None, Some(now), Some(now - 100), Some(now - 101)] {
                 for pending in [false, true] {
-                    for unrenewed in [None, Some(lost)] {
+                    for unrenewed in [vec![], vec![(Kind::SkillImport, lost)]] {
                         for working_on in [None, Some(held), Some(other)] {
                             let metrics = Arc::new(Metrics::new());
                             let engine = Arc::new(MemoryStore::new(Timeouts::default()));
@@ -294,11 +317,11 @@ mod tests {
                             let daemon = Daemon {
                                 runtime: RuntimeId::random().unwrap(),
                                 last_seen_at,
-                                pending,
-                                unrenewed,
+                                pending: PerKind::from_fn(|k| pending && k == Kind::Update),
+                                unrenewed: unrenewed.clone(),
                             };
                             store
-                                .heartbeat(&daemon, now, refresh_after, working_on)
+                                .heartbeat(&daemon, now, refresh_after, working_on, true)
                                 .unwrap();
                             let scraped = metrics.render(now).unwrap();
                             let called = scraped.lines().any(|l| {

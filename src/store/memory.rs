@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use super::{
     Active, Added, ApiToken, ApiTokenUse, Ask, Change, Claim, Created, Daemon, Expired, Listener,
-    NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace, token_use_due,
+    NewRequest, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, Storer, Workspace,
+    token_use_due,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use crate::model::{CatalogChange, ModelEntry, ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::kind::{Kind, PerKind};
+use crate::model::{CatalogChange, ModelEntry, Report, Runtime, Status, StoredRequest, Timeouts};
 
 #[derive(Default)]
 struct State {
@@ -22,7 +24,7 @@ struct State {
     api_tokens: HashMap<TokenHash, StoredToken>,
     runtimes: HashMap<RuntimeId, Runtime>,
     daemon_tokens: HashMap<TokenHash, RuntimeId>,
-    requests: HashMap<RequestId, ModelRequest>,
+    requests: HashMap<RequestId, StoredRequest>,
     /// Running requests renewed since they were handed out (the SQL engines' `renewed_at`).
     renewed: HashSet<RequestId>,
     catalogs: HashMap<RuntimeId, Catalog>,
@@ -83,7 +85,7 @@ impl State {
 }
 
 pub struct MemoryStore {
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
     state: Mutex<State>,
     /// A count of writes, and the condition its listeners wait on.
     writes: Arc<(Mutex<u64>, Condvar)>,
@@ -139,9 +141,9 @@ impl Listener for Writes {
 }
 
 impl MemoryStore {
-    pub fn new(timeouts: Timeouts) -> Self {
+    pub fn new(timeouts: impl Into<PerKind<Timeouts>>) -> Self {
         MemoryStore {
-            timeouts,
+            timeouts: timeouts.into(),
             state: Mutex::new(State::default()),
             writes: Arc::default(),
         }
@@ -165,12 +167,13 @@ impl MemoryStore {
 
 /// Ends `request` as `timeout` if it is overdue: what it ended, if anything. The one place
 /// the memory engine expires.
-fn expire(timeouts: &Timeouts, request: &mut ModelRequest, now: Millis) -> Expired {
+fn expire(timeouts: &PerKind<Timeouts>, request: &mut StoredRequest, now: Millis) -> Expired {
     if !request.is_overdue(now) {
         return Expired::default();
     }
     let phase = request.status;
-    request.error = Some(timeouts.error_for(phase));
+    let kind = request.kind;
+    request.error = Some(kind.timeout_error(&timeouts.of(kind), phase));
     request.status = Status::Timeout;
     request.updated_at = request.deadline_at;
     request.ended_at = Some(request.deadline_at);
@@ -182,7 +185,7 @@ impl Storer for MemoryStore {
         Ok(())
     }
 
-    fn timeouts(&self) -> Timeouts {
+    fn timeouts(&self) -> PerKind<Timeouts> {
         self.timeouts
     }
 
@@ -385,22 +388,28 @@ impl Storer for MemoryStore {
         else {
             return Ok(None);
         };
+        let mut pending = PerKind::all(false);
+        let mut unrenewed = Vec::new();
+        for r in state
+            .requests
+            .values()
+            .filter(|r| r.runtime_id == runtime.id)
+        {
+            match r.status {
+                Status::Pending => pending.set(r.kind, true),
+                Status::Running if !state.renewed.contains(&r.id) => {
+                    unrenewed.push((r.kind, r.id));
+                }
+                _ => {}
+            }
+        }
+        // As the SQL engines list them.
+        unrenewed.sort();
         Ok(Some(Daemon {
             runtime: runtime.id,
             last_seen_at: runtime.last_seen_at,
-            pending: state
-                .requests
-                .values()
-                .any(|r| r.runtime_id == runtime.id && r.status == Status::Pending),
-            unrenewed: state
-                .requests
-                .values()
-                .find(|r| {
-                    r.runtime_id == runtime.id
-                        && r.status == Status::Running
-                        && !state.renewed.contains(&r.id)
-                })
-                .map(|r| r.id),
+            pending,
+            unrenewed,
         }))
     }
 
@@ -414,7 +423,7 @@ impl Storer for MemoryStore {
         })
     }
 
-    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>> {
         Ok(self
             .state()
             .requests
@@ -428,7 +437,7 @@ impl Storer for MemoryStore {
         api_token: &TokenHash,
         runtime: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         let state = self.state();
         let Some(workspace) = state.api_tokens.get(api_token).map(|t| t.workspace) else {
             return Ok(Scoped::Unauthorized);
@@ -452,7 +461,7 @@ impl Storer for MemoryStore {
     fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>> {
@@ -464,7 +473,11 @@ impl Storer for MemoryStore {
         let mut active = None;
         let mut expired = Expired::default();
         for request in state.requests.values_mut() {
-            if request.runtime_id == runtime && !request.status.is_terminal() {
+            if request.runtime_id == runtime
+                && request.kind == new.kind
+                && request.key == new.key
+                && !request.status.is_terminal()
+            {
                 expired += expire(&timeouts, request, now);
                 if !request.status.is_terminal() {
                     active = Some(request.clone());
@@ -477,22 +490,26 @@ impl Storer for MemoryStore {
         if stored >= max {
             return Ok(Added::Full);
         }
-        let request = ModelRequest {
-            id,
+        let request = StoredRequest {
+            id: new.id,
             runtime_id: runtime,
+            kind: new.kind,
+            key: new.key.clone(),
+            input: new.input.clone(),
+            result: None,
             status: Status::Pending,
             models: Vec::new(),
             supported: true,
             error: None,
             created_at: now,
             updated_at: now,
-            deadline_at: timeouts.pending_deadline(now),
+            deadline_at: timeouts.of(new.kind).pending_deadline(now),
             ended_at: None,
             fallback: false,
             cached_at: None,
             refresh_id: None,
         };
-        state.requests.insert(id, request.clone());
+        state.requests.insert(new.id, request.clone());
         Ok(Added::Done(Created { request, expired }))
     }
 
@@ -500,13 +517,16 @@ impl Storer for MemoryStore {
         Ok(self.state().stored_in(workspace))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
+    fn claim_next_pending(&self, runtime: RuntimeId, kind: Kind, now: Millis) -> Result<Claim> {
         let mut state = self.writing();
         let timeouts = self.timeouts;
-        let mut next: Option<&mut ModelRequest> = None;
+        let mut next: Option<&mut StoredRequest> = None;
         let mut expired = Expired::default();
         for request in state.requests.values_mut() {
-            if request.runtime_id != runtime || request.status != Status::Pending {
+            if request.runtime_id != runtime
+                || request.kind != kind
+                || request.status != Status::Pending
+            {
                 continue;
             }
             let ended = expire(&timeouts, request, now);
@@ -521,18 +541,26 @@ impl Storer for MemoryStore {
                 next = Some(request);
             }
         }
-        let claimed = next.map(|request| {
-            request.status = Status::Running;
-            request.deadline_at = timeouts.running_deadline(now);
-            request.updated_at = now;
-            request.id
-        });
-        Ok(Claim { claimed, expired })
+        let (claimed, input) = match next {
+            Some(request) => {
+                request.status = Status::Running;
+                request.deadline_at = timeouts.of(kind).running_deadline(now);
+                request.updated_at = now;
+                (Some(request.id), request.input.clone())
+            }
+            None => (None, None),
+        };
+        Ok(Claim {
+            claimed,
+            input,
+            expired,
+        })
     }
 
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
@@ -542,6 +570,7 @@ impl Storer for MemoryStore {
             return Ok(false);
         };
         if request.runtime_id != runtime
+            || request.kind != kind
             || request.status != Status::Running
             || request.deadline_at <= now
         {
@@ -549,8 +578,11 @@ impl Storer for MemoryStore {
         }
         request.updated_at = now;
         match report {
-            Report::Running => {
-                request.deadline_at = self.timeouts.running_deadline(now);
+            Report::Running | Report::Progress(_) => {
+                request.deadline_at = self.timeouts.of(kind).running_deadline(now);
+                if let Report::Progress(result) = report {
+                    request.result = Some(result.clone());
+                }
                 state.renewed.insert(id);
             }
             Report::Ended(outcome) => {
@@ -559,9 +591,14 @@ impl Storer for MemoryStore {
                 request.supported = outcome.supported;
                 request.error = outcome.error.clone();
                 request.fallback = outcome.fallback;
+                request.result = outcome.result.clone();
                 request.ended_at = Some(now);
                 state.renewed.remove(&id);
-                match outcome.catalog() {
+                let catalog = match kind {
+                    Kind::Models => outcome.catalog(),
+                    _ => CatalogChange::Keep,
+                };
+                match catalog {
                     CatalogChange::Keep => {}
                     CatalogChange::Write => {
                         let catalog = Catalog {
@@ -580,12 +617,18 @@ impl Storer for MemoryStore {
         Ok(true)
     }
 
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
+    fn expire_request(
+        &self,
+        id: RequestId,
+        kind: Kind,
+        phase: Status,
+        now: Millis,
+    ) -> Result<bool> {
         let mut state = self.writing();
         Ok(state
             .requests
             .get_mut(&id)
-            .filter(|r| r.status == phase)
+            .filter(|r| r.kind == kind && r.status == phase)
             .is_some_and(|r| expire(&self.timeouts, r, now).total() == 1))
     }
 
@@ -593,29 +636,33 @@ impl Storer for MemoryStore {
         let mut state = self.writing();
         let timeouts = self.timeouts;
         let mut expired = Expired::default();
-        // As the SQL engines do: pending first, each phase oldest deadline first.
+        // As the SQL engines do: pending first, then running; within a phase kind by
+        // kind, each oldest deadline first.
         for phase in [Status::Pending, Status::Running] {
-            let mut overdue: Vec<&mut ModelRequest> = state
-                .requests
-                .values_mut()
-                .filter(|r| r.status == phase && r.is_overdue(now))
-                .collect();
-            overdue.sort_by_key(|r| (r.deadline_at, r.id));
-            for request in overdue {
-                if expired.total() >= u64::from(limit) {
-                    return Ok(expired);
+            for kind in Kind::ALL {
+                let mut overdue: Vec<&mut StoredRequest> = state
+                    .requests
+                    .values_mut()
+                    .filter(|r| r.kind == kind && r.status == phase && r.is_overdue(now))
+                    .collect();
+                overdue.sort_by_key(|r| (r.deadline_at, r.id));
+                for request in overdue {
+                    if expired.total() >= u64::from(limit) {
+                        return Ok(expired);
+                    }
+                    expired += expire(&timeouts, request, now);
                 }
-                expired += expire(&timeouts, request, now);
             }
         }
         Ok(expired)
     }
 
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {
         let mut state = self.writing();
         let mut doomed: Vec<(Millis, RequestId)> = state
             .requests
             .values()
+            .filter(|r| r.kind == kind)
             .filter_map(|r| r.ended_at.filter(|&e| e < cutoff).map(|e| (e, r.id)))
             .collect();
         doomed.sort();
@@ -653,20 +700,27 @@ impl Storer for MemoryStore {
         Ok(())
     }
 
-    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+    fn hand_out_again(
+        &self,
+        runtime: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool> {
         let mut state = self.writing();
         let renewed = state.renewed.contains(&id);
         let Some(request) = state.requests.get_mut(&id) else {
             return Ok(false);
         };
         if request.runtime_id != runtime
+            || request.kind != kind
             || request.status != Status::Running
             || renewed
             || request.deadline_at <= now
         {
             return Ok(false);
         }
-        request.deadline_at = self.timeouts.running_deadline(now);
+        request.deadline_at = self.timeouts.of(kind).running_deadline(now);
         request.updated_at = now;
         Ok(true)
     }
@@ -693,7 +747,7 @@ impl Storer for MemoryStore {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>> {
+    ) -> Result<Added<StoredRequest>> {
         let mut state = self.writing();
         let Some(catalog) = state
             .catalogs
@@ -707,6 +761,7 @@ impl Storer for MemoryStore {
             .values()
             .filter(|r| {
                 r.runtime_id == runtime
+                    && r.kind == Kind::Models
                     && r.status == Status::Completed
                     && r.cached_at == Some(catalog.reported_at)
                     && r.refresh_id == refresh
@@ -725,9 +780,13 @@ impl Storer for MemoryStore {
             return Ok(Added::Full);
         }
         let id = ask.cached;
-        let answer = ModelRequest {
+        let answer = StoredRequest {
             id,
             runtime_id: runtime,
+            kind: Kind::Models,
+            key: String::new(),
+            input: None,
+            result: None,
             status: Status::Completed,
             models: catalog.models.clone(),
             supported: catalog.supported,

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::ids::{RandomError, RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use crate::model::{ModelRequest, Report, ReportOutcome, Runtime, Status, Timeouts, replace_nul};
+use crate::kind::{Kind, PerKind};
+use crate::model::{Report, ReportOutcome, Runtime, Status, StoredRequest, Timeouts, replace_nul};
 
 /// The store could not answer. The HTTP layer turns every one of these into
 /// 503 `store unavailable`: none of them says anything about the caller's input.
@@ -59,7 +60,7 @@ pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes: the number of the last migration, the same for
 /// every dialect.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// One numbered step of a dialect's schema, applied at most once, in order, in the
 /// transaction that records its number.
@@ -170,19 +171,43 @@ fn token_use_due(last_used_at: Option<Millis>, now: Millis) -> bool {
     last_used_at.is_none_or(|used| used <= now - API_TOKEN_USE_REFRESH)
 }
 
+/// A request about to be created.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct NewRequest {
+    pub id: RequestId,
+    pub kind: Kind,
+    /// The coalescing key (the value of the kind's key field), empty for kinds without one.
+    pub key: String,
+    /// The kind's input as a JSON object, `None` for none.
+    pub input: Option<String>,
+}
+
+impl NewRequest {
+    /// A request of a kind that takes no input.
+    pub fn of(kind: Kind, id: RequestId) -> Self {
+        NewRequest {
+            id,
+            kind,
+            key: String::new(),
+            input: None,
+        }
+    }
+}
+
 /// What a daemon token says about its runtime, read in one query so that an idle heartbeat
 /// costs one round trip: which runtime it is, when it was last seen, and whether a request
 /// waits for it.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Daemon {
     pub runtime: RuntimeId,
     pub last_seen_at: Option<Millis>,
-    /// Whether the runtime had a pending request (overdue ones included) when this was read.
-    pub pending: bool,
-    /// The runtime's running request, if it has had no renewal since it was handed out: a
-    /// heartbeat whose `working_on` does not list it hands it out again (its answer was
-    /// lost).
-    pub unrenewed: Option<RequestId>,
+    /// Per kind, whether the runtime had a pending request (overdue ones included) when
+    /// this was read.
+    pub pending: PerKind<bool>,
+    /// The runtime's running requests that have had no renewal since they were handed
+    /// out: a heartbeat whose `working_on` does not list one hands it out again (its
+    /// answer was lost).
+    pub unrenewed: Vec<(Kind, RequestId)>,
 }
 
 impl Daemon {
@@ -195,12 +220,24 @@ impl Daemon {
                 .is_some_and(|seen| seen >= now - refresh_after)
     }
 
-    /// The request a heartbeat holding `working_on` should be handed again: the runtime's
-    /// unrenewed running request, when the daemon says it does not hold it. Without
+    /// The requests a heartbeat holding `working_on` should be handed again: the runtime's
+    /// unrenewed running requests that the daemon says it does not hold. Without
     /// `working_on` nothing is handed out twice.
-    pub fn lost_hand_out(&self, working_on: Option<&[RequestId]>) -> Option<RequestId> {
-        let held = working_on?;
-        self.unrenewed.filter(|id| !held.contains(id))
+    pub fn lost_hand_outs<'a>(
+        &'a self,
+        working_on: Option<&'a [RequestId]>,
+    ) -> impl Iterator<Item = (Kind, RequestId)> + 'a {
+        let held = working_on.unwrap_or_default();
+        let asked = working_on.is_some();
+        self.unrenewed
+            .iter()
+            .copied()
+            .filter(move |(_, id)| asked && !held.contains(id))
+    }
+
+    /// Whether any request waits to be claimed.
+    pub fn any_pending(&self) -> bool {
+        Kind::ALL.into_iter().any(|kind| self.pending.of(kind))
     }
 
     /// Whether [`Storer::heartbeat`] at `now` writes anything: `last_seen_at` is due, a
@@ -212,9 +249,9 @@ impl Daemon {
         refresh_after: Millis,
         working_on: Option<&[RequestId]>,
     ) -> bool {
-        self.pending
+        self.any_pending()
             || !self.seen_lately(now, refresh_after)
-            || self.lost_hand_out(working_on).is_some()
+            || self.lost_hand_outs(working_on).next().is_some()
     }
 }
 
@@ -229,13 +266,23 @@ pub enum Scoped<T> {
     Found(T),
 }
 
+/// A request a heartbeat hands out: claimed by it, or handed out again.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Handed {
+    pub id: RequestId,
+    pub kind: Kind,
+    /// The request's input (its hand-out carries some of its fields).
+    pub input: Option<String>,
+}
+
 /// The answer to a heartbeat.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Heartbeat {
     /// The runtime does not exist (any more).
     UnknownRuntime,
-    /// Recorded; the request this heartbeat claimed, if any.
-    Alive(Option<RequestId>),
+    /// Recorded; the requests this heartbeat hands out, at most one of each kind (or a
+    /// kind's batch, when the daemon takes batches).
+    Alive(Vec<Handed>),
 }
 
 /// Requests that one call ended as `timeout`, by the phase whose deadline they missed.
@@ -277,7 +324,7 @@ impl std::ops::AddAssign for Expired {
 /// one), and the overdue request it ended on the way, if any.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Created {
-    pub request: ModelRequest,
+    pub request: StoredRequest,
     pub expired: Expired,
 }
 
@@ -322,7 +369,8 @@ pub enum Asked {
     /// Answered from the catalog, `stale` when no longer fresh; `refresh` is the discovery
     /// started beside it (new, or the runtime's active one).
     Cached {
-        answer: ModelRequest,
+        /// Boxed: a record is large beside the other answers.
+        answer: Box<StoredRequest>,
         stale: bool,
         refresh: Option<Created>,
     },
@@ -336,11 +384,12 @@ pub enum Asked {
     NoRuntime,
 }
 
-/// What `claim_next_pending` did: the request it claimed, and the overdue pending ones it
-/// ended instead of claiming.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+/// What `claim_next_pending` did: the request it claimed (and its input), and the overdue
+/// pending ones it ended instead of claiming.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct Claim {
     pub claimed: Option<RequestId>,
+    pub input: Option<String>,
     pub expired: Expired,
 }
 
@@ -406,8 +455,9 @@ pub trait Storer: Send + Sync {
     /// A cheap query that proves the database answers.
     fn ping(&self) -> Result<()>;
 
-    /// The deadlines this store writes and the errors it gives requests that miss them.
-    fn timeouts(&self) -> Timeouts;
+    /// The deadlines this store writes, per kind (and so the errors it gives requests that
+    /// miss them: [`Kind::timeout_error`]).
+    fn timeouts(&self) -> PerKind<Timeouts>;
 
     /// Whether the read-only primitives answer within the process in microseconds, never
     /// waiting for a lock or a pooled connection held by a writer: then the HTTP layer runs
@@ -495,7 +545,7 @@ pub trait Storer: Send + Sync {
     fn touch_runtime(&self, id: RuntimeId, now: Millis) -> Result<bool>;
 
     /// The request as stored, if it belongs to `runtime`; no expiry applied.
-    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>>;
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>>;
 
     /// [`Storer::find_request`] for a web-UI caller: the API token's workspace, its runtime
     /// and the request, in one query (a poll is the UI's most frequent call).
@@ -504,16 +554,17 @@ pub trait Storer: Send + Sync {
         api_token: &TokenHash,
         runtime: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>>;
+    ) -> Result<Scoped<Option<StoredRequest>>>;
 
-    /// Atomically: ends the runtime's overdue active request, then inserts a new pending
-    /// request `id` unless the runtime still has an active one, which is returned instead.
-    /// The insert counts against the workspace's stored requests: `Full` when it stores
-    /// `max` already (and nothing is active). `Missing` if the runtime does not exist.
+    /// Atomically: ends the runtime's overdue active request of the same kind and key,
+    /// then inserts `new` as pending unless the runtime still has an active one of that
+    /// kind and key, which is returned instead. The insert counts against the workspace's
+    /// stored requests: `Full` when it stores `max` already (and nothing is active).
+    /// `Missing` if the runtime does not exist.
     fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>>;
@@ -523,10 +574,10 @@ pub trait Storer: Send + Sync {
     fn create_or_coalesce(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
     ) -> Result<Option<Created>> {
-        match self.create_or_coalesce_within(runtime, id, now, u64::MAX)? {
+        match self.create_or_coalesce_within(runtime, new, now, u64::MAX)? {
             Added::Done(created) => Ok(Some(created)),
             Added::Missing => Ok(None),
             Added::Full => Err(StoreError::Corrupt(
@@ -539,30 +590,34 @@ pub trait Storer: Send + Sync {
     /// what `--max-requests-per-workspace` bounds.
     fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64>;
 
-    /// Moves the runtime's oldest claimable pending request to running, with a fresh lease.
-    /// A pending request past its deadline is never claimed: it is ended as `timeout`.
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim>;
+    /// Moves the runtime's oldest claimable pending request of `kind` to running, with a
+    /// fresh lease. A pending request past its deadline is never claimed: it is ended as
+    /// `timeout`.
+    fn claim_next_pending(&self, runtime: RuntimeId, kind: Kind, now: Millis) -> Result<Claim>;
 
-    /// Compare-and-set: applies `report` if the request is running, its lease unexpired.
-    /// False if it changed nothing.
+    /// Compare-and-set: applies `report` if the request is of `kind` and running, its lease
+    /// unexpired. False if it changed nothing.
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
     ) -> Result<bool>;
 
-    /// Compare-and-set: ends the request as `timeout` if it is still in `phase` (pending or
-    /// running) and its deadline has passed.
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool>;
+    /// Compare-and-set: ends the request (of `kind`) as `timeout` if it is still in `phase`
+    /// (pending or running) and its deadline has passed.
+    fn expire_request(&self, id: RequestId, kind: Kind, phase: Status, now: Millis)
+    -> Result<bool>;
 
     /// Ends at most `limit` active requests whose deadline has passed, oldest deadline
     /// first, each with a compare-and-set. Fewer than `limit` means none are left.
     fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired>;
 
-    /// Deletes at most `limit` requests that ended before `cutoff`. Returns how many.
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64>;
+    /// Deletes at most `limit` requests of `kind` that ended before `cutoff`. Returns how
+    /// many.
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64>;
 
     /// Requests per status, from indexes: cheap enough to run on every metrics scrape.
     fn count_requests(&self) -> Result<RequestCounts>;
@@ -575,7 +630,13 @@ pub trait Storer: Send + Sync {
     /// Compare-and-set: gives the running request `id` a fresh lease if it has had no
     /// renewal since it was handed out and its lease has not run out — a hand-out again,
     /// after the answer that carried the first one was lost.
-    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool>;
+    fn hand_out_again(
+        &self,
+        runtime: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool>;
 
     /// Every active request, in one query: what the instance's re-check of all its waiting
     /// calls compares against.
@@ -596,7 +657,7 @@ pub trait Storer: Send + Sync {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>>;
+    ) -> Result<Added<StoredRequest>>;
 
     /// Opens a listener for changes made through any handle of this store. Blocking (it
     /// may connect): the instance calls it on its wake-up thread.
@@ -617,7 +678,7 @@ pub trait Storer: Send + Sync {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Option<ModelRequest>> {
+    ) -> Result<Option<StoredRequest>> {
         let found = self.find_request(runtime, id)?;
         with_deadline_applied(self, runtime, found, now)
     }
@@ -629,7 +690,7 @@ pub trait Storer: Send + Sync {
         runtime: RuntimeId,
         id: RequestId,
         now: Millis,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         Ok(match self.find_request_by_token(api_token, runtime, id)? {
             Scoped::Found(found) => {
                 Scoped::Found(with_deadline_applied(self, runtime, found, now)?)
@@ -675,6 +736,7 @@ pub trait Storer: Send + Sync {
     fn report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
@@ -688,12 +750,13 @@ pub trait Storer: Send + Sync {
                 cleaned = Report::Ended(outcome);
                 &cleaned
             }
-            Report::Running => report,
+            Report::Running | Report::Progress(_) => report,
         };
-        if self.apply_report(runtime, id, report, now)? {
+        if self.apply_report(runtime, kind, id, report, now)? {
             return Ok(ReportOutcome::Recorded);
         }
-        let Some(request) = self.get_request(runtime, id, now)? else {
+        let found = self.get_request(runtime, id, now)?;
+        let Some(request) = found.filter(|r| r.kind == kind) else {
             return Ok(ReportOutcome::NotFound);
         };
         Ok(match report {
@@ -715,12 +778,13 @@ pub trait Storer: Send + Sync {
         // if nothing else answers, rather than "offline".
         let mut full = false;
         let mut created = None;
+        let discovery = NewRequest::of(Kind::Models, ask.id);
         if catalog_age.is_some_and(|age| age < ask.fresh) {
             let after = now - ask.fresh;
             match self.answer_from_catalog(runtime.id, ask, None, after, now)? {
                 Added::Done(answer) => {
                     return Ok(Asked::Cached {
-                        answer,
+                        answer: Box::new(answer),
                         stale: false,
                         refresh: None,
                     });
@@ -734,7 +798,7 @@ pub trait Storer: Send + Sync {
             if ask.online {
                 created = Some(self.create_or_coalesce_within(
                     runtime.id,
-                    ask.id,
+                    &discovery,
                     now,
                     ask.max_stored,
                 )?);
@@ -748,7 +812,7 @@ pub trait Storer: Send + Sync {
             match self.answer_from_catalog(runtime.id, ask, refresh_id, after, now)? {
                 Added::Done(answer) => {
                     return Ok(Asked::Cached {
-                        answer,
+                        answer: Box::new(answer),
                         stale: true,
                         refresh,
                     });
@@ -765,7 +829,7 @@ pub trait Storer: Send + Sync {
         }
         let created = match created {
             Some(created) => created,
-            None => self.create_or_coalesce_within(runtime.id, ask.id, now, ask.max_stored)?,
+            None => self.create_or_coalesce_within(runtime.id, &discovery, now, ask.max_stored)?,
         };
         Ok(match created {
             Added::Done(created) => Asked::Discovery(created),
@@ -775,8 +839,9 @@ pub trait Storer: Send + Sync {
     }
 
     /// A daemon's heartbeat, after [`Storer::daemon_by_token`]: marks the runtime alive and
-    /// hands out at most one request — a lost hand-out again when `working_on` says the
-    /// daemon does not hold it, else the oldest pending one.
+    /// hands out at most one request of each kind (a kind's batch when the daemon takes
+    /// `batches`) — lost hand-outs again when `working_on` says the daemon does not hold
+    /// them, then the oldest pending ones.
     ///
     /// `last_seen_at` is written only when the stored one is older than `refresh_after`, and
     /// the claim is tried only when a request was pending, so that the common heartbeat
@@ -790,21 +855,56 @@ pub trait Storer: Send + Sync {
         now: Millis,
         refresh_after: Millis,
         working_on: Option<&[RequestId]>,
+        batches: bool,
     ) -> Result<Heartbeat> {
-        if !daemon.seen_lately(now, refresh_after) && !self.touch_runtime(daemon.runtime, now)? {
+        let runtime = daemon.runtime;
+        if !daemon.seen_lately(now, refresh_after) && !self.touch_runtime(runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
-        if let Some(lost) = daemon.lost_hand_out(working_on)
-            && self.hand_out_again(daemon.runtime, lost, now)?
-        {
-            return Ok(Heartbeat::Alive(Some(lost)));
+        let most = |kind: Kind| if batches { kind.spec().batch } else { 1 };
+        let mut handed: Vec<Handed> = Vec::new();
+        let count = |handed: &[Handed], kind| handed.iter().filter(|h| h.kind == kind).count();
+        for (kind, lost) in daemon.lost_hand_outs(working_on) {
+            if count(&handed, kind) < most(kind) && self.hand_out_again(runtime, kind, lost, now)? {
+                // The hand-out names some of the input: read it (a lost answer is rare).
+                let input = match kind.spec().ack_fields {
+                    [] => None,
+                    _ => self.find_request(runtime, lost)?.and_then(|r| r.input),
+                };
+                handed.push(Handed {
+                    id: lost,
+                    kind,
+                    input,
+                });
+            }
         }
-        if !daemon.pending {
-            return Ok(Heartbeat::Alive(None));
+        self.claim_pending(daemon, now, batches, &mut handed)?;
+        Ok(Heartbeat::Alive(handed))
+    }
+
+    /// The claims of a heartbeat: for each kind [`Daemon::pending`] names, the oldest
+    /// pending requests, until `handed` holds one of that kind (its batch, with `batches`)
+    /// or none is left.
+    fn claim_pending(
+        &self,
+        daemon: &Daemon,
+        now: Millis,
+        batches: bool,
+        handed: &mut Vec<Handed>,
+    ) -> Result<()> {
+        for kind in Kind::ALL.into_iter().filter(|&k| daemon.pending.of(k)) {
+            let most = if batches { kind.spec().batch } else { 1 };
+            while handed.iter().filter(|h| h.kind == kind).count() < most {
+                let claim = self.claim_next_pending(daemon.runtime, kind, now)?;
+                let Some(id) = claim.claimed else { break };
+                handed.push(Handed {
+                    id,
+                    kind,
+                    input: claim.input,
+                });
+            }
         }
-        Ok(Heartbeat::Alive(
-            self.claim_next_pending(daemon.runtime, now)?.claimed,
-        ))
+        Ok(())
     }
 }
 
@@ -813,12 +913,12 @@ pub trait Storer: Send + Sync {
 fn with_deadline_applied<S: Storer + ?Sized>(
     store: &S,
     runtime: RuntimeId,
-    found: Option<ModelRequest>,
+    found: Option<StoredRequest>,
     now: Millis,
-) -> Result<Option<ModelRequest>> {
+) -> Result<Option<StoredRequest>> {
     match found {
         Some(request) if request.is_overdue(now) => {
-            store.expire_request(request.id, request.status, now)?;
+            store.expire_request(request.id, request.kind, request.status, now)?;
             store.find_request(runtime, request.id)
         }
         other => Ok(other),
@@ -828,6 +928,32 @@ fn with_deadline_applied<S: Storer + ?Sized>(
 /// The columns' text form of a status, for the engines.
 fn status_from_db(s: &str) -> Result<Status> {
     Status::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}")))
+}
+
+fn kind_from_db(s: &str) -> Result<Kind> {
+    Kind::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown request kind {s:?}")))
+}
+
+/// A runtime's kinds pending and its unrenewed running requests, as [`Daemon`] has them.
+type DaemonLists = (PerKind<bool>, Vec<(Kind, RequestId)>);
+
+/// What the SQL engines' `daemon_by_token` aggregates: the kinds pending (`kind,kind`) and
+/// the unrenewed running requests (`kind id,kind id`), each `NULL` for none. Sorted, so
+/// that every engine hands lost requests out again in one order.
+fn daemon_lists_from_db(pending: Option<&str>, unrenewed: Option<&str>) -> Result<DaemonLists> {
+    let mut kinds = PerKind::all(false);
+    for kind in pending.into_iter().flat_map(|p| p.split(',')) {
+        kinds.set(kind_from_db(kind)?, true);
+    }
+    let mut running = Vec::new();
+    for pair in unrenewed.into_iter().flat_map(|u| u.split(',')) {
+        let (kind, id) = pair
+            .split_once(' ')
+            .ok_or_else(|| StoreError::Corrupt(format!("unrenewed request {pair:?}")))?;
+        running.push((kind_from_db(kind)?, request_id_from_db(id)?));
+    }
+    running.sort();
+    Ok((kinds, running))
 }
 
 fn request_id_from_db(s: &str) -> Result<RequestId> {

@@ -2,10 +2,11 @@
 //! stored requests; the fresh and serve windows; a discovery in the background; offline
 //! runtimes; `refresh`; and a deleted runtime's catalog going with it.
 
+use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use model_relay::model::{ModelRequest, Outcome, Report, ReportOutcome, Runtime, Status};
+use model_relay::model::{Outcome, Report, ReportOutcome, Runtime, Status, StoredRequest};
 use model_relay::store::{Added, Ask, Asked, Storer};
 
 use crate::common::{
@@ -61,10 +62,12 @@ fn ask(store: &dyn Storer, t: &Tenant, now: i64) -> Asked {
 }
 
 /// A discovery that ends with `report` at `now`.
-fn discovered(store: &dyn Storer, t: &Tenant, report: &Report, now: i64) -> ModelRequest {
+fn discovered(store: &dyn Storer, t: &Tenant, report: &Report, now: i64) -> StoredRequest {
     let id = running(store, t.runtime, now);
     assert_eq!(
-        store.report(t.runtime, id, report, now).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, report, now)
+            .unwrap(),
         ReportOutcome::Recorded
     );
     get(store, t.runtime, id, now)
@@ -72,6 +75,7 @@ fn discovered(store: &dyn Storer, t: &Tenant, report: &Report, now: i64) -> Mode
 
 fn ended(status: Status, models: Vec<model_relay::model::ModelEntry>, supported: bool) -> Report {
     Report::Ended(Outcome {
+        result: None,
         status,
         models,
         supported,
@@ -84,6 +88,7 @@ fn stand_in() -> Report {
     let mut list = models();
     list.truncate(1);
     Report::Ended(Outcome {
+        result: None,
         status: Status::Completed,
         models: list,
         supported: true,
@@ -93,13 +98,13 @@ fn stand_in() -> Report {
 }
 
 /// The answer of `asked`, which must have come from the catalog.
-fn cached(asked: Asked) -> (ModelRequest, bool, Option<ModelRequest>) {
+fn cached(asked: Asked) -> (StoredRequest, bool, Option<StoredRequest>) {
     match asked {
         Asked::Cached {
             answer,
             stale,
             refresh,
-        } => (answer, stale, refresh.map(|r| r.request)),
+        } => (*answer, stale, refresh.map(|r| r.request)),
         other => panic!("expected an answer from the catalog, got {other:?}"),
     }
 }
@@ -135,9 +140,11 @@ fn a_completed_report_with_no_models_or_no_support_removes_the_catalog(engine: &
         ));
         // End that discovery, so that the next round starts from nothing active.
         let active = create(store.as_ref(), t.runtime, T0 + 2).id;
-        store.claim_next_pending(t.runtime, T0 + 2).unwrap();
         store
-            .report(t.runtime, active, &failed("gone"), T0 + 2)
+            .claim_next_pending(t.runtime, Kind::Models, T0 + 2)
+            .unwrap();
+        store
+            .report(t.runtime, Kind::Models, active, &failed("gone"), T0 + 2)
             .unwrap();
     }
 }
@@ -170,7 +177,9 @@ fn a_fallback_report_is_stored_returned_and_replayed_exactly(engine: &dyn Engine
     assert_eq!(request.models.len(), 1);
     let id = request.id;
     assert_eq!(
-        store.report(t.runtime, id, &stand_in(), T0 + 1).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &stand_in(), T0 + 1)
+            .unwrap(),
         ReportOutcome::Replayed
     );
     let Report::Ended(mut real) = stand_in() else {
@@ -179,7 +188,7 @@ fn a_fallback_report_is_stored_returned_and_replayed_exactly(engine: &dyn Engine
     real.fallback = false;
     assert_eq!(
         store
-            .report(t.runtime, id, &Report::Ended(real), T0 + 1)
+            .report(t.runtime, Kind::Models, id, &Report::Ended(real), T0 + 1)
             .unwrap(),
         ReportOutcome::NotRunning(Status::Completed),
         "the same list, not a stand-in: a different report"
@@ -229,12 +238,14 @@ fn a_stale_catalog_answers_and_starts_one_discovery_in_the_background(engine: &d
     assert_eq!(store.active_requests().unwrap().len(), 1);
 
     // When it ends with models, the catalog is the new list, fresh again.
-    store.claim_next_pending(t.runtime, now + 2).unwrap();
+    store
+        .claim_next_pending(t.runtime, Kind::Models, now + 2)
+        .unwrap();
     let mut newer = models();
     newer.reverse();
     let report = ended(Status::Completed, newer.clone(), true);
     store
-        .report(t.runtime, refresh.id, &report, now + 3)
+        .report(t.runtime, Kind::Models, refresh.id, &report, now + 3)
         .unwrap();
     let (fresh, stale, none) = cached(ask(store.as_ref(), &t, now + 4));
     assert!(!stale && none.is_none());
@@ -318,7 +329,7 @@ fn concurrent_asks_on_a_stale_catalog_from_two_handles_start_one_discovery(engin
     for round in 0..10 {
         let now = T0 + FRESH_MS + round * 100_000;
         let barrier = Arc::new(Barrier::new(2));
-        let answers: Vec<(ModelRequest, Option<ModelRequest>)> = thread::scope(|s| {
+        let answers: Vec<(StoredRequest, Option<StoredRequest>)> = thread::scope(|s| {
             let workers: Vec<_> = handles
                 .iter()
                 .map(|store| {
@@ -346,7 +357,7 @@ fn concurrent_asks_on_a_stale_catalog_from_two_handles_start_one_discovery(engin
         // End it as timed out, so that the next round starts a discovery of its own.
         let id = refreshes[0].unwrap();
         handles[0]
-            .expire_request(id, Status::Pending, now + 31_000)
+            .expire_request(id, Kind::Models, Status::Pending, now + 31_000)
             .unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! Claims and heartbeats: a pending request is handed out once, with a lease; heartbeats
 //! record when a daemon was last seen; a hand-out whose answer was lost is handed out again.
 
+use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -8,6 +9,7 @@ use model_relay::ids::{RequestId, Token};
 use model_relay::model::{Report, Status};
 use model_relay::store::{Claim, Daemon, Expired, Heartbeat, Storer};
 
+use crate::common::alive;
 use crate::common::{
     PENDING_MS, RUNNING_MS, T0, TIMEOUTS, Tenant, completed, create, failed, get, new_id, running,
     tenant,
@@ -40,7 +42,7 @@ fn daemon(store: &dyn Storer, t: &Tenant) -> Daemon {
 /// A heartbeat as the HTTP layer makes it: the token read, then the beat.
 fn beat(store: &dyn Storer, t: &Tenant, now: i64, refresh_after: i64) -> Heartbeat {
     store
-        .heartbeat(&daemon(store, t), now, refresh_after, None)
+        .heartbeat(&daemon(store, t), now, refresh_after, None, false)
         .unwrap()
 }
 
@@ -50,7 +52,10 @@ fn claim_moves_the_pending_request_to_running_with_a_lease(engine: &dyn Engine) 
     let id = create(store.as_ref(), t.runtime, T0).id;
     let at = T0 + 5_000;
     assert_eq!(
-        store.claim_next_pending(t.runtime, at).unwrap().claimed,
+        store
+            .claim_next_pending(t.runtime, Kind::Models, at)
+            .unwrap()
+            .claimed,
         Some(id)
     );
     let r = get(store.as_ref(), t.runtime, id, at);
@@ -64,10 +69,16 @@ fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
-    assert_eq!(beat(store.as_ref(), &t, T0, 0), Heartbeat::Alive(Some(id)));
-    assert_eq!(beat(store.as_ref(), &t, T0 + 1, 0), Heartbeat::Alive(None));
+    assert_eq!(beat(store.as_ref(), &t, T0, 0), alive(id));
     assert_eq!(
-        store.claim_next_pending(t.runtime, T0 + 2).unwrap().claimed,
+        beat(store.as_ref(), &t, T0 + 1, 0),
+        Heartbeat::Alive(vec![])
+    );
+    assert_eq!(
+        store
+            .claim_next_pending(t.runtime, Kind::Models, T0 + 2)
+            .unwrap()
+            .claimed,
         None
     );
 }
@@ -86,7 +97,10 @@ fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Eng
                     let barrier = barrier.clone();
                     s.spawn(move || {
                         barrier.wait();
-                        store.claim_next_pending(t.runtime, now).unwrap().claimed
+                        store
+                            .claim_next_pending(t.runtime, Kind::Models, now)
+                            .unwrap()
+                            .claimed
                     })
                 })
                 .collect();
@@ -95,7 +109,7 @@ fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Eng
         let handed: Vec<RequestId> = claims.into_iter().flatten().collect();
         assert_eq!(handed, vec![id], "round {round}: claimed exactly once");
         handles[1]
-            .report(t.runtime, id, &failed("next round"), now)
+            .report(t.runtime, Kind::Models, id, &failed("next round"), now)
             .unwrap();
     }
 }
@@ -106,11 +120,17 @@ fn claim_only_sees_its_own_runtime(engine: &dyn Engine) {
     let b = tenant(store.as_ref());
     let id = create(store.as_ref(), a.runtime, T0).id;
     assert_eq!(
-        store.claim_next_pending(b.runtime, T0).unwrap().claimed,
+        store
+            .claim_next_pending(b.runtime, Kind::Models, T0)
+            .unwrap()
+            .claimed,
         None
     );
     assert_eq!(
-        store.claim_next_pending(a.runtime, T0).unwrap().claimed,
+        store
+            .claim_next_pending(a.runtime, Kind::Models, T0)
+            .unwrap()
+            .claimed,
         Some(id)
     );
 }
@@ -121,9 +141,12 @@ fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn Eng
     let id = create(store.as_ref(), t.runtime, T0).id;
     let deadline = T0 + PENDING_MS;
     assert_eq!(
-        store.claim_next_pending(t.runtime, deadline).unwrap(),
+        store
+            .claim_next_pending(t.runtime, Kind::Models, deadline)
+            .unwrap(),
         Claim {
             claimed: None,
+            input: None,
             expired: Expired::one(Status::Pending)
         },
         "it says what it ended"
@@ -147,7 +170,7 @@ fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dyn En
             .last_seen_at
     };
     assert_eq!(daemon(store.as_ref(), &t).last_seen_at, None, "never seen");
-    assert_eq!(beat(store.as_ref(), &t, T0, 1000), Heartbeat::Alive(None));
+    assert_eq!(beat(store.as_ref(), &t, T0, 1000), Heartbeat::Alive(vec![]));
     assert_eq!(seen(store.as_ref()), Some(T0), "first heartbeat is written");
     assert_eq!(daemon(store.as_ref(), &t).last_seen_at, Some(T0));
     beat(store.as_ref(), &t, T0 + 1000, 1000);
@@ -164,10 +187,7 @@ fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dyn En
     );
     // A skipped write still claims what is pending.
     let id = create(store.as_ref(), t.runtime, T0 + 1002).id;
-    assert_eq!(
-        beat(store.as_ref(), &t, T0 + 1003, 1000),
-        Heartbeat::Alive(Some(id))
-    );
+    assert_eq!(beat(store.as_ref(), &t, T0 + 1003, 1000), alive(id));
     assert_eq!(seen(store.as_ref()), Some(T0 + 1001));
 }
 
@@ -177,7 +197,7 @@ fn heartbeat_of_a_runtime_deleted_since_its_token_was_read_is_unknown(engine: &d
     let found = daemon(store.as_ref(), &t);
     assert!(store.delete_runtime(t.workspace, t.runtime).unwrap());
     assert_eq!(
-        store.heartbeat(&found, T0, 1000, None).unwrap(),
+        store.heartbeat(&found, T0, 1000, None, false).unwrap(),
         Heartbeat::UnknownRuntime
     );
 }
@@ -186,14 +206,17 @@ fn daemon_by_token_tells_whether_a_request_is_pending(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
     let other = tenant(store.as_ref());
-    let pending = |s: &dyn Storer| daemon(s, &t).pending;
+    let pending = |s: &dyn Storer| daemon(s, &t).any_pending();
     assert!(!pending(store.as_ref()), "nothing created");
     create(store.as_ref(), other.runtime, T0);
     assert!(!pending(store.as_ref()), "another runtime's request");
     let id = create(store.as_ref(), t.runtime, T0).id;
     assert!(pending(store.as_ref()));
     assert_eq!(
-        store.claim_next_pending(t.runtime, T0 + 1).unwrap().claimed,
+        store
+            .claim_next_pending(t.runtime, Kind::Models, T0 + 1)
+            .unwrap()
+            .claimed,
         Some(id)
     );
     assert!(!pending(store.as_ref()), "running is not pending");
@@ -209,26 +232,29 @@ fn beat_holding(
     working_on: Option<&[RequestId]>,
 ) -> Heartbeat {
     store
-        .heartbeat(&daemon(store, t), now, 0, working_on)
+        .heartbeat(&daemon(store, t), now, 0, working_on, false)
         .unwrap()
 }
 
 fn daemon_by_token_names_the_running_request_until_it_is_renewed(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
-    assert_eq!(daemon(store.as_ref(), &t).unrenewed, None);
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, vec![]);
     create(store.as_ref(), t.runtime, T0);
     assert_eq!(
         daemon(store.as_ref(), &t).unrenewed,
-        None,
+        vec![],
         "pending is not handed out"
     );
     let id = running(store.as_ref(), t.runtime, T0);
-    assert_eq!(daemon(store.as_ref(), &t).unrenewed, Some(id));
+    assert_eq!(
+        daemon(store.as_ref(), &t).unrenewed,
+        vec![(Kind::Models, id)]
+    );
     store
-        .report(t.runtime, id, &Report::Running, T0 + 1)
+        .report(t.runtime, Kind::Models, id, &Report::Running, T0 + 1)
         .unwrap();
-    assert_eq!(daemon(store.as_ref(), &t).unrenewed, None, "renewed");
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, vec![], "renewed");
 }
 
 fn a_lost_hand_out_is_handed_out_again_only_when_working_on_omits_it(engine: &dyn Engine) {
@@ -238,17 +264,17 @@ fn a_lost_hand_out_is_handed_out_again_only_when_working_on_omits_it(engine: &dy
     let later = T0 + 1_000;
     assert_eq!(
         beat_holding(store.as_ref(), &t, later, None),
-        Heartbeat::Alive(None),
+        Heartbeat::Alive(vec![]),
         "without working_on nothing is handed out twice"
     );
     assert_eq!(
         beat_holding(store.as_ref(), &t, later, Some(&[id])),
-        Heartbeat::Alive(None),
+        Heartbeat::Alive(vec![]),
         "the daemon holds it"
     );
     assert_eq!(
         beat_holding(store.as_ref(), &t, later, Some(&[new_id()])),
-        Heartbeat::Alive(Some(id)),
+        alive(id),
         "the daemon does not hold it: its answer was lost"
     );
     let r = get(store.as_ref(), t.runtime, id, later);
@@ -261,37 +287,41 @@ fn a_renewed_or_expired_request_is_never_handed_out_again(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
     store
-        .report(t.runtime, id, &Report::Running, T0 + 1)
+        .report(t.runtime, Kind::Models, id, &Report::Running, T0 + 1)
         .unwrap();
     assert!(
-        !store.hand_out_again(t.runtime, id, T0 + 2).unwrap(),
+        !store
+            .hand_out_again(t.runtime, Kind::Models, id, T0 + 2)
+            .unwrap(),
         "renewed"
     );
     assert_eq!(
         beat_holding(store.as_ref(), &t, T0 + 2, Some(&[])),
-        Heartbeat::Alive(None)
+        Heartbeat::Alive(vec![])
     );
 
     let other = tenant(store.as_ref());
     let lapsed = running(store.as_ref(), other.runtime, T0);
     assert!(
         !store
-            .hand_out_again(other.runtime, lapsed, T0 + RUNNING_MS)
+            .hand_out_again(other.runtime, Kind::Models, lapsed, T0 + RUNNING_MS)
             .unwrap(),
         "its lease ran out"
     );
     assert!(
-        !store.hand_out_again(t.runtime, lapsed, T0 + 1).unwrap(),
+        !store
+            .hand_out_again(t.runtime, Kind::Models, lapsed, T0 + 1)
+            .unwrap(),
         "another runtime's request"
     );
     store
-        .report(other.runtime, lapsed, &completed(), T0 + 1)
+        .report(other.runtime, Kind::Models, lapsed, &completed(), T0 + 1)
         .ok();
     let third = tenant(store.as_ref());
     let pending = create(store.as_ref(), third.runtime, T0).id;
     assert!(
         !store
-            .hand_out_again(third.runtime, pending, T0 + 1)
+            .hand_out_again(third.runtime, Kind::Models, pending, T0 + 1)
             .unwrap(),
         "pending"
     );

@@ -1,14 +1,16 @@
 //! What every topic of the conformance suite shares: the timeouts and the clock's start, a
 //! tenant (a workspace and a runtime), and short ways to create, claim and end a request.
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::time::Duration;
 
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
 use model_relay::model::{
-    ModelEntry, ModelRequest, Outcome, Report, ServiceTier, Status, Thinking, ThinkingLevel,
+    ModelEntry, Outcome, Report, ServiceTier, Status, StoredRequest, Thinking, ThinkingLevel,
     Timeouts,
 };
-use model_relay::store::{NewRuntime, Storer};
+use model_relay::store::{Handed, Heartbeat, NewRuntime, Storer};
 
 pub const TIMEOUTS: Timeouts = Timeouts {
     pending: Duration::from_secs(30),
@@ -62,19 +64,28 @@ pub fn tenant(store: &dyn Storer) -> Tenant {
     }
 }
 
+/// A heartbeat's answer that hands out `id` and nothing else.
+pub fn alive(id: RequestId) -> Heartbeat {
+    Heartbeat::Alive(vec![Handed {
+        id,
+        kind: Kind::Models,
+        input: None,
+    }])
+}
+
 pub fn new_id() -> RequestId {
     RequestId::random().unwrap()
 }
 
-pub fn create(store: &dyn Storer, runtime: RuntimeId, now: i64) -> ModelRequest {
+pub fn create(store: &dyn Storer, runtime: RuntimeId, now: i64) -> StoredRequest {
     store
-        .create_or_coalesce(runtime, new_id(), now)
+        .create_or_coalesce(runtime, &NewRequest::of(Kind::Models, new_id()), now)
         .unwrap()
         .expect("runtime exists")
         .request
 }
 
-pub fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> ModelRequest {
+pub fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> StoredRequest {
     store
         .get_request(runtime, id, now)
         .unwrap()
@@ -85,7 +96,10 @@ pub fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> M
 pub fn running(store: &dyn Storer, runtime: RuntimeId, now: i64) -> RequestId {
     let id = create(store, runtime, now).id;
     assert_eq!(
-        store.claim_next_pending(runtime, now).unwrap().claimed,
+        store
+            .claim_next_pending(runtime, Kind::Models, now)
+            .unwrap()
+            .claimed,
         Some(id)
     );
     id
@@ -130,6 +144,7 @@ pub fn models() -> Vec<ModelEntry> {
 
 pub fn completed() -> Report {
     Report::Ended(Outcome {
+        result: None,
         status: Status::Completed,
         models: models(),
         supported: true,
@@ -140,6 +155,7 @@ pub fn completed() -> Report {
 
 pub fn failed(error: &str) -> Report {
     Report::Ended(Outcome {
+        result: None,
         status: Status::Failed,
         models: Vec::new(),
         supported: true,

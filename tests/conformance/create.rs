@@ -1,6 +1,8 @@
 //! Creating a request: a pending request with a claim deadline, coalescing onto the active
 //! one, and a new one once that has ended or run out of time.
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -26,7 +28,7 @@ fn create_makes_a_pending_request_with_a_claim_deadline(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = new_id();
     let created = store
-        .create_or_coalesce(t.runtime, id, T0)
+        .create_or_coalesce(t.runtime, &NewRequest::of(Kind::Models, id), T0)
         .unwrap()
         .unwrap();
     assert_eq!(created.expired, Expired::default());
@@ -45,7 +47,9 @@ fn create_for_a_missing_runtime_is_none(engine: &dyn Engine) {
     let store = engine.open();
     let missing = RuntimeId::random().unwrap();
     assert_eq!(
-        store.create_or_coalesce(missing, new_id(), T0).unwrap(),
+        store
+            .create_or_coalesce(missing, &NewRequest::of(Kind::Models, new_id()), T0)
+            .unwrap(),
         None
     );
 }
@@ -57,7 +61,9 @@ fn create_coalesces_while_a_request_is_pending_or_running(engine: &dyn Engine) {
     let again = create(store.as_ref(), t.runtime, T0 + 1_000);
     assert_eq!(again, first, "pending: the same request, unchanged");
 
-    store.claim_next_pending(t.runtime, T0 + 2_000).unwrap();
+    store
+        .claim_next_pending(t.runtime, Kind::Models, T0 + 2_000)
+        .unwrap();
     let while_running = create(store.as_ref(), t.runtime, T0 + 3_000);
     assert_eq!(while_running.id, first.id);
     assert_eq!(while_running.status, Status::Running);
@@ -68,7 +74,7 @@ fn create_after_the_active_request_ended_makes_a_new_one(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let first = running(store.as_ref(), t.runtime, T0);
     store
-        .report(t.runtime, first, &completed(), T0 + 1)
+        .report(t.runtime, Kind::Models, first, &completed(), T0 + 1)
         .unwrap();
     let next = create(store.as_ref(), t.runtime, T0 + 2);
     assert_ne!(next.id, first);
@@ -85,7 +91,7 @@ fn create_expires_an_overdue_active_request_and_makes_a_new_one(engine: &dyn Eng
     let stale = create(store.as_ref(), t.runtime, T0).id;
     let later = T0 + PENDING_MS;
     let created = store
-        .create_or_coalesce(t.runtime, new_id(), later)
+        .create_or_coalesce(t.runtime, &NewRequest::of(Kind::Models, new_id()), later)
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -129,11 +135,16 @@ fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engi
         // End it, so the next round races to create a new one.
         let store = handles[0].as_ref();
         assert_eq!(
-            store.claim_next_pending(t.runtime, now).unwrap().claimed,
+            store
+                .claim_next_pending(t.runtime, Kind::Models, now)
+                .unwrap()
+                .claimed,
             Some(ids[0])
         );
         assert_eq!(
-            store.report(t.runtime, ids[0], &completed(), now).unwrap(),
+            store
+                .report(t.runtime, Kind::Models, ids[0], &completed(), now)
+                .unwrap(),
             ReportOutcome::Recorded
         );
     }
@@ -166,7 +177,11 @@ fn postgres_create_racing_an_uncommitted_delete_of_its_runtime_is_none() {
         .get(0);
 
     let creating = std::thread::spawn(move || {
-        store.create_or_coalesce(runtime, RequestId::random().unwrap(), T0)
+        store.create_or_coalesce(
+            runtime,
+            &NewRequest::of(Kind::Models, RequestId::random().unwrap()),
+            T0,
+        )
     });
     // The create waits on the delete's transaction: its row lock, or its uncommitted
     // delete seen by the foreign key's check.

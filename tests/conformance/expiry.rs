@@ -1,12 +1,13 @@
 //! Deadlines and housekeeping: overdue requests end as timeouts wherever they are seen, an
 //! ended request never changes again, and the sweeper ends, counts and deletes in batches.
 
+use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
 use model_relay::ids::{RequestId, RuntimeId};
-use model_relay::model::{ModelRequest, Report, Status};
+use model_relay::model::{Report, Status, StoredRequest};
 use model_relay::store::{Expired, RequestCounts, Scoped, Storer};
 use model_relay::sweeper::{BATCH, sweep_once};
 
@@ -84,43 +85,55 @@ fn terminal_status_is_final(engine: &dyn Engine) {
     let ended = [
         {
             let id = running(store.as_ref(), t.runtime, T0);
-            store.report(t.runtime, id, &completed(), T0).unwrap();
+            store
+                .report(t.runtime, Kind::Models, id, &completed(), T0)
+                .unwrap();
             id
         },
         {
             let id = running(store.as_ref(), t.runtime, T0);
-            store.report(t.runtime, id, &failed("x"), T0).unwrap();
+            store
+                .report(t.runtime, Kind::Models, id, &failed("x"), T0)
+                .unwrap();
             id
         },
         {
             let id = create(store.as_ref(), t.runtime, T0).id;
             assert!(
                 store
-                    .expire_request(id, Status::Pending, T0 + PENDING_MS)
+                    .expire_request(id, Kind::Models, Status::Pending, T0 + PENDING_MS)
                     .unwrap()
             );
             id
         },
     ];
-    let before: Vec<ModelRequest> = ended
+    let before: Vec<StoredRequest> = ended
         .iter()
         .map(|&id| get(store.as_ref(), t.runtime, id, T0 + PENDING_MS))
         .collect();
     let later = T0 + 10 * RUNNING_MS;
     for &id in &ended {
         for phase in [Status::Pending, Status::Running, Status::Timeout] {
-            assert!(!store.expire_request(id, phase, later).unwrap());
+            assert!(
+                !store
+                    .expire_request(id, Kind::Models, phase, later)
+                    .unwrap()
+            );
         }
         for report in [completed(), failed("y"), Report::Running] {
-            store.report(t.runtime, id, &report, later).unwrap();
+            store
+                .report(t.runtime, Kind::Models, id, &report, later)
+                .unwrap();
         }
     }
-    store.claim_next_pending(t.runtime, later).unwrap();
+    store
+        .claim_next_pending(t.runtime, Kind::Models, later)
+        .unwrap();
     assert_eq!(
         store.expire_overdue(later, 100).unwrap(),
         Expired::default()
     );
-    let after: Vec<ModelRequest> = ended
+    let after: Vec<StoredRequest> = ended
         .iter()
         .map(|&id| get(store.as_ref(), t.runtime, id, later))
         .collect();
@@ -133,7 +146,9 @@ fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
     let id = running(store.as_ref(), t.runtime, T0);
     let late = T0 + RUNNING_MS;
     assert!(
-        !store.expire_request(id, Status::Pending, late).unwrap(),
+        !store
+            .expire_request(id, Kind::Models, Status::Pending, late)
+            .unwrap(),
         "it is running, not pending: the compare-and-set misses"
     );
     assert_eq!(
@@ -141,10 +156,16 @@ fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
         Status::Running
     );
     assert!(
-        !store.expire_request(id, Status::Running, late - 1).unwrap(),
+        !store
+            .expire_request(id, Kind::Models, Status::Running, late - 1)
+            .unwrap(),
         "not yet overdue"
     );
-    assert!(store.expire_request(id, Status::Running, late).unwrap());
+    assert!(
+        store
+            .expire_request(id, Kind::Models, Status::Running, late)
+            .unwrap()
+    );
     let r = get_raw(store.as_ref(), t.runtime, id);
     assert_eq!(r.status, Status::Timeout);
     assert_eq!(
@@ -155,7 +176,7 @@ fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
 }
 
 /// The request as stored, no expiry applied.
-fn get_raw(store: &dyn Storer, runtime: RuntimeId, id: RequestId) -> ModelRequest {
+fn get_raw(store: &dyn Storer, runtime: RuntimeId, id: RequestId) -> StoredRequest {
     store
         .find_request(runtime, id)
         .unwrap()
@@ -174,7 +195,9 @@ fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
     let old_running = running(store.as_ref(), b.runtime, T0);
     let fresh_pending = create(store.as_ref(), c.runtime, T0 + RUNNING_MS).id;
     let done = running(store.as_ref(), d.runtime, T0);
-    store.report(d.runtime, done, &completed(), T0 + 1).unwrap();
+    store
+        .report(d.runtime, Kind::Models, done, &completed(), T0 + 1)
+        .unwrap();
 
     assert_eq!(
         store.expire_overdue(T0 + RUNNING_MS, 100).unwrap(),
@@ -274,7 +297,9 @@ fn retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches(en
     let ended: Vec<RequestId> = (1..=5)
         .map(|i| {
             let id = running(store.as_ref(), t.runtime, T0);
-            store.report(t.runtime, id, &completed(), T0 + i).unwrap();
+            store
+                .report(t.runtime, Kind::Models, id, &completed(), T0 + i)
+                .unwrap();
             id
         })
         .collect();
@@ -282,12 +307,26 @@ fn retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches(en
     let exists = |id| store.find_request(t.runtime, id).unwrap().is_some();
 
     // Cutoff T0+4: the three that ended at +1, +2, +3 go, two per batch at most.
-    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 2);
-    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 1);
-    assert_eq!(store.delete_ended_before(T0 + 4, 2).unwrap(), 0);
+    assert_eq!(
+        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
+        2
+    );
+    assert_eq!(
+        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
+        1
+    );
+    assert_eq!(
+        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
+        0
+    );
     let left: Vec<bool> = ended.iter().map(|&id| exists(id)).collect();
     assert_eq!(left, vec![false, false, false, true, true]);
-    assert_eq!(store.delete_ended_before(i64::MAX, 100).unwrap(), 2);
+    assert_eq!(
+        store
+            .delete_ended_before(Kind::Models, i64::MAX, 100)
+            .unwrap(),
+        2
+    );
     assert!(exists(active), "an active request is never deleted");
 }
 
@@ -300,7 +339,7 @@ fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
     for i in 0..batch + 3 {
         let id = running(store.as_ref(), many.runtime, T0);
         store
-            .report(many.runtime, id, &failed("x"), T0 + i % 7)
+            .report(many.runtime, Kind::Models, id, &failed("x"), T0 + i % 7)
             .unwrap();
     }
     let t = tenant(store.as_ref());
@@ -346,7 +385,9 @@ fn concurrent_sweeps_from_two_handles_end_and_delete_each_request_once(engine: &
     // Old ended requests: ended at T0.
     for _ in 0..old {
         let id = running(store, t.runtime, T0);
-        store.report(t.runtime, id, &completed(), T0).unwrap();
+        store
+            .report(t.runtime, Kind::Models, id, &completed(), T0)
+            .unwrap();
     }
     // Overdue pending requests, one per runtime (a runtime has one active request).
     for _ in 0..overdue {
@@ -398,16 +439,18 @@ fn count_requests_counts_each_status_and_the_oldest_pending(engine: &dyn Engine)
     create(store.as_ref(), t[1].runtime, T0 + 10);
     running(store.as_ref(), t[2].runtime, T0 + 5);
     let done = running(store.as_ref(), t[3].runtime, T0);
-    store.report(t[3].runtime, done, &completed(), T0).unwrap();
+    store
+        .report(t[3].runtime, Kind::Models, done, &completed(), T0)
+        .unwrap();
     let broken = running(store.as_ref(), t[4].runtime, T0);
     store
-        .report(t[4].runtime, broken, &failed("x"), T0)
+        .report(t[4].runtime, Kind::Models, broken, &failed("x"), T0)
         .unwrap();
     // Created first of all, but it timed out: no longer the oldest pending request.
     let stale = create(store.as_ref(), t[5].runtime, T0).id;
     assert!(
         store
-            .expire_request(stale, Status::Pending, T0 + PENDING_MS)
+            .expire_request(stale, Kind::Models, Status::Pending, T0 + PENDING_MS)
             .unwrap()
     );
 
@@ -427,7 +470,7 @@ fn count_requests_counts_each_status_and_the_oldest_pending(engine: &dyn Engine)
 
     assert!(
         store
-            .claim_next_pending(t[1].runtime, T0 + 30)
+            .claim_next_pending(t[1].runtime, Kind::Models, T0 + 30)
             .unwrap()
             .claimed
             .is_some()
@@ -443,7 +486,9 @@ fn checkpoint_keeps_every_request(engine: &dyn Engine) {
     let ids: Vec<RequestId> = (0..20)
         .map(|i| {
             let id = running(store.as_ref(), t.runtime, T0 + i);
-            store.report(t.runtime, id, &completed(), T0 + i).unwrap();
+            store
+                .report(t.runtime, Kind::Models, id, &completed(), T0 + i)
+                .unwrap();
             id
         })
         .collect();

@@ -1,6 +1,7 @@
 //! Wake-ups across handles: a write through one handle is heard by another's listener, and
 //! the re-check's query lists what is still active.
 
+use model_relay::kind::Kind;
 use std::time::Duration;
 
 use model_relay::model::Status;
@@ -29,7 +30,7 @@ fn active_requests_lists_pending_and_running_requests_only(engine: &dyn Engine) 
     let run = running(store.as_ref(), b.runtime, T0);
     let ended = running(store.as_ref(), c.runtime, T0);
     store
-        .report(c.runtime, ended, &completed(), T0 + 1)
+        .report(c.runtime, Kind::Models, ended, &completed(), T0 + 1)
         .unwrap();
     let mut active = store.active_requests().unwrap();
     active.sort_by_key(|a| a.status.as_str());
@@ -86,12 +87,16 @@ fn a_claim_and_a_report_through_one_handle_wake_the_listener_of_another(engine: 
     let t = tenant(writer.as_ref());
     let id = create(writer.as_ref(), t.runtime, T0).id;
     let mut listener = reader.listen().unwrap();
-    writer.claim_next_pending(t.runtime, T0).unwrap();
+    writer
+        .claim_next_pending(t.runtime, Kind::Models, T0)
+        .unwrap();
     assert!(
         listener_hears(listener.as_mut(), Change::Status(id)),
         "claimed"
     );
-    writer.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    writer
+        .report(t.runtime, Kind::Models, id, &completed(), T0 + 1)
+        .unwrap();
     assert!(
         listener_hears(listener.as_mut(), Change::Status(id)),
         "reported"

@@ -1,6 +1,7 @@
 //! Reports: what a daemon's result records, what is refused, and what a replay changes
 //! (nothing).
 
+use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -33,7 +34,9 @@ fn report_completed_records_the_models_and_ends_the_request(engine: &dyn Engine)
     let id = running(store.as_ref(), t.runtime, T0);
     let at = T0 + 7_000;
     assert_eq!(
-        store.report(t.runtime, id, &completed(), at).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &completed(), at)
+            .unwrap(),
         ReportOutcome::Recorded
     );
     let r = get(store.as_ref(), t.runtime, id, at + 1);
@@ -50,7 +53,13 @@ fn report_failed_records_the_error(engine: &dyn Engine) {
     let id = running(store.as_ref(), t.runtime, T0);
     assert_eq!(
         store
-            .report(t.runtime, id, &failed("claude: not logged in"), T0 + 1)
+            .report(
+                t.runtime,
+                Kind::Models,
+                id,
+                &failed("claude: not logged in"),
+                T0 + 1
+            )
             .unwrap(),
         ReportOutcome::Recorded
     );
@@ -65,18 +74,23 @@ fn report_without_models_reads_as_no_models(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
     let unsupported = Report::Ended(Outcome {
+        result: None,
         status: Status::Completed,
         models: Vec::new(),
         supported: false,
         error: None,
         fallback: false,
     });
-    store.report(t.runtime, id, &unsupported, T0 + 1).unwrap();
+    store
+        .report(t.runtime, Kind::Models, id, &unsupported, T0 + 1)
+        .unwrap();
     let r = get(store.as_ref(), t.runtime, id, T0 + 1);
     assert!(r.models.is_empty());
     assert!(!r.supported);
     assert_eq!(
-        store.report(t.runtime, id, &unsupported, T0 + 2).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &unsupported, T0 + 2)
+            .unwrap(),
         ReportOutcome::Replayed,
         "an empty list replays as itself"
     );
@@ -88,7 +102,9 @@ fn report_on_a_pending_request_is_refused_and_changes_nothing(engine: &dyn Engin
     let before = create(store.as_ref(), t.runtime, T0);
     for report in [completed(), failed("x"), Report::Running] {
         assert_eq!(
-            store.report(t.runtime, before.id, &report, T0 + 1).unwrap(),
+            store
+                .report(t.runtime, Kind::Models, before.id, &report, T0 + 1)
+                .unwrap(),
             ReportOutcome::NotRunning(Status::Pending)
         );
     }
@@ -102,7 +118,7 @@ fn report_running_renews_the_lease(engine: &dyn Engine) {
     let renew_at = T0 + RUNNING_MS - 1;
     assert_eq!(
         store
-            .report(t.runtime, id, &Report::Running, renew_at)
+            .report(t.runtime, Kind::Models, id, &Report::Running, renew_at)
             .unwrap(),
         ReportOutcome::Recorded
     );
@@ -120,11 +136,13 @@ fn report_running_on_an_ended_request_is_refused(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
-    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    store
+        .report(t.runtime, Kind::Models, id, &completed(), T0 + 1)
+        .unwrap();
     let before = get(store.as_ref(), t.runtime, id, T0 + 1);
     assert_eq!(
         store
-            .report(t.runtime, id, &Report::Running, T0 + 2)
+            .report(t.runtime, Kind::Models, id, &Report::Running, T0 + 2)
             .unwrap(),
         ReportOutcome::NotRunning(Status::Completed)
     );
@@ -135,11 +153,13 @@ fn exact_replay_of_the_ending_report_is_accepted_and_changes_nothing(engine: &dy
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
-    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    store
+        .report(t.runtime, Kind::Models, id, &completed(), T0 + 1)
+        .unwrap();
     let before = get(store.as_ref(), t.runtime, id, T0 + 1);
     assert_eq!(
         store
-            .report(t.runtime, id, &completed(), T0 + 5_000)
+            .report(t.runtime, Kind::Models, id, &completed(), T0 + 5_000)
             .unwrap(),
         ReportOutcome::Replayed
     );
@@ -148,11 +168,11 @@ fn exact_replay_of_the_ending_report_is_accepted_and_changes_nothing(engine: &dy
     let other = tenant(store.as_ref());
     let fid = running(store.as_ref(), other.runtime, T0);
     store
-        .report(other.runtime, fid, &failed("boom"), T0 + 1)
+        .report(other.runtime, Kind::Models, fid, &failed("boom"), T0 + 1)
         .unwrap();
     assert_eq!(
         store
-            .report(other.runtime, fid, &failed("boom"), T0 + 2)
+            .report(other.runtime, Kind::Models, fid, &failed("boom"), T0 + 2)
             .unwrap(),
         ReportOutcome::Replayed
     );
@@ -162,13 +182,16 @@ fn a_different_report_after_the_end_is_refused_and_changes_nothing(engine: &dyn 
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
-    store.report(t.runtime, id, &completed(), T0 + 1).unwrap();
+    store
+        .report(t.runtime, Kind::Models, id, &completed(), T0 + 1)
+        .unwrap();
     let before = get(store.as_ref(), t.runtime, id, T0 + 1);
     let mut fewer = models();
     fewer.pop();
     let different = [
         failed("late"),
         Report::Ended(Outcome {
+            result: None,
             status: Status::Completed,
             models: fewer,
             supported: true,
@@ -176,6 +199,7 @@ fn a_different_report_after_the_end_is_refused_and_changes_nothing(engine: &dyn 
             fallback: false,
         }),
         Report::Ended(Outcome {
+            result: None,
             status: Status::Completed,
             models: models(),
             supported: false,
@@ -185,7 +209,9 @@ fn a_different_report_after_the_end_is_refused_and_changes_nothing(engine: &dyn 
     ];
     for report in different {
         assert_eq!(
-            store.report(t.runtime, id, &report, T0 + 2).unwrap(),
+            store
+                .report(t.runtime, Kind::Models, id, &report, T0 + 2)
+                .unwrap(),
             ReportOutcome::NotRunning(Status::Completed)
         );
     }
@@ -198,7 +224,9 @@ fn report_after_the_lease_ran_out_is_refused_and_reads_timeout(engine: &dyn Engi
     let id = running(store.as_ref(), t.runtime, T0);
     let deadline = T0 + RUNNING_MS;
     assert_eq!(
-        store.report(t.runtime, id, &completed(), deadline).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &completed(), deadline)
+            .unwrap(),
         ReportOutcome::NotRunning(Status::Timeout)
     );
     let r = get(store.as_ref(), t.runtime, id, deadline + 1);
@@ -216,7 +244,13 @@ fn report_one_millisecond_before_the_deadline_is_accepted(engine: &dyn Engine) {
     let id = running(store.as_ref(), t.runtime, T0);
     assert_eq!(
         store
-            .report(t.runtime, id, &completed(), T0 + RUNNING_MS - 1)
+            .report(
+                t.runtime,
+                Kind::Models,
+                id,
+                &completed(),
+                T0 + RUNNING_MS - 1
+            )
             .unwrap(),
         ReportOutcome::Recorded
     );
@@ -233,13 +267,13 @@ fn report_for_another_runtime_is_not_found(engine: &dyn Engine) {
     let id = running(store.as_ref(), owner.runtime, T0);
     assert_eq!(
         store
-            .report(intruder.runtime, id, &completed(), T0 + 1)
+            .report(intruder.runtime, Kind::Models, id, &completed(), T0 + 1)
             .unwrap(),
         ReportOutcome::NotFound
     );
     assert_eq!(
         store
-            .report(owner.runtime, new_id(), &completed(), T0 + 1)
+            .report(owner.runtime, Kind::Models, new_id(), &completed(), T0 + 1)
             .unwrap(),
         ReportOutcome::NotFound
     );
@@ -265,7 +299,9 @@ fn concurrent_reports_from_two_handles_record_exactly_one(engine: &dyn Engine) {
                     let barrier = barrier.clone();
                     s.spawn(move || {
                         barrier.wait();
-                        store.report(t.runtime, id, report, now).unwrap()
+                        store
+                            .report(t.runtime, Kind::Models, id, report, now)
+                            .unwrap()
                     })
                 })
                 .collect();

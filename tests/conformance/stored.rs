@@ -4,11 +4,13 @@
 //! that would store one more is refused, whatever the number of handles at once, while what
 //! is stored still answers.
 
+use model_relay::kind::Kind;
+use model_relay::store::NewRequest;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
 use model_relay::ids::{RuntimeId, WorkspaceId};
-use model_relay::model::{ModelRequest, Outcome, Report, ReportOutcome, Status};
+use model_relay::model::{Outcome, Report, ReportOutcome, Status, StoredRequest};
 use model_relay::store::{Added, Ask, Asked, Storer};
 
 use crate::common::{
@@ -53,9 +55,9 @@ fn asked(store: &dyn Storer, t: &Tenant, now: i64, max_stored: u64) -> Asked {
 }
 
 /// The answer from the catalog an open of the picker got.
-fn answer(store: &dyn Storer, t: &Tenant, now: i64) -> ModelRequest {
+fn answer(store: &dyn Storer, t: &Tenant, now: i64) -> StoredRequest {
     match asked(store, t, now, u64::MAX) {
-        Asked::Cached { answer, .. } => answer,
+        Asked::Cached { answer, .. } => *answer,
         other => panic!("expected an answer from the catalog, got {other:?}"),
     }
 }
@@ -69,6 +71,7 @@ fn discovered_with(
 ) {
     let id = running(store, t.runtime, now);
     let report = Report::Ended(Outcome {
+        result: None,
         status: Status::Completed,
         models,
         supported: true,
@@ -76,7 +79,9 @@ fn discovered_with(
         fallback: false,
     });
     assert_eq!(
-        store.report(t.runtime, id, &report, now).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &report, now)
+            .unwrap(),
         ReportOutcome::Recorded
     );
 }
@@ -172,10 +177,13 @@ fn the_stored_count_follows_every_insert_and_delete(engine: &dyn Engine) {
 
     // Claimed and reported: the catalog is written, nothing new is stored.
     assert_eq!(
-        s.claim_next_pending(t.runtime, T0 + 2).unwrap().claimed,
+        s.claim_next_pending(t.runtime, Kind::Models, T0 + 2)
+            .unwrap()
+            .claimed,
         Some(first.id)
     );
-    s.report(t.runtime, first.id, &completed(), T0 + 3).unwrap();
+    s.report(t.runtime, Kind::Models, first.id, &completed(), T0 + 3)
+        .unwrap();
     assert_eq!(stored(s, t.workspace), 2);
     let cached = answer(s, &t, T0 + 4);
     answer(s, &t, T0 + 5);
@@ -188,7 +196,7 @@ fn the_stored_count_follows_every_insert_and_delete(engine: &dyn Engine) {
 
     // Retention deletes what ended before the cutoff: the discovery (ended T0 + 3) and the
     // answer (T0 + 4), not the expired request (ended at its deadline, T0 + PENDING_MS).
-    assert_eq!(s.delete_ended_before(T0 + 5, 100).unwrap(), 2);
+    assert_eq!(s.delete_ended_before(Kind::Models, T0 + 5, 100).unwrap(), 2);
     assert_eq!(stored(s, t.workspace), 1);
     assert!(s.find_request(t.runtime, cached.id).unwrap().is_none());
     assert_eq!(stored(s, bystander.workspace), 1);
@@ -223,11 +231,11 @@ fn a_full_workspace_stores_nothing_more_but_still_answers(engine: &dyn Engine) {
 
     discovered_with(s, &t, models(), T0);
     let cached = match asked(s, &t, T0 + 1, MAX) {
-        Asked::Cached { answer, .. } => answer,
+        Asked::Cached { answer, .. } => *answer,
         other => panic!("{other:?}"),
     };
     let active = s
-        .create_or_coalesce_within(second, new_id(), T0 + 1, MAX)
+        .create_or_coalesce_within(second, &NewRequest::of(Kind::Models, new_id()), T0 + 1, MAX)
         .unwrap();
     let Added::Done(active) = active else {
         panic!("the third request is within {MAX}: {active:?}");
@@ -236,19 +244,24 @@ fn a_full_workspace_stores_nothing_more_but_still_answers(engine: &dyn Engine) {
 
     // Full: the active request coalesces, the stored answer is handed out again...
     assert_eq!(
-        s.create_or_coalesce_within(second, new_id(), T0 + 2, MAX)
+        s.create_or_coalesce_within(second, &NewRequest::of(Kind::Models, new_id()), T0 + 2, MAX)
             .unwrap(),
         Added::Done(active.clone())
     );
     assert!(matches!(
         asked(s, &t, T0 + 2, MAX),
-        Asked::Cached { answer, .. } if answer == cached
+        Asked::Cached { answer, .. } if *answer == cached
     ));
     // ...but a discovery with none active, or a refresh, is refused and writes nothing.
     let refused = new_id();
     assert_eq!(
-        s.create_or_coalesce_within(t.runtime, refused, T0 + 3, MAX)
-            .unwrap(),
+        s.create_or_coalesce_within(
+            t.runtime,
+            &NewRequest::of(Kind::Models, refused),
+            T0 + 3,
+            MAX
+        )
+        .unwrap(),
         Added::Full
     );
     assert!(s.find_request(t.runtime, refused).unwrap().is_none());
@@ -262,11 +275,19 @@ fn a_full_workspace_stores_nothing_more_but_still_answers(engine: &dyn Engine) {
     // A catalog with no record to hand out (the second runtime's, from its active
     // request) cannot be answered from: that would store one more.
     assert_eq!(
-        s.claim_next_pending(second, T0 + 3).unwrap().claimed,
+        s.claim_next_pending(second, Kind::Models, T0 + 3)
+            .unwrap()
+            .claimed,
         Some(active.request.id)
     );
-    s.report(second, active.request.id, &completed(), T0 + 3)
-        .unwrap();
+    s.report(
+        second,
+        Kind::Models,
+        active.request.id,
+        &completed(),
+        T0 + 3,
+    )
+    .unwrap();
     let second_tenant = Tenant {
         workspace: t.workspace,
         runtime: second,
@@ -292,8 +313,13 @@ fn a_full_workspace_stores_nothing_more_but_still_answers(engine: &dyn Engine) {
     assert!(s.delete_runtime(t.workspace, second).unwrap());
     assert_eq!(stored(s, t.workspace), 2);
     assert!(matches!(
-        s.create_or_coalesce_within(t.runtime, new_id(), T0 + 5, MAX)
-            .unwrap(),
+        s.create_or_coalesce_within(
+            t.runtime,
+            &NewRequest::of(Kind::Models, new_id()),
+            T0 + 5,
+            MAX
+        )
+        .unwrap(),
         Added::Done(_)
     ));
 }
@@ -323,7 +349,12 @@ fn concurrent_creates_from_many_handles_stop_at_the_limit(engine: &dyn Engine) {
                     s.spawn(move || {
                         barrier.wait();
                         store
-                            .create_or_coalesce_within(rt, new_id(), now, MAX)
+                            .create_or_coalesce_within(
+                                rt,
+                                &NewRequest::of(Kind::Models, new_id()),
+                                now,
+                                MAX,
+                            )
                             .unwrap()
                     })
                 })
@@ -347,7 +378,7 @@ fn concurrent_creates_from_many_handles_stop_at_the_limit(engine: &dyn Engine) {
             .unwrap();
         assert_eq!(ended.total(), MAX);
         handles[0]
-            .delete_ended_before(now + PENDING_MS + 1, 100)
+            .delete_ended_before(Kind::Models, now + PENDING_MS + 1, 100)
             .unwrap();
         assert_eq!(stored(handles[0].as_ref(), t.workspace), 0);
     }

@@ -5,6 +5,7 @@
 //! texts the parsers let through — is kept byte for byte.
 
 use model_relay::ids::{RuntimeId, Token};
+use model_relay::kind::Kind;
 use model_relay::model::{
     MAX_CHOICE_TEXT, MAX_DESCRIPTION, ModelEntry, Outcome, Report, ReportOutcome, ServiceTier,
     Status, Thinking, ThinkingLevel,
@@ -68,6 +69,7 @@ fn awkward_model(nul: &str) -> ModelEntry {
 
 fn failed_with(error: &str) -> Report {
     Report::Ended(Outcome {
+        result: None,
         status: Status::Failed,
         models: Vec::new(),
         supported: true,
@@ -78,6 +80,7 @@ fn failed_with(error: &str) -> Report {
 
 fn completed_with(model: ModelEntry) -> Report {
     Report::Ended(Outcome {
+        result: None,
         status: Status::Completed,
         models: vec![model],
         supported: true,
@@ -93,7 +96,7 @@ fn a_failed_report_keeps_its_error_byte_for_byte_but_for_nul(engine: &dyn Engine
     let error = awkward_error();
     assert_eq!(
         store
-            .report(t.runtime, id, &failed_with(&error), T0 + 1)
+            .report(t.runtime, Kind::Models, id, &failed_with(&error), T0 + 1)
             .unwrap(),
         ReportOutcome::Recorded
     );
@@ -111,7 +114,9 @@ fn a_completed_report_keeps_its_model_texts_byte_for_byte_but_for_nul(engine: &d
     let id = running(store.as_ref(), t.runtime, T0);
     let report = completed_with(awkward_model("\0"));
     assert_eq!(
-        store.report(t.runtime, id, &report, T0 + 1).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &report, T0 + 1)
+            .unwrap(),
         ReportOutcome::Recorded
     );
     let r = get(engine.open().as_ref(), t.runtime, id, T0 + 2);
@@ -127,12 +132,16 @@ fn an_exact_replay_of_a_report_with_nul_is_a_replay(engine: &dyn Engine) {
         completed_with(awkward_model("\0")),
     ] {
         let id = running(store.as_ref(), t.runtime, T0);
-        store.report(t.runtime, id, &report, T0 + 1).unwrap();
+        store
+            .report(t.runtime, Kind::Models, id, &report, T0 + 1)
+            .unwrap();
         let before = get(store.as_ref(), t.runtime, id, T0 + 1);
         // The stored text has U+FFFD where the report has NUL: the replay is compared
         // once cleaned, as it was recorded, so the daemon's retry is not a 409.
         assert_eq!(
-            store.report(t.runtime, id, &report, T0 + 2).unwrap(),
+            store
+                .report(t.runtime, Kind::Models, id, &report, T0 + 2)
+                .unwrap(),
             ReportOutcome::Replayed,
             "{report:?}"
         );
@@ -145,12 +154,20 @@ fn a_replay_with_u_fffd_where_the_first_had_nul_is_the_same_report(engine: &dyn 
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
     store
-        .report(t.runtime, id, &completed_with(awkward_model("\0")), T0 + 1)
+        .report(
+            t.runtime,
+            Kind::Models,
+            id,
+            &completed_with(awkward_model("\0")),
+            T0 + 1,
+        )
         .unwrap();
     // What was recorded, sent again: the same report, since NUL reads as U+FFFD.
     let cleaned = completed_with(awkward_model("\u{FFFD}"));
     assert_eq!(
-        store.report(t.runtime, id, &cleaned, T0 + 2).unwrap(),
+        store
+            .report(t.runtime, Kind::Models, id, &cleaned, T0 + 2)
+            .unwrap(),
         ReportOutcome::Replayed
     );
 }

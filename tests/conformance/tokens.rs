@@ -3,6 +3,7 @@
 //! call looks its token up in the store), and the last use recorded at most once a minute.
 
 use model_relay::ids::{Token, TokenHash, TokenId};
+use model_relay::kind::Kind;
 use model_relay::model::Status;
 use model_relay::store::{API_TOKEN_USE_REFRESH, Storer};
 
@@ -133,7 +134,7 @@ fn rotating_replaces_the_daemon_token_and_keeps_the_runtime(engine: &dyn Engine)
         Status::Running,
         "its requests are kept"
     );
-    assert_eq!(daemon.unrenewed, Some(running));
+    assert_eq!(daemon.unrenewed, vec![(Kind::Models, running)]);
     assert_eq!(
         other
             .list_runtimes(t.workspace, None, 100)

@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use model_relay::clock::Millis;
 use model_relay::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use model_relay::model::{ModelRequest, Report, Runtime, Status, Timeouts};
+use model_relay::kind::{Kind, PerKind};
+use model_relay::model::{Report, Runtime, Status, StoredRequest, Timeouts};
 use model_relay::store::memory::MemoryStore;
 use model_relay::store::{
     Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, Daemon, Expired, Listener,
-    NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError, Storer, Workspace,
+    NewRequest, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped, StoreError, Storer,
+    Workspace,
 };
 
 #[derive(Default)]
@@ -72,13 +74,14 @@ impl Storer for WatchedStore {
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
-        if *report == Report::Running {
+        if matches!(report, Report::Running | Report::Progress(_)) {
             self.knobs.renewals.fetch_add(1, Ordering::SeqCst);
-            return self.inner.apply_report(runtime, id, report, now);
+            return self.inner.apply_report(runtime, kind, id, report, now);
         }
         self.knobs.final_reports.fetch_add(1, Ordering::SeqCst);
         if take_one(&self.knobs.fail_final_reports) {
@@ -87,9 +90,9 @@ impl Storer for WatchedStore {
         if self.knobs.expire_before_final_report.load(Ordering::SeqCst) {
             // As if the lease had run out just before the report arrived.
             self.inner
-                .expire_request(id, Status::Running, Millis::MAX)?;
+                .expire_request(id, kind, Status::Running, Millis::MAX)?;
         }
-        self.inner.apply_report(runtime, id, report, now)
+        self.inner.apply_report(runtime, kind, id, report, now)
     }
 
     // ---- the rest only delegates ----
@@ -97,7 +100,7 @@ impl Storer for WatchedStore {
     fn ping(&self) -> Result<()> {
         self.inner.ping()
     }
-    fn timeouts(&self) -> Timeouts {
+    fn timeouts(&self) -> PerKind<Timeouts> {
         self.inner.timeouts()
     }
     fn create_workspace(&self, id: WorkspaceId, n: &str, t: &TokenHash, now: Millis) -> Result<()> {
@@ -147,7 +150,7 @@ impl Storer for WatchedStore {
     fn daemon_by_token(&self, t: &TokenHash) -> Result<Option<Daemon>> {
         self.inner.daemon_by_token(t)
     }
-    fn find_request(&self, rt: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+    fn find_request(&self, rt: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>> {
         self.inner.find_request(rt, id)
     }
     fn find_request_by_token(
@@ -155,26 +158,32 @@ impl Storer for WatchedStore {
         t: &TokenHash,
         rt: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         self.inner.find_request_by_token(t, rt, id)
     }
     fn create_or_coalesce_within(
         &self,
         rt: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>> {
-        self.inner.create_or_coalesce_within(rt, id, now, max)
+        self.inner.create_or_coalesce_within(rt, new, now, max)
     }
     fn stored_requests(&self, workspace: WorkspaceId) -> Result<u64> {
         self.inner.stored_requests(workspace)
     }
-    fn claim_next_pending(&self, rt: RuntimeId, now: Millis) -> Result<Claim> {
-        self.inner.claim_next_pending(rt, now)
+    fn claim_next_pending(&self, rt: RuntimeId, kind: Kind, now: Millis) -> Result<Claim> {
+        self.inner.claim_next_pending(rt, kind, now)
     }
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
-        self.inner.expire_request(id, phase, now)
+    fn expire_request(
+        &self,
+        id: RequestId,
+        kind: Kind,
+        phase: Status,
+        now: Millis,
+    ) -> Result<bool> {
+        self.inner.expire_request(id, kind, phase, now)
     }
     fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
         self.inner.expire_overdue(now, limit)
@@ -185,11 +194,17 @@ impl Storer for WatchedStore {
     fn checkpoint(&self) -> Result<()> {
         self.inner.checkpoint()
     }
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        self.inner.delete_ended_before(cutoff, limit)
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {
+        self.inner.delete_ended_before(kind, cutoff, limit)
     }
-    fn hand_out_again(&self, rt: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
-        self.inner.hand_out_again(rt, id, now)
+    fn hand_out_again(
+        &self,
+        rt: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool> {
+        self.inner.hand_out_again(rt, kind, id, now)
     }
     fn active_requests(&self) -> Result<Vec<Active>> {
         self.inner.active_requests()
@@ -201,7 +216,7 @@ impl Storer for WatchedStore {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>> {
+    ) -> Result<Added<StoredRequest>> {
         self.inner
             .answer_from_catalog(runtime, ask, refresh, reported_after, now)
     }

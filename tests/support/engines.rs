@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use model_relay::kind::PerKind;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
@@ -25,11 +26,12 @@ pub trait Engine: Send + Sync {
 
 pub struct Memory {
     store: Arc<MemoryStore>,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
 }
 
 impl Memory {
-    pub fn new(timeouts: Timeouts) -> Self {
+    pub fn new(timeouts: impl Into<PerKind<Timeouts>>) -> Self {
+        let timeouts = timeouts.into();
         Memory {
             store: Arc::new(MemoryStore::new(timeouts)),
             timeouts,
@@ -50,11 +52,12 @@ impl Engine for Memory {
 
 pub struct Sqlite {
     dir: tempfile::TempDir,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
 }
 
 impl Sqlite {
-    pub fn new(timeouts: Timeouts) -> Self {
+    pub fn new(timeouts: impl Into<PerKind<Timeouts>>) -> Self {
+        let timeouts = timeouts.into();
         Sqlite {
             dir: tempfile::tempdir().expect("temp dir"),
             timeouts,
@@ -76,13 +79,14 @@ impl Engine for Sqlite {
 pub struct Postgres {
     pub schema: PgSchema,
     test: String,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
 }
 
 impl Postgres {
     /// A fresh schema named after `test`; None when there is no PostgreSQL and
     /// `REQUIRE_POSTGRES` is unset (see [`fresh_schema`]).
-    pub fn new(test: &str, timeouts: Timeouts) -> Option<Self> {
+    pub fn new(test: &str, timeouts: impl Into<PerKind<Timeouts>>) -> Option<Self> {
+        let timeouts = timeouts.into();
         fresh_schema(test).map(|schema| Postgres {
             schema,
             test: test.to_owned(),
@@ -109,12 +113,13 @@ impl Engine for Postgres {
 pub struct PgBouncer {
     pub database: PgBouncerDatabase,
     test: String,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
 }
 
 impl PgBouncer {
     /// None when there is no PostgreSQL or no PgBouncer and `REQUIRE_POSTGRES` is unset.
-    pub fn new(test: &str, timeouts: Timeouts) -> Option<Self> {
+    pub fn new(test: &str, timeouts: impl Into<PerKind<Timeouts>>) -> Option<Self> {
+        let timeouts = timeouts.into();
         fresh_database(test).map(|database| PgBouncer {
             database,
             test: test.to_owned(),
@@ -171,8 +176,8 @@ macro_rules! engine_tests {
     };
     (@engines $kind:tt $timeouts:expr; $($case:ident),*) => {
         // Evaluated here, where the caller's names resolve, not in the modules below.
-        fn engine_timeouts() -> ::model_relay::model::Timeouts {
-            $timeouts
+        fn engine_timeouts() -> ::model_relay::kind::PerKind<::model_relay::model::Timeouts> {
+            ::std::convert::Into::into($timeouts)
         }
         mod memory {
             $($crate::support::engines::engine_tests!(@test $kind $case Some(

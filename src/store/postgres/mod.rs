@@ -28,18 +28,20 @@ use self::cached::{CachedClient, CachedTransaction, CachingManager};
 
 use super::{
     API_TOKEN_USE_REFRESH, Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, DEFAULT_WAIT,
-    Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped,
-    StoreError, Storer, Workspace, models_from_db, models_to_db, request_id_from_db,
-    runtime_id_from_db, status_from_db, token_id_from_db, workspace_id_from_db,
+    Daemon, Expired, Listener, NewRequest, NewRuntime, RequestCounts, Result, RuntimeCursor,
+    Scoped, StoreError, Storer, Workspace, daemon_lists_from_db, kind_from_db, models_from_db,
+    models_to_db, request_id_from_db, runtime_id_from_db, status_from_db, token_id_from_db,
+    workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::errors::error_chain;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use crate::model::{CatalogChange, ModelRequest, Report, Runtime, Status, Timeouts};
+use crate::kind::{Kind, PerKind};
+use crate::model::{CatalogChange, Report, Runtime, Status, StoredRequest, Timeouts};
 
 const POOL_SIZE: u32 = 16;
 
-const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id";
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id, kind, coalesce_key, input, result";
 /// A runtime's columns, and when its catalog was reported (a lookup by primary key).
 const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, created_at,
      (SELECT reported_at FROM catalogs WHERE runtime_id = runtimes.id)";
@@ -47,7 +49,7 @@ const RUNTIME_COLUMNS: &str = "id, workspace_id, name, provider, last_seen_at, c
 pub struct PostgresStore {
     /// Always there until `drop` takes it, to close it on a thread of its own.
     pool: Option<r2d2::Pool<CachingManager>>,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
     /// How to connect: the listener opens a connection of its own with it.
     config: postgres::Config,
     pool_mode: PoolMode,
@@ -126,7 +128,7 @@ impl Default for Options {
 impl PostgresStore {
     /// Opens the database `url` names; `?pool_mode=transaction` says it is behind a
     /// transaction pooler.
-    pub fn open(url: &str, timeouts: Timeouts) -> Result<Self> {
+    pub fn open(url: &str, timeouts: impl Into<PerKind<Timeouts>>) -> Result<Self> {
         let (pool_mode, url) = PoolMode::from_url(url).map_err(StoreError::Config)?;
         let options = Options {
             pool_mode,
@@ -137,16 +139,20 @@ impl PostgresStore {
 
     /// Opens with a ready connection config; tests use it to give each test its own schema
     /// (`options = -c search_path=…`).
-    pub fn open_config(config: postgres::Config, timeouts: Timeouts) -> Result<Self> {
+    pub fn open_config(
+        config: postgres::Config,
+        timeouts: impl Into<PerKind<Timeouts>>,
+    ) -> Result<Self> {
         Self::open_with(config, timeouts, Options::default())
     }
 
     /// [`open_config`](Self::open_config), with `options.wait` as the bound on every wait.
     pub fn open_with(
         mut config: postgres::Config,
-        timeouts: Timeouts,
+        timeouts: impl Into<PerKind<Timeouts>>,
         options: Options,
     ) -> Result<Self> {
+        let timeouts = timeouts.into();
         let Options { wait, pool_mode } = options;
         // What the URL says wins; otherwise nothing waits longer than `wait`. The user
         // timeout also ends a query whose server stopped answering without closing the
@@ -266,8 +272,8 @@ impl r2d2::HandleError<postgres::Error> for LogConnectErrors {
     }
 }
 
-fn parse_request(row: &Row) -> Result<ModelRequest> {
-    Ok(ModelRequest {
+fn parse_request(row: &Row) -> Result<StoredRequest> {
+    Ok(StoredRequest {
         id: request_id_from_db(row.try_get(0)?)?,
         runtime_id: runtime_id_from_db(row.try_get(1)?)?,
         status: status_from_db(row.try_get(2)?)?,
@@ -284,6 +290,10 @@ fn parse_request(row: &Row) -> Result<ModelRequest> {
             .try_get::<_, Option<&str>>(12)?
             .map(request_id_from_db)
             .transpose()?,
+        kind: kind_from_db(row.try_get(13)?)?,
+        key: row.try_get(14)?,
+        input: row.try_get(15)?,
+        result: row.try_get(16)?,
     })
 }
 
@@ -321,15 +331,17 @@ const COUNTED: &str = "counted AS (
          UPDATE workspaces SET stored_requests = stored_requests + 1
           WHERE id IN (SELECT id FROM room) AND EXISTS (SELECT 1 FROM new))";
 
-/// A new pending request, counted, if its workspace has room and the runtime ($2) has no
-/// active request: the unique index of active requests refuses it then (DO NOTHING), and
-/// nothing comes back. One round trip, for the common case.
+/// A new pending request ($6 its kind, $7 its key, $8 its input), counted, if its
+/// workspace has room and the runtime ($2) has no active request of that kind and key: the
+/// unique index of active requests refuses it then (DO NOTHING), and nothing comes back.
+/// One round trip, for the common case.
 fn create_within_sql() -> String {
     format!(
         "WITH {ROOM},
               new AS (
-         INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-         SELECT $1, $2, 'pending', TRUE, $3, $3, $4 FROM room
+         INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at,
+                               deadline_at, kind, coalesce_key, input)
+         SELECT $1, $2, 'pending', TRUE, $3, $3, $4, $6, $7, $8 FROM room
          ON CONFLICT DO NOTHING
          RETURNING {REQUEST_COLUMNS}),
               {COUNTED}
@@ -345,16 +357,18 @@ fn report_sql(change: CatalogChange) -> &'static str {
         CatalogChange::Keep => {
             "WITH done AS (UPDATE requests
                   SET status = $4, models = $5, supported = $6, error = $7, fallback = $8,
-                      updated_at = $3, ended_at = $3
-                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3
+                      result = $9, updated_at = $3, ended_at = $3
+                WHERE id = $1 AND runtime_id = $2 AND kind = $10 AND status = 'running'
+                  AND deadline_at > $3
                RETURNING runtime_id)
              SELECT count(*) FROM done"
         }
         CatalogChange::Write => {
             "WITH done AS (UPDATE requests
                   SET status = $4, models = $5::text, supported = $6::boolean, error = $7,
-                      fallback = $8, updated_at = $3::bigint, ended_at = $3::bigint
-                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3::bigint
+                      fallback = $8, result = $9, updated_at = $3::bigint, ended_at = $3::bigint
+                WHERE id = $1 AND runtime_id = $2 AND kind = $10 AND status = 'running'
+                  AND deadline_at > $3::bigint
                RETURNING runtime_id),
                   kept AS (INSERT INTO catalogs (runtime_id, models, supported, reported_at)
                SELECT runtime_id, $5::text, $6::boolean, $3::bigint FROM done
@@ -366,8 +380,9 @@ fn report_sql(change: CatalogChange) -> &'static str {
         CatalogChange::Remove => {
             "WITH done AS (UPDATE requests
                   SET status = $4, models = $5, supported = $6, error = $7, fallback = $8,
-                      updated_at = $3, ended_at = $3
-                WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3
+                      result = $9, updated_at = $3, ended_at = $3
+                WHERE id = $1 AND runtime_id = $2 AND kind = $10 AND status = 'running'
+                  AND deadline_at > $3
                RETURNING runtime_id),
                   gone AS (DELETE FROM catalogs WHERE runtime_id IN (SELECT runtime_id FROM done))
              SELECT count(*) FROM done"
@@ -377,12 +392,14 @@ fn report_sql(change: CatalogChange) -> &'static str {
 
 fn try_create_or_coalesce(
     tx: &mut CachedTransaction<'_>,
-    timeouts: &Timeouts,
+    timeouts: &PerKind<Timeouts>,
     runtime: &str,
-    id: &str,
+    new: &NewRequest,
     now: Millis,
     max: u64,
 ) -> Result<Option<Added<Created>>> {
+    let (id, kind, key) = (new.id.to_string(), new.kind, &new.key);
+    let kind_name = kind.name();
     let Some(workspace) = tx.query_opt(
         "SELECT id, stored_requests FROM workspaces
           WHERE id = (SELECT workspace_id FROM runtimes WHERE id = $1) FOR NO KEY UPDATE",
@@ -413,15 +430,18 @@ fn try_create_or_coalesce(
                 error = CASE old.status WHEN 'pending' THEN $3 ELSE $4 END,
                 updated_at = r.deadline_at, ended_at = r.deadline_at
            FROM (SELECT id, status FROM requests
-                  WHERE runtime_id = $1 AND status IN ('pending', 'running') AND deadline_at <= $2
+                  WHERE runtime_id = $1 AND kind = $5 AND coalesce_key = $6
+                    AND status IN ('pending', 'running') AND deadline_at <= $2
                   FOR UPDATE) old
           WHERE r.id = old.id AND r.status = old.status AND r.deadline_at <= $2
          RETURNING old.status",
         &[
             &runtime,
             &now,
-            &timeouts.error_for(Status::Pending),
-            &timeouts.error_for(Status::Running),
+            &kind.timeout_error(&timeouts.of(kind), Status::Pending),
+            &kind.timeout_error(&timeouts.of(kind), Status::Running),
+            &kind_name,
+            key,
         ],
     )? {
         expired += Expired::one(status_from_db(row.try_get(0)?)?);
@@ -429,12 +449,21 @@ fn try_create_or_coalesce(
     if room {
         let inserted = tx.query_opt(
             &format!(
-                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-                 VALUES ($1, $2, 'pending', TRUE, $3, $3, $4)
+                "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at,
+                                       deadline_at, kind, coalesce_key, input)
+                 VALUES ($1, $2, 'pending', TRUE, $3, $3, $4, $5, $6, $7)
                  ON CONFLICT DO NOTHING
                  RETURNING {REQUEST_COLUMNS}"
             ),
-            &[&id, &runtime, &now, &timeouts.pending_deadline(now)],
+            &[
+                &id,
+                &runtime,
+                &now,
+                &timeouts.of(kind).pending_deadline(now),
+                &kind_name,
+                key,
+                &new.input,
+            ],
         )?;
         if let Some(row) = inserted {
             tx.execute(
@@ -448,9 +477,10 @@ fn try_create_or_coalesce(
     let active = tx.query_opt(
         &format!(
             "SELECT {REQUEST_COLUMNS} FROM requests
-              WHERE runtime_id = $1 AND status IN ('pending', 'running')"
+              WHERE runtime_id = $1 AND kind = $2 AND coalesce_key = $3
+                AND status IN ('pending', 'running')"
         ),
-        &[&runtime],
+        &[&runtime, &kind_name, key],
     )?;
     Ok(match active {
         Some(row) => Some(Added::Done(Created {
@@ -468,7 +498,7 @@ impl Storer for PostgresStore {
         Ok(())
     }
 
-    fn timeouts(&self) -> Timeouts {
+    fn timeouts(&self) -> PerKind<Timeouts> {
         self.timeouts
     }
 
@@ -704,23 +734,21 @@ impl Storer for PostgresStore {
     fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
         let row = self.conn()?.query_opt(
             "SELECT id, last_seen_at,
-                    EXISTS (SELECT 1 FROM requests
-                             WHERE runtime_id = runtimes.id AND status = 'pending'),
-                    (SELECT id FROM requests
+                    (SELECT string_agg(DISTINCT kind, ',') FROM requests
+                      WHERE runtime_id = runtimes.id AND status = 'pending'),
+                    (SELECT string_agg(kind || ' ' || id, ',') FROM requests
                       WHERE runtime_id = runtimes.id AND status = 'running'
                         AND renewed_at IS NULL)
                FROM runtimes WHERE daemon_token_hash = $1",
             &[&token.as_str()],
         )?;
         row.map(|row| {
+            let (pending, unrenewed) = daemon_lists_from_db(row.try_get(2)?, row.try_get(3)?)?;
             Ok(Daemon {
                 runtime: runtime_id_from_db(row.try_get(0)?)?,
                 last_seen_at: row.try_get(1)?,
-                pending: row.try_get(2)?,
-                unrenewed: row
-                    .try_get::<_, Option<&str>>(3)?
-                    .map(request_id_from_db)
-                    .transpose()?,
+                pending,
+                unrenewed,
             })
         })
         .transpose()
@@ -736,7 +764,7 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
-    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>> {
         let row = self.conn()?.query_opt(
             &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND runtime_id = $2"),
             &[&id.to_string(), &runtime.to_string()],
@@ -749,13 +777,14 @@ impl Storer for PostgresStore {
         api_token: &TokenHash,
         runtime: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         // The request's columns first, where parse_request reads them; then whether the
         // runtime was found. No row at all: the token is nobody's.
         let row = self.conn()?.query_opt(
             "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
                     r.created_at, r.updated_at, r.deadline_at, r.ended_at,
-                    r.fallback, r.cached_at, r.refresh_id, rt.id IS NOT NULL
+                    r.fallback, r.cached_at, r.refresh_id, r.kind, r.coalesce_key,
+                    r.input, r.result, rt.id IS NOT NULL
                FROM api_tokens t
                LEFT JOIN runtimes rt ON rt.id = $2 AND rt.workspace_id = t.workspace_id
                LEFT JOIN requests r ON r.id = $3 AND r.runtime_id = rt.id
@@ -765,7 +794,7 @@ impl Storer for PostgresStore {
         let Some(row) = row else {
             return Ok(Scoped::Unauthorized);
         };
-        if !row.try_get::<_, bool>(13)? {
+        if !row.try_get::<_, bool>(17)? {
             return Ok(Scoped::NoRuntime);
         }
         Ok(Scoped::Found(match row.try_get::<_, Option<&str>>(0)? {
@@ -777,12 +806,12 @@ impl Storer for PostgresStore {
     fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>> {
         let mut conn = self.conn()?;
-        let (runtime_text, id_text) = (runtime.to_string(), id.to_string());
+        let (runtime_text, id_text) = (runtime.to_string(), new.id.to_string());
         // The common case first, in one round trip: the runtime exists, its workspace has
         // room and it has no active request, so there is nothing to end and the insert goes
         // in. When nothing comes back, the transaction below sorts out why.
@@ -792,8 +821,11 @@ impl Storer for PostgresStore {
                 &id_text,
                 &runtime_text,
                 &now,
-                &self.timeouts.pending_deadline(now),
+                &self.timeouts.of(new.kind).pending_deadline(now),
                 &i64::try_from(max).unwrap_or(i64::MAX),
+                &new.kind.name(),
+                &new.key,
+                &new.input,
             ],
         );
         match inserted {
@@ -814,7 +846,7 @@ impl Storer for PostgresStore {
         for _ in 0..3 {
             let mut tx = conn.transaction()?;
             let settled =
-                try_create_or_coalesce(&mut tx, &self.timeouts, &runtime_text, &id_text, now, max)?;
+                try_create_or_coalesce(&mut tx, &self.timeouts, &runtime_text, new, now, max)?;
             tx.commit()?;
             if let Some(answer) = settled {
                 return Ok(answer);
@@ -834,36 +866,40 @@ impl Storer for PostgresStore {
         Ok(stored.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
+    fn claim_next_pending(&self, runtime: RuntimeId, kind: Kind, now: Millis) -> Result<Claim> {
         // One statement: expire the runtime's overdue pending requests, and claim the oldest
         // claimable one. The two parts touch disjoint rows (deadline passed / not passed).
         let row = self.conn()?.query_one(
             "WITH expired AS (
                  UPDATE requests
                     SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
-                  WHERE runtime_id = $1 AND status = 'pending' AND deadline_at <= $2
+                  WHERE runtime_id = $1 AND kind = $5 AND status = 'pending' AND deadline_at <= $2
                  RETURNING 1
              ), claimed AS (
                  UPDATE requests SET status = 'running', deadline_at = $3, updated_at = $2
                   WHERE id = (SELECT id FROM requests
-                               WHERE runtime_id = $1 AND status = 'pending' AND deadline_at > $2
+                               WHERE runtime_id = $1 AND kind = $5 AND status = 'pending'
+                                 AND deadline_at > $2
                                ORDER BY created_at, id LIMIT 1
                                FOR UPDATE SKIP LOCKED)
                     AND status = 'pending'
-                 RETURNING id
+                 RETURNING id, input
              )
-             SELECT (SELECT count(*) FROM expired), (SELECT id FROM claimed)",
+             SELECT (SELECT count(*) FROM expired), (SELECT id FROM claimed),
+                    (SELECT input FROM claimed)",
             &[
                 &runtime.to_string(),
                 &now,
-                &self.timeouts.running_deadline(now),
-                &self.timeouts.error_for(Status::Pending),
+                &self.timeouts.of(kind).running_deadline(now),
+                &kind.timeout_error(&self.timeouts.of(kind), Status::Pending),
+                &kind.name(),
             ],
         )?;
         let expired: i64 = row.try_get(0)?;
         let claimed: Option<&str> = row.try_get(1)?;
         Ok(Claim {
             claimed: claimed.map(request_id_from_db).transpose()?,
+            input: row.try_get(2)?,
             expired: Expired::default().plus(Status::Pending, upkeep::count_from_db(expired)?),
         })
     }
@@ -871,21 +907,35 @@ impl Storer for PostgresStore {
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
         let mut conn = self.conn()?;
         let (id, runtime) = (id.to_string(), runtime.to_string());
+        let lease = self.timeouts.of(kind).running_deadline(now);
         let changed = match report {
-            Report::Running => conn.execute(
-                "UPDATE requests SET deadline_at = $4, updated_at = $3, renewed_at = $3
-                  WHERE id = $1 AND runtime_id = $2 AND status = 'running' AND deadline_at > $3",
-                &[&id, &runtime, &now, &self.timeouts.running_deadline(now)],
-            )?,
+            Report::Running | Report::Progress(_) => {
+                let progress = match report {
+                    Report::Progress(result) => Some(result.as_str()),
+                    _ => None,
+                };
+                conn.execute(
+                    "UPDATE requests SET deadline_at = $4, updated_at = $3, renewed_at = $3,
+                                         result = COALESCE($6, result)
+                      WHERE id = $1 AND runtime_id = $2 AND kind = $5 AND status = 'running'
+                        AND deadline_at > $3",
+                    &[&id, &runtime, &now, &lease, &kind.name(), &progress],
+                )?
+            }
             Report::Ended(outcome) => {
+                let catalog = match kind {
+                    Kind::Models => outcome.catalog(),
+                    _ => CatalogChange::Keep,
+                };
                 let row = conn.query_one(
-                    report_sql(outcome.catalog()),
+                    report_sql(catalog),
                     &[
                         &id,
                         &runtime,
@@ -895,6 +945,8 @@ impl Storer for PostgresStore {
                         &outcome.supported,
                         &outcome.error,
                         &outcome.fallback,
+                        &outcome.result,
+                        &kind.name(),
                     ],
                 )?;
                 upkeep::count_from_db(row.try_get(0)?)?
@@ -903,17 +955,24 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
+    fn expire_request(
+        &self,
+        id: RequestId,
+        kind: Kind,
+        phase: Status,
+        now: Millis,
+    ) -> Result<bool> {
         let changed = self.conn()?.execute(
             "UPDATE requests
                 SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
               WHERE id = $1 AND status = $2 AND status IN ('pending', 'running')
-                AND deadline_at <= $3",
+                AND deadline_at <= $3 AND kind = $5",
             &[
                 &id.to_string(),
                 &phase.as_str(),
                 &now,
-                &self.timeouts.error_for(phase),
+                &kind.timeout_error(&self.timeouts.of(kind), phase),
+                &kind.name(),
             ],
         )?;
         Ok(changed == 1)
@@ -923,8 +982,8 @@ impl Storer for PostgresStore {
         upkeep::expire_overdue(&mut *self.conn()?, &self.timeouts, now, limit)
     }
 
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        upkeep::delete_ended_before(&mut *self.conn()?, cutoff, limit)
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {
+        upkeep::delete_ended_before(&mut *self.conn()?, kind, cutoff, limit)
     }
 
     fn count_requests(&self) -> Result<RequestCounts> {
@@ -936,16 +995,23 @@ impl Storer for PostgresStore {
         Ok(())
     }
 
-    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+    fn hand_out_again(
+        &self,
+        runtime: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool> {
         let changed = self.conn()?.execute(
             "UPDATE requests SET deadline_at = $4, updated_at = $3
-              WHERE id = $1 AND runtime_id = $2 AND status = 'running'
+              WHERE id = $1 AND runtime_id = $2 AND kind = $5 AND status = 'running'
                 AND renewed_at IS NULL AND deadline_at > $3",
             &[
                 &id.to_string(),
                 &runtime.to_string(),
                 &now,
-                &self.timeouts.running_deadline(now),
+                &self.timeouts.of(kind).running_deadline(now),
+                &kind.name(),
             ],
         )?;
         Ok(changed == 1)
@@ -962,7 +1028,7 @@ impl Storer for PostgresStore {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>> {
+    ) -> Result<Added<StoredRequest>> {
         let mut conn = self.conn()?;
         let runtime_text = runtime.to_string();
         let refresh_text = refresh.map(|r| r.to_string());
@@ -976,7 +1042,7 @@ impl Storer for PostgresStore {
                                 supported AS catalog_supported
                            FROM catalogs WHERE runtime_id = $1 AND reported_at > $2) catalog
                   WHERE runtime_id = $1 AND cached_at = catalog.reported_at
-                    AND status = 'completed'
+                    AND status = 'completed' AND kind = 'models'
                     AND models = catalog_models AND supported = catalog_supported
                     AND refresh_id IS NOT DISTINCT FROM $3::text AND ended_at >= $4
                   ORDER BY ended_at DESC LIMIT 1"

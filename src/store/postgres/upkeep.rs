@@ -12,18 +12,21 @@ use super::super::{
     status_from_db,
 };
 use crate::clock::Millis;
+use crate::kind::{Kind, PerKind};
 use crate::model::{Status, Timeouts};
 
 /// Expires up to `limit` overdue requests, pending ones first, then running ones; each
-/// phase in deadline order along `requests_by_status`.
+/// phase kind by kind (each kind has its own error), in deadline order along
+/// `requests_by_status`.
 pub(super) fn expire_overdue(
     client: &mut CachedClient,
-    timeouts: &Timeouts,
+    timeouts: &PerKind<Timeouts>,
     now: Millis,
     limit: u32,
 ) -> Result<Expired> {
     let mut expired = Expired::default();
-    for phase in [Status::Pending, Status::Running] {
+    let phases = [Status::Pending, Status::Running];
+    for (phase, kind) in phases.into_iter().flat_map(|p| Kind::ALL.map(|k| (p, k))) {
         let left = u64::from(limit).saturating_sub(expired.total());
         if left == 0 {
             break;
@@ -34,14 +37,16 @@ pub(super) fn expire_overdue(
             "UPDATE requests
                 SET status = 'timeout', error = $4, updated_at = deadline_at, ended_at = deadline_at
               WHERE id = ANY(ARRAY(
-                      SELECT id FROM requests WHERE status = $1 AND deadline_at <= $2
+                      SELECT id FROM requests
+                       WHERE status = $1 AND deadline_at <= $2 AND kind = $5
                        ORDER BY deadline_at LIMIT $3 FOR UPDATE SKIP LOCKED))
-                AND status = $1 AND deadline_at <= $2",
+                AND status = $1 AND deadline_at <= $2 AND kind = $5",
             &[
                 &phase.as_str(),
                 &now,
                 &i64::try_from(left).unwrap_or(i64::MAX),
-                &timeouts.error_for(phase),
+                &kind.timeout_error(&timeouts.of(kind), phase),
+                &kind.name(),
             ],
         )?;
         expired = expired.plus(phase, n);
@@ -51,14 +56,15 @@ pub(super) fn expire_overdue(
 
 pub(super) fn delete_ended_before(
     client: &mut CachedClient,
+    kind: Kind,
     cutoff: Millis,
     limit: u32,
 ) -> Result<u64> {
     let mut tx = client.transaction()?;
     let batch = tx.query(
         "SELECT r.id, t.workspace_id FROM requests r JOIN runtimes t ON t.id = r.runtime_id
-          WHERE r.ended_at < $1 ORDER BY r.ended_at LIMIT $2",
-        &[&cutoff, &i64::from(limit)],
+          WHERE r.kind = $3 AND r.ended_at < $1 ORDER BY r.ended_at LIMIT $2",
+        &[&cutoff, &i64::from(limit), &kind.name()],
     )?;
     let mut ids = Vec::with_capacity(batch.len());
     let mut workspaces = Vec::new();

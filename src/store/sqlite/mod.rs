@@ -25,13 +25,14 @@ use self::rows::{RUNTIME_COLUMNS, RawRequest, RawRuntime};
 
 use super::{
     API_TOKEN_USE_REFRESH, Active, Added, ApiToken, ApiTokenUse, Ask, Claim, Created, DEFAULT_WAIT,
-    Daemon, Expired, Listener, NewRuntime, RequestCounts, Result, RuntimeCursor, Scoped,
-    StoreError, Storer, Workspace, models_to_db, request_id_from_db, runtime_id_from_db,
-    status_from_db, token_id_from_db, workspace_id_from_db,
+    Daemon, Expired, Listener, NewRequest, NewRuntime, RequestCounts, Result, RuntimeCursor,
+    Scoped, StoreError, Storer, Workspace, daemon_lists_from_db, models_to_db, request_id_from_db,
+    runtime_id_from_db, status_from_db, token_id_from_db, workspace_id_from_db,
 };
 use crate::clock::Millis;
 use crate::ids::{RequestId, RuntimeId, TokenHash, TokenId, WorkspaceId};
-use crate::model::{CatalogChange, ModelRequest, Outcome, Report, Runtime, Status, Timeouts};
+use crate::kind::{Kind, PerKind};
+use crate::model::{CatalogChange, Outcome, Report, Runtime, Status, StoredRequest, Timeouts};
 
 /// Connections for writers. SQLite takes one writer at a time; a writer that finds the
 /// lock taken sleeps in the busy handler (1, 2, 5, 10 … ms) however soon it frees, so more
@@ -89,19 +90,24 @@ pub struct SqliteStore {
     /// workers ([`Storer::reads_in_place`]): apart from the writers' pool, so that a read
     /// never waits for a connection that a writer holds while it queues for the lock.
     readers: r2d2::Pool<SqliteConnectionManager>,
-    timeouts: Timeouts,
+    timeouts: PerKind<Timeouts>,
     /// The file, for the checkpoint's connection of its own.
     path: PathBuf,
 }
 
-const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id";
+const REQUEST_COLUMNS: &str = "id, runtime_id, status, models, supported, error, created_at, updated_at, deadline_at, ended_at, fallback, cached_at, refresh_id, kind, coalesce_key, input, result";
 
 impl SqliteStore {
-    pub fn open(path: &Path, timeouts: Timeouts) -> Result<Self> {
+    pub fn open(path: &Path, timeouts: impl Into<PerKind<Timeouts>>) -> Result<Self> {
         Self::open_with(path, timeouts, Options::default())
     }
 
-    pub fn open_with(path: &Path, timeouts: Timeouts, options: Options) -> Result<Self> {
+    pub fn open_with(
+        path: &Path,
+        timeouts: impl Into<PerKind<Timeouts>>,
+        options: Options,
+    ) -> Result<Self> {
+        let timeouts = timeouts.into();
         let Options { synchronous, wait } = options;
         create_private(path)?;
         // WAL is a property of the file: set it once, on one connection, before the pool
@@ -246,6 +252,7 @@ const REUSABLE_ANSWER: &str = "FROM requests,
          (SELECT reported_at, models AS catalog_models, supported AS catalog_supported
             FROM catalogs WHERE runtime_id = ?1 AND reported_at > ?2) catalog
    WHERE runtime_id = ?1 AND cached_at = catalog.reported_at AND status = 'completed'
+     AND kind = 'models'
      AND models = catalog_models AND supported = catalog_supported
      AND refresh_id IS ?3 AND ended_at >= ?4
    ORDER BY ended_at DESC LIMIT 1";
@@ -276,7 +283,7 @@ fn find_request_in(
     conn: &Connection,
     runtime: RuntimeId,
     id: RequestId,
-) -> Result<Option<ModelRequest>> {
+) -> Result<Option<StoredRequest>> {
     conn.prepare_cached(&format!(
         "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1 AND runtime_id = ?2"
     ))?
@@ -294,8 +301,9 @@ fn find_request_in(
 /// nothing: terminal is final.
 fn expire_in(
     conn: &Connection,
-    timeouts: &Timeouts,
+    timeouts: &PerKind<Timeouts>,
     id: &str,
+    kind: Kind,
     phase: Status,
     now: Millis,
 ) -> Result<bool> {
@@ -304,9 +312,15 @@ fn expire_in(
             "UPDATE requests
                 SET status = 'timeout', error = ?4, updated_at = deadline_at, ended_at = deadline_at
               WHERE id = ?1 AND status = ?2 AND status IN ('pending', 'running')
-                AND deadline_at <= ?3",
+                AND deadline_at <= ?3 AND kind = ?5",
         )?
-        .execute(params![id, phase.as_str(), now, timeouts.error_for(phase)])?;
+        .execute(params![
+            id,
+            phase.as_str(),
+            now,
+            kind.timeout_error(&timeouts.of(kind), phase),
+            kind.name()
+        ])?;
     Ok(changed == 1)
 }
 
@@ -321,7 +335,7 @@ impl Storer for SqliteStore {
         Ok(())
     }
 
-    fn timeouts(&self) -> Timeouts {
+    fn timeouts(&self) -> PerKind<Timeouts> {
         self.timeouts
     }
 
@@ -577,13 +591,15 @@ impl Storer for SqliteStore {
 
     fn daemon_by_token(&self, token: &TokenHash) -> Result<Option<Daemon>> {
         let conn = self.reader()?;
-        type Found = (String, Option<Millis>, bool, Option<String>);
+        type Found = (String, Option<Millis>, Option<String>, Option<String>);
+        // The kinds pending, and the unrenewed running requests as `kind id` pairs: each a
+        // few rows of the partial indexes of active requests.
         let found: Option<Found> = conn
             .prepare_cached(
                 "SELECT id, last_seen_at,
-                        EXISTS (SELECT 1 FROM requests
-                                 WHERE runtime_id = runtimes.id AND status = 'pending'),
-                        (SELECT id FROM requests
+                        (SELECT group_concat(DISTINCT kind) FROM requests
+                          WHERE runtime_id = runtimes.id AND status = 'pending'),
+                        (SELECT group_concat(kind || ' ' || id) FROM requests
                           WHERE runtime_id = runtimes.id AND status = 'running'
                             AND renewed_at IS NULL)
                    FROM runtimes WHERE daemon_token_hash = ?1",
@@ -594,11 +610,13 @@ impl Storer for SqliteStore {
             .optional()?;
         found
             .map(|(id, last_seen_at, pending, unrenewed)| {
+                let (pending, unrenewed) =
+                    daemon_lists_from_db(pending.as_deref(), unrenewed.as_deref())?;
                 Ok(Daemon {
                     runtime: runtime_id_from_db(&id)?,
                     last_seen_at,
                     pending,
-                    unrenewed: unrenewed.as_deref().map(request_id_from_db).transpose()?,
+                    unrenewed,
                 })
             })
             .transpose()
@@ -616,7 +634,7 @@ impl Storer for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<ModelRequest>> {
+    fn find_request(&self, runtime: RuntimeId, id: RequestId) -> Result<Option<StoredRequest>> {
         find_request_in(&*self.reader()?, runtime, id)
     }
 
@@ -625,7 +643,7 @@ impl Storer for SqliteStore {
         api_token: &TokenHash,
         runtime: RuntimeId,
         id: RequestId,
-    ) -> Result<Scoped<Option<ModelRequest>>> {
+    ) -> Result<Scoped<Option<StoredRequest>>> {
         let conn = self.reader()?;
         // The request's columns first, so that RawRequest reads them where it always does;
         // then whether the runtime was found. No row at all: the token is nobody's.
@@ -633,7 +651,8 @@ impl Storer for SqliteStore {
             .prepare_cached(
                 "SELECT r.id, r.runtime_id, r.status, r.models, r.supported, r.error,
                         r.created_at, r.updated_at, r.deadline_at, r.ended_at,
-                        r.fallback, r.cached_at, r.refresh_id, rt.id IS NOT NULL
+                        r.fallback, r.cached_at, r.refresh_id, r.kind, r.coalesce_key,
+                        r.input, r.result, rt.id IS NOT NULL
                    FROM api_tokens t
                    LEFT JOIN runtimes rt ON rt.id = ?2 AND rt.workspace_id = t.workspace_id
                    LEFT JOIN requests r ON r.id = ?3 AND r.runtime_id = rt.id
@@ -646,7 +665,7 @@ impl Storer for SqliteStore {
                         Some(_) => Some(RawRequest::from_row(row)?),
                         None => None,
                     };
-                    Ok((request, row.get(13)?))
+                    Ok((request, row.get(17)?))
                 },
             )
             .optional()?;
@@ -660,10 +679,11 @@ impl Storer for SqliteStore {
     fn create_or_coalesce_within(
         &self,
         runtime: RuntimeId,
-        id: RequestId,
+        new: &NewRequest,
         now: Millis,
         max: u64,
     ) -> Result<Added<Created>> {
+        let kind = new.kind.name();
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let runtime_text = runtime.to_string();
@@ -676,16 +696,17 @@ impl Storer for SqliteStore {
         let overdue: Option<(String, String)> = tx
             .prepare_cached(
                 "SELECT id, status FROM requests
-                  WHERE runtime_id = ?1 AND status IN ('pending', 'running') AND deadline_at <= ?2",
+                  WHERE runtime_id = ?1 AND kind = ?3 AND coalesce_key = ?4
+                    AND status IN ('pending', 'running') AND deadline_at <= ?2",
             )?
-            .query_row(params![runtime_text, now], |row| {
+            .query_row(params![runtime_text, now, kind, new.key], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .optional()?;
         let mut expired = Expired::default();
         if let Some((overdue_id, phase)) = overdue {
             let phase = status_from_db(&phase)?;
-            if expire_in(&tx, &self.timeouts, &overdue_id, phase, now)? {
+            if expire_in(&tx, &self.timeouts, &overdue_id, new.kind, phase, now)? {
                 expired = Expired::one(phase);
             }
         }
@@ -694,27 +715,32 @@ impl Storer for SqliteStore {
         let inserted = match room {
             true => tx
                 .prepare_cached(
-                    "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at, deadline_at)
-                     VALUES (?1, ?2, 'pending', TRUE, ?3, ?3, ?4)
+                    "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at,
+                                           deadline_at, kind, coalesce_key, input)
+                     VALUES (?1, ?2, 'pending', TRUE, ?3, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT DO NOTHING",
                 )?
                 .execute(params![
-                    id.to_string(),
+                    new.id.to_string(),
                     runtime_text,
                     now,
-                    self.timeouts.pending_deadline(now)
+                    self.timeouts.of(new.kind).pending_deadline(now),
+                    kind,
+                    new.key,
+                    new.input
                 ])?,
             false => 0,
         };
         let request = if inserted == 1 {
             count_stored(&tx, &runtime_text, 1)?;
-            find_request_in(&tx, runtime, id)?
+            find_request_in(&tx, runtime, new.id)?
         } else {
             tx.prepare_cached(&format!(
                 "SELECT {REQUEST_COLUMNS} FROM requests
-                  WHERE runtime_id = ?1 AND status IN ('pending', 'running')"
+                  WHERE runtime_id = ?1 AND kind = ?2 AND coalesce_key = ?3
+                    AND status IN ('pending', 'running')"
             ))?
-            .query_row([&runtime_text], RawRequest::from_row)
+            .query_row(params![runtime_text, kind, new.key], RawRequest::from_row)
             .optional()?
             .map(RawRequest::parse)
             .transpose()?
@@ -738,7 +764,7 @@ impl Storer for SqliteStore {
         Ok(stored.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
     }
 
-    fn claim_next_pending(&self, runtime: RuntimeId, now: Millis) -> Result<Claim> {
+    fn claim_next_pending(&self, runtime: RuntimeId, kind: Kind, now: Millis) -> Result<Claim> {
         // No read first to spare the write lock when nothing is pending: the heartbeat only
         // claims when `daemon_by_token` has just seen a pending request.
         let mut conn = self.conn()?;
@@ -748,30 +774,39 @@ impl Storer for SqliteStore {
             .prepare_cached(
                 "UPDATE requests
                 SET status = 'timeout', error = ?3, updated_at = deadline_at, ended_at = deadline_at
-              WHERE runtime_id = ?1 AND status = 'pending' AND deadline_at <= ?2",
+              WHERE runtime_id = ?1 AND kind = ?4 AND status = 'pending' AND deadline_at <= ?2",
             )?
             .execute(params![
                 runtime_text,
                 now,
-                self.timeouts.error_for(Status::Pending)
+                kind.timeout_error(&self.timeouts.of(kind), Status::Pending),
+                kind.name()
             ])?;
-        let claimed: Option<String> = tx
+        let claimed: Option<(String, Option<String>)> = tx
             .prepare_cached(
                 "UPDATE requests SET status = 'running', deadline_at = ?3, updated_at = ?2
                   WHERE id = (SELECT id FROM requests
-                               WHERE runtime_id = ?1 AND status = 'pending' AND deadline_at > ?2
+                               WHERE runtime_id = ?1 AND kind = ?4 AND status = 'pending'
+                                 AND deadline_at > ?2
                                ORDER BY created_at, id LIMIT 1)
                     AND status = 'pending'
-                 RETURNING id",
+                 RETURNING id, input",
             )?
             .query_row(
-                params![runtime_text, now, self.timeouts.running_deadline(now)],
-                |row| row.get(0),
+                params![
+                    runtime_text,
+                    now,
+                    self.timeouts.of(kind).running_deadline(now),
+                    kind.name()
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .optional()?;
         tx.commit()?;
+        let (claimed, input) = claimed.unzip();
         Ok(Claim {
             claimed: claimed.as_deref().map(request_id_from_db).transpose()?,
+            input: input.flatten(),
             expired: Expired::default().plus(Status::Pending, expired as u64),
         })
     }
@@ -779,31 +814,42 @@ impl Storer for SqliteStore {
     fn apply_report(
         &self,
         runtime: RuntimeId,
+        kind: Kind,
         id: RequestId,
         report: &Report,
         now: Millis,
     ) -> Result<bool> {
         let mut conn = self.conn()?;
         let changed = match report {
-            Report::Running => conn
-                .prepare_cached(
-                    "UPDATE requests SET deadline_at = ?4, updated_at = ?3, renewed_at = ?3
-                      WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
+            Report::Running | Report::Progress(_) => {
+                let progress = match report {
+                    Report::Progress(result) => Some(result),
+                    _ => None,
+                };
+                conn.prepare_cached(
+                    "UPDATE requests SET deadline_at = ?4, updated_at = ?3, renewed_at = ?3,
+                                         result = COALESCE(?6, result)
+                      WHERE id = ?1 AND runtime_id = ?2 AND kind = ?5 AND status = 'running'
+                        AND deadline_at > ?3",
                 )?
                 .execute(params![
                     id.to_string(),
                     runtime.to_string(),
                     now,
-                    self.timeouts.running_deadline(now)
-                ])?,
+                    self.timeouts.of(kind).running_deadline(now),
+                    kind.name(),
+                    progress
+                ])?
+            }
             Report::Ended(outcome) => {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let changed = tx
                     .prepare_cached(
                         "UPDATE requests
                             SET status = ?4, models = ?5, supported = ?6, error = ?7, fallback = ?8,
-                                updated_at = ?3, ended_at = ?3
-                          WHERE id = ?1 AND runtime_id = ?2 AND status = 'running' AND deadline_at > ?3",
+                                result = ?9, updated_at = ?3, ended_at = ?3
+                          WHERE id = ?1 AND runtime_id = ?2 AND kind = ?10 AND status = 'running'
+                            AND deadline_at > ?3",
                     )?
                     .execute(params![
                         id.to_string(),
@@ -813,9 +859,11 @@ impl Storer for SqliteStore {
                         models_to_db(&outcome.models),
                         outcome.supported,
                         outcome.error,
-                        outcome.fallback
+                        outcome.fallback,
+                        outcome.result,
+                        kind.name()
                     ])?;
-                if changed == 1 {
+                if changed == 1 && kind == Kind::Models {
                     change_catalog(&tx, runtime, outcome, now)?;
                 }
                 tx.commit()?;
@@ -825,16 +873,23 @@ impl Storer for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn expire_request(&self, id: RequestId, phase: Status, now: Millis) -> Result<bool> {
-        expire_in(&*self.conn()?, &self.timeouts, &id.to_string(), phase, now)
+    fn expire_request(
+        &self,
+        id: RequestId,
+        kind: Kind,
+        phase: Status,
+        now: Millis,
+    ) -> Result<bool> {
+        let conn = self.conn()?;
+        expire_in(&conn, &self.timeouts, &id.to_string(), kind, phase, now)
     }
 
     fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
         upkeep::expire_overdue(&*self.conn()?, &self.timeouts, now, limit)
     }
 
-    fn delete_ended_before(&self, cutoff: Millis, limit: u32) -> Result<u64> {
-        upkeep::delete_ended_before(&mut *self.conn()?, cutoff, limit)
+    fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {
+        upkeep::delete_ended_before(&mut *self.conn()?, kind, cutoff, limit)
     }
 
     fn count_requests(&self) -> Result<RequestCounts> {
@@ -845,19 +900,26 @@ impl Storer for SqliteStore {
         upkeep::checkpoint(&self.path)
     }
 
-    fn hand_out_again(&self, runtime: RuntimeId, id: RequestId, now: Millis) -> Result<bool> {
+    fn hand_out_again(
+        &self,
+        runtime: RuntimeId,
+        kind: Kind,
+        id: RequestId,
+        now: Millis,
+    ) -> Result<bool> {
         let changed = self
             .conn()?
             .prepare_cached(
                 "UPDATE requests SET deadline_at = ?4, updated_at = ?3
-                  WHERE id = ?1 AND runtime_id = ?2 AND status = 'running'
+                  WHERE id = ?1 AND runtime_id = ?2 AND kind = ?5 AND status = 'running'
                     AND renewed_at IS NULL AND deadline_at > ?3",
             )?
             .execute(params![
                 id.to_string(),
                 runtime.to_string(),
                 now,
-                self.timeouts.running_deadline(now)
+                self.timeouts.of(kind).running_deadline(now),
+                kind.name()
             ])?;
         Ok(changed == 1)
     }
@@ -873,7 +935,7 @@ impl Storer for SqliteStore {
         refresh: Option<RequestId>,
         reported_after: Millis,
         now: Millis,
-    ) -> Result<Added<ModelRequest>> {
+    ) -> Result<Added<StoredRequest>> {
         let runtime_text = runtime.to_string();
         let refresh_text = refresh.map(|r| r.to_string());
         // A read, so the common answer (the one handed out a moment ago) takes no write

@@ -3,11 +3,11 @@
 use rusqlite::Row;
 
 use super::super::{
-    Result, models_from_db, request_id_from_db, runtime_id_from_db, status_from_db,
+    Result, kind_from_db, models_from_db, request_id_from_db, runtime_id_from_db, status_from_db,
     workspace_id_from_db,
 };
 use crate::clock::Millis;
-use crate::model::{ModelRequest, Runtime};
+use crate::model::{Runtime, StoredRequest};
 
 /// A request row as SQLite returns it, before its text columns are parsed.
 pub(super) struct RawRequest {
@@ -24,6 +24,10 @@ pub(super) struct RawRequest {
     fallback: bool,
     cached_at: Option<Millis>,
     refresh_id: Option<String>,
+    kind: String,
+    key: String,
+    input: Option<String>,
+    result: Option<String>,
 }
 
 impl RawRequest {
@@ -42,13 +46,21 @@ impl RawRequest {
             fallback: row.get(10)?,
             cached_at: row.get(11)?,
             refresh_id: row.get(12)?,
+            kind: row.get(13)?,
+            key: row.get(14)?,
+            input: row.get(15)?,
+            result: row.get(16)?,
         })
     }
 
-    pub(super) fn parse(self) -> Result<ModelRequest> {
-        Ok(ModelRequest {
+    pub(super) fn parse(self) -> Result<StoredRequest> {
+        Ok(StoredRequest {
             id: request_id_from_db(&self.id)?,
             runtime_id: runtime_id_from_db(&self.runtime_id)?,
+            kind: kind_from_db(&self.kind)?,
+            key: self.key,
+            input: self.input,
+            result: self.result,
             status: status_from_db(&self.status)?,
             models: models_from_db(self.models.as_deref())?,
             supported: self.supported,

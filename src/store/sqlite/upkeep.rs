@@ -15,6 +15,7 @@ use super::super::{
     status_from_db,
 };
 use crate::clock::Millis;
+use crate::kind::{Kind, PerKind};
 use crate::model::{Status, Timeouts};
 
 /// How long a checkpoint waits for writers to finish and readers to leave the log. It holds
@@ -54,15 +55,17 @@ pub(super) fn active_requests(conn: &Connection) -> Result<Vec<Active>> {
 }
 
 /// Expires up to `limit` overdue requests, pending ones first, then running ones; each
-/// phase in deadline order along `requests_by_status`.
+/// phase kind by kind (each kind has its own error), in deadline order along
+/// `requests_by_status`.
 pub(super) fn expire_overdue(
     conn: &Connection,
-    timeouts: &Timeouts,
+    timeouts: &PerKind<Timeouts>,
     now: Millis,
     limit: u32,
 ) -> Result<Expired> {
     let mut expired = Expired::default();
-    for phase in [Status::Pending, Status::Running] {
+    let phases = [Status::Pending, Status::Running];
+    for (phase, kind) in phases.into_iter().flat_map(|p| Kind::ALL.map(|k| (p, k))) {
         let left =
             i64::from(limit).saturating_sub(i64::try_from(expired.total()).unwrap_or(i64::MAX));
         if left <= 0 {
@@ -76,15 +79,16 @@ pub(super) fn expire_overdue(
                     SET status = 'timeout', error = ?4,
                         updated_at = deadline_at, ended_at = deadline_at
                   WHERE id IN (SELECT id FROM requests
-                                WHERE status = ?1 AND deadline_at <= ?2
+                                WHERE status = ?1 AND deadline_at <= ?2 AND kind = ?5
                                 ORDER BY deadline_at LIMIT ?3)
-                    AND status = ?1 AND deadline_at <= ?2",
+                    AND status = ?1 AND deadline_at <= ?2 AND kind = ?5",
             )?
             .execute(params![
                 phase.as_str(),
                 now,
                 left,
-                timeouts.error_for(phase)
+                kind.timeout_error(&timeouts.of(kind), phase),
+                kind.name()
             ])?;
         expired = expired.plus(phase, n as u64);
     }
@@ -94,6 +98,7 @@ pub(super) fn expire_overdue(
 /// One batch, and the counts of stored requests it lowers, in one transaction.
 pub(super) fn delete_ended_before(
     conn: &mut Connection,
+    kind: Kind,
     cutoff: Millis,
     limit: u32,
 ) -> Result<u64> {
@@ -102,10 +107,11 @@ pub(super) fn delete_ended_before(
     {
         let mut delete = tx.prepare_cached(
             "DELETE FROM requests WHERE id IN
-               (SELECT id FROM requests WHERE ended_at < ?1 ORDER BY ended_at LIMIT ?2)
+               (SELECT id FROM requests WHERE kind = ?3 AND ended_at < ?1
+                 ORDER BY ended_at LIMIT ?2)
              RETURNING runtime_id",
         )?;
-        let mut rows = delete.query(params![cutoff, limit])?;
+        let mut rows = delete.query(params![cutoff, limit, kind.name()])?;
         while let Some(row) = rows.next()? {
             *gone.entry(row.get(0)?).or_default() += 1;
         }
@@ -195,6 +201,7 @@ pub(super) fn checkpoint(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NewRequest;
     use crate::store::sqlite::SqliteStore;
 
     fn plan(conn: &Connection, sql: &str) -> String {
@@ -277,6 +284,7 @@ mod tests {
         };
         store.create_runtime(&new, 0).unwrap();
         let big = Report::Ended(Outcome {
+            result: None,
             status: Status::Completed,
             models: vec![ModelEntry {
                 id: "m".into(),
@@ -289,9 +297,17 @@ mod tests {
         });
         for now in 1..=300 {
             let id = RequestId::random().unwrap();
-            store.create_or_coalesce(runtime, id, now).unwrap();
-            store.claim_next_pending(runtime, now).unwrap();
-            assert!(store.apply_report(runtime, id, &big, now).unwrap());
+            store
+                .create_or_coalesce(runtime, &NewRequest::of(Kind::Models, id), now)
+                .unwrap();
+            store
+                .claim_next_pending(runtime, Kind::Models, now)
+                .unwrap();
+            assert!(
+                store
+                    .apply_report(runtime, Kind::Models, id, &big, now)
+                    .unwrap()
+            );
         }
         store.checkpoint().unwrap();
         let full = std::fs::metadata(&path).unwrap().len();

@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     4 "004_catalog",
     5 "005_token_ids",
     6 "006_stored_requests",
+    7 "007_request_kinds",
 ];
 
 /// Any key, the same for every instance: the advisory lock that makes instances starting

@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[Migration] = migrations![
     4 "004_catalog",
     5 "005_token_ids",
     6 "006_stored_requests",
+    7 "007_request_kinds",
 ];
 
 /// Applies what the file still needs, all in one `BEGIN IMMEDIATE` transaction: processes
