@@ -4,7 +4,10 @@
 //! handles on it (two, for races), and passes the time of a fake clock to the store as `now`.
 //!
 //! The cases are grouped by topic, one file each in `conformance/`, with the helpers they
-//! share in `conformance/common.rs`. Each topic file lists its cases in `engine_tests!`,
+//! share in `conformance/common.rs`. The topics about requests (create, claim, report,
+//! expiry, listen, tenancy) run every case for every kind of request (`kind_tests!`: named
+//! `<topic>::<kind>::<engine>::<case>`, the helpers making requests of that kind); the
+//! others say at their list why they are about model lists, or no kind, only. Each topic file lists its cases in `engine_tests!`,
 //! so a test is named `<topic>::<engine>::<case>`. A new topic is a new file and a `mod`
 //! line here; a new engine is added in `support/engines.rs` alone. Tests of one engine's
 //! own behaviour sit in the topic they belong to, named after their engine.
@@ -23,6 +26,8 @@ mod common;
 mod create;
 #[path = "conformance/expiry.rs"]
 mod expiry;
+#[path = "conformance/kinds.rs"]
+mod kinds;
 #[path = "conformance/limits.rs"]
 mod limits;
 #[path = "conformance/listen.rs"]

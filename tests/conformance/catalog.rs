@@ -15,6 +15,7 @@ use crate::common::{
 };
 use crate::support::engines::{Engine, engine_tests};
 
+// Model lists only: the catalog is a `models` feature (DESIGN.md, "Request kinds").
 engine_tests!(
     with_pgbouncer TIMEOUTS;
     a_completed_report_with_models_writes_the_catalog,

@@ -1,7 +1,6 @@
 //! Claims and heartbeats: a pending request is handed out once, with a lease; heartbeats
 //! record when a daemon was last seen; a hand-out whose answer was lost is handed out again.
 
-use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -10,13 +9,15 @@ use model_relay::model::{Report, Status};
 use model_relay::store::{Claim, Daemon, Expired, Heartbeat, Storer};
 
 use crate::common::alive;
+use crate::common::timeout_error;
 use crate::common::{
     PENDING_MS, RUNNING_MS, T0, TIMEOUTS, Tenant, completed, create, failed, get, new_id, running,
     tenant,
 };
-use crate::support::engines::{Engine, engine_tests};
+use crate::common::{kind, kind_tests, set_kind};
+use crate::support::engines::Engine;
 
-engine_tests!(
+kind_tests!(
     with_pgbouncer TIMEOUTS;
     claim_moves_the_pending_request_to_running_with_a_lease,
     claim_hands_out_a_request_at_most_once,
@@ -53,7 +54,7 @@ fn claim_moves_the_pending_request_to_running_with_a_lease(engine: &dyn Engine) 
     let at = T0 + 5_000;
     assert_eq!(
         store
-            .claim_next_pending(t.runtime, Kind::Models, at)
+            .claim_next_pending(t.runtime, kind(), at)
             .unwrap()
             .claimed,
         Some(id)
@@ -69,14 +70,17 @@ fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
     let store = engine.open();
     let t = tenant(store.as_ref());
     let id = create(store.as_ref(), t.runtime, T0).id;
-    assert_eq!(beat(store.as_ref(), &t, T0, 0), alive(id));
+    assert_eq!(
+        beat(store.as_ref(), &t, T0, 0),
+        alive(store.as_ref(), t.runtime, id)
+    );
     assert_eq!(
         beat(store.as_ref(), &t, T0 + 1, 0),
         Heartbeat::Alive(vec![])
     );
     assert_eq!(
         store
-            .claim_next_pending(t.runtime, Kind::Models, T0 + 2)
+            .claim_next_pending(t.runtime, kind(), T0 + 2)
             .unwrap()
             .claimed,
         None
@@ -84,6 +88,8 @@ fn claim_hands_out_a_request_at_most_once(engine: &dyn Engine) {
 }
 
 fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Engine) {
+    // Threads of their own start with the default kind: they are told this one.
+    let case_kind = kind();
     let handles = [engine.open(), engine.open()];
     let t = tenant(handles[0].as_ref());
     for round in 0..20 {
@@ -96,9 +102,10 @@ fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Eng
                 .map(|store| {
                     let barrier = barrier.clone();
                     s.spawn(move || {
+                        set_kind(case_kind);
                         barrier.wait();
                         store
-                            .claim_next_pending(t.runtime, Kind::Models, now)
+                            .claim_next_pending(t.runtime, kind(), now)
                             .unwrap()
                             .claimed
                     })
@@ -109,7 +116,7 @@ fn concurrent_claims_from_two_handles_hand_out_one_request_once(engine: &dyn Eng
         let handed: Vec<RequestId> = claims.into_iter().flatten().collect();
         assert_eq!(handed, vec![id], "round {round}: claimed exactly once");
         handles[1]
-            .report(t.runtime, Kind::Models, id, &failed("next round"), now)
+            .report(t.runtime, kind(), id, &failed("next round"), now)
             .unwrap();
     }
 }
@@ -121,14 +128,14 @@ fn claim_only_sees_its_own_runtime(engine: &dyn Engine) {
     let id = create(store.as_ref(), a.runtime, T0).id;
     assert_eq!(
         store
-            .claim_next_pending(b.runtime, Kind::Models, T0)
+            .claim_next_pending(b.runtime, kind(), T0)
             .unwrap()
             .claimed,
         None
     );
     assert_eq!(
         store
-            .claim_next_pending(a.runtime, Kind::Models, T0)
+            .claim_next_pending(a.runtime, kind(), T0)
             .unwrap()
             .claimed,
         Some(id)
@@ -142,7 +149,7 @@ fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn Eng
     let deadline = T0 + PENDING_MS;
     assert_eq!(
         store
-            .claim_next_pending(t.runtime, Kind::Models, deadline)
+            .claim_next_pending(t.runtime, kind(), deadline)
             .unwrap(),
         Claim {
             claimed: None,
@@ -155,7 +162,7 @@ fn expired_pending_request_is_never_claimed_and_becomes_timeout(engine: &dyn Eng
     assert_eq!(r.status, Status::Timeout, "the claim ended it");
     assert_eq!(
         r.error.as_deref(),
-        Some("daemon did not respond within 30 seconds")
+        Some(timeout_error(Status::Pending).as_str())
     );
     assert_eq!((r.ended_at, r.updated_at), (Some(deadline), deadline));
 }
@@ -187,7 +194,10 @@ fn heartbeat_writes_last_seen_only_when_older_than_refresh_after(engine: &dyn En
     );
     // A skipped write still claims what is pending.
     let id = create(store.as_ref(), t.runtime, T0 + 1002).id;
-    assert_eq!(beat(store.as_ref(), &t, T0 + 1003, 1000), alive(id));
+    assert_eq!(
+        beat(store.as_ref(), &t, T0 + 1003, 1000),
+        alive(store.as_ref(), t.runtime, id)
+    );
     assert_eq!(seen(store.as_ref()), Some(T0 + 1001));
 }
 
@@ -214,7 +224,7 @@ fn daemon_by_token_tells_whether_a_request_is_pending(engine: &dyn Engine) {
     assert!(pending(store.as_ref()));
     assert_eq!(
         store
-            .claim_next_pending(t.runtime, Kind::Models, T0 + 1)
+            .claim_next_pending(t.runtime, kind(), T0 + 1)
             .unwrap()
             .claimed,
         Some(id)
@@ -247,12 +257,9 @@ fn daemon_by_token_names_the_running_request_until_it_is_renewed(engine: &dyn En
         "pending is not handed out"
     );
     let id = running(store.as_ref(), t.runtime, T0);
-    assert_eq!(
-        daemon(store.as_ref(), &t).unrenewed,
-        vec![(Kind::Models, id)]
-    );
+    assert_eq!(daemon(store.as_ref(), &t).unrenewed, vec![(kind(), id)]);
     store
-        .report(t.runtime, Kind::Models, id, &Report::Running, T0 + 1)
+        .report(t.runtime, kind(), id, &Report::Running, T0 + 1)
         .unwrap();
     assert_eq!(daemon(store.as_ref(), &t).unrenewed, vec![], "renewed");
 }
@@ -274,7 +281,7 @@ fn a_lost_hand_out_is_handed_out_again_only_when_working_on_omits_it(engine: &dy
     );
     assert_eq!(
         beat_holding(store.as_ref(), &t, later, Some(&[new_id()])),
-        alive(id),
+        alive(store.as_ref(), t.runtime, id),
         "the daemon does not hold it: its answer was lost"
     );
     let r = get(store.as_ref(), t.runtime, id, later);
@@ -287,12 +294,10 @@ fn a_renewed_or_expired_request_is_never_handed_out_again(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = running(store.as_ref(), t.runtime, T0);
     store
-        .report(t.runtime, Kind::Models, id, &Report::Running, T0 + 1)
+        .report(t.runtime, kind(), id, &Report::Running, T0 + 1)
         .unwrap();
     assert!(
-        !store
-            .hand_out_again(t.runtime, Kind::Models, id, T0 + 2)
-            .unwrap(),
+        !store.hand_out_again(t.runtime, kind(), id, T0 + 2).unwrap(),
         "renewed"
     );
     assert_eq!(
@@ -304,24 +309,24 @@ fn a_renewed_or_expired_request_is_never_handed_out_again(engine: &dyn Engine) {
     let lapsed = running(store.as_ref(), other.runtime, T0);
     assert!(
         !store
-            .hand_out_again(other.runtime, Kind::Models, lapsed, T0 + RUNNING_MS)
+            .hand_out_again(other.runtime, kind(), lapsed, T0 + RUNNING_MS)
             .unwrap(),
         "its lease ran out"
     );
     assert!(
         !store
-            .hand_out_again(t.runtime, Kind::Models, lapsed, T0 + 1)
+            .hand_out_again(t.runtime, kind(), lapsed, T0 + 1)
             .unwrap(),
         "another runtime's request"
     );
     store
-        .report(other.runtime, Kind::Models, lapsed, &completed(), T0 + 1)
+        .report(other.runtime, kind(), lapsed, &completed(), T0 + 1)
         .ok();
     let third = tenant(store.as_ref());
     let pending = create(store.as_ref(), third.runtime, T0).id;
     assert!(
         !store
-            .hand_out_again(third.runtime, Kind::Models, pending, T0 + 1)
+            .hand_out_again(third.runtime, kind(), pending, T0 + 1)
             .unwrap(),
         "pending"
     );

@@ -3,6 +3,7 @@
 
 use model_relay::kind::Kind;
 use model_relay::store::NewRequest;
+use std::cell::Cell;
 use std::time::Duration;
 
 use model_relay::ids::{RequestId, RuntimeId, Token, TokenHash, WorkspaceId};
@@ -64,25 +65,89 @@ pub fn tenant(store: &dyn Storer) -> Tenant {
     }
 }
 
-/// A heartbeat's answer that hands out `id` and nothing else.
-pub fn alive(id: RequestId) -> Heartbeat {
-    Heartbeat::Alive(vec![Handed {
-        id,
-        kind: Kind::Models,
-        input: None,
-    }])
-}
-
 pub fn new_id() -> RequestId {
     RequestId::random().unwrap()
 }
 
+thread_local! {
+    /// The kind the running case is about: set by [`kind_tests!`] before the case starts,
+    /// on the case's own thread. Every helper here makes requests of this kind.
+    static KIND: Cell<Kind> = const { Cell::new(Kind::Models) };
+}
+
+/// The kind of request the running case is about.
+pub fn kind() -> Kind {
+    KIND.with(Cell::get)
+}
+
+pub fn set_kind(kind: Kind) {
+    KIND.with(|k| k.set(kind));
+}
+
+/// `kind_tests!(…; case, …)`: [`engine_tests!`] once per kind, in a module named after
+/// the kind (`<topic>::<kind>::<engine>::<case>`), each case run with [`kind`] set. A case
+/// that does not apply to every kind is listed in an `engine_tests!` of its own, with the
+/// reason.
+macro_rules! kind_tests {
+    (with_pgbouncer $timeouts:expr; $($case:ident),* $(,)?) => {
+        kind_tests!(@each [with_pgbouncer] $timeouts; $($case),*);
+    };
+    ($timeouts:expr; $($case:ident),* $(,)?) => {
+        kind_tests!(@each [] $timeouts; $($case),*);
+    };
+    (@each [$($how:tt)*] $timeouts:expr; $($case:ident),*) => {
+        kind_tests!(@kind models Models [$($how)*] $timeouts; $($case),*);
+        kind_tests!(@kind local_skills LocalSkills [$($how)*] $timeouts; $($case),*);
+        kind_tests!(@kind skill_import SkillImport [$($how)*] $timeouts; $($case),*);
+        kind_tests!(@kind update Update [$($how)*] $timeouts; $($case),*);
+    };
+    (@kind $module:ident $kind:ident [$($how:tt)*] $timeouts:expr; $($case:ident),*) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $(fn $case(engine: &dyn $crate::support::engines::Engine) {
+                $crate::common::set_kind(::model_relay::kind::Kind::$kind);
+                super::$case(engine)
+            })*
+            $crate::support::engines::engine_tests!($($how)* $timeouts; $($case),*);
+        }
+    };
+}
+pub(crate) use kind_tests;
+
+/// A new request of the running case's kind: a skill import of one key, an update to one
+/// version, so that two of them coalesce (or, for updates, the second is refused) as a
+/// model list's do.
+pub fn new_request(id: RequestId) -> NewRequest {
+    let kind = kind();
+    match kind {
+        Kind::SkillImport => NewRequest {
+            id,
+            kind,
+            key: "claude:review".into(),
+            input: Some(r#"{"skill_key":"claude:review"}"#.into()),
+        },
+        Kind::Update => NewRequest {
+            id,
+            kind,
+            key: String::new(),
+            input: Some(r#"{"target_version":"2.1.0"}"#.into()),
+        },
+        Kind::Models | Kind::LocalSkills => NewRequest::of(kind, id),
+    }
+}
+
 pub fn create(store: &dyn Storer, runtime: RuntimeId, now: i64) -> StoredRequest {
     store
-        .create_or_coalesce(runtime, &NewRequest::of(Kind::Models, new_id()), now)
+        .create_or_coalesce(runtime, &new_request(new_id()), now)
         .unwrap()
         .expect("runtime exists")
         .request
+}
+
+/// The error a request of the running case's kind gets when it times out in `phase`.
+pub fn timeout_error(phase: Status) -> String {
+    kind().timeout_error(&TIMEOUTS, phase)
 }
 
 pub fn get(store: &dyn Storer, runtime: RuntimeId, id: RequestId, now: i64) -> StoredRequest {
@@ -97,7 +162,7 @@ pub fn running(store: &dyn Storer, runtime: RuntimeId, now: i64) -> RequestId {
     let id = create(store, runtime, now).id;
     assert_eq!(
         store
-            .claim_next_pending(runtime, Kind::Models, now)
+            .claim_next_pending(runtime, kind(), now)
             .unwrap()
             .claimed,
         Some(id)
@@ -142,15 +207,48 @@ pub fn models() -> Vec<ModelEntry> {
     ]
 }
 
+/// A completed report of the running case's kind, with a result of that kind.
 pub fn completed() -> Report {
+    let result = match kind() {
+        Kind::Models => None,
+        Kind::LocalSkills => Some(
+            r#"{"skills":[{"key":"claude:review","name":"Review","source_path":"/s","provider":"claude","file_count":1}],"supported":true}"#,
+        ),
+        Kind::SkillImport => Some(
+            r##"{"skill":{"key":"claude:review","name":"Review","content":"# Review","source_path":"/s","provider":"claude","files":[]}}"##,
+        ),
+        Kind::Update => Some(r#"{"output":"installed 2.1.0"}"#),
+    };
     Report::Ended(Outcome {
-        result: None,
+        result: result.map(str::to_owned),
         status: Status::Completed,
-        models: models(),
+        models: if kind() == Kind::Models {
+            models()
+        } else {
+            Vec::new()
+        },
         supported: true,
         error: None,
         fallback: false,
     })
+}
+
+/// Whether `request` holds what [`completed`] reported.
+pub fn holds_completed(request: &StoredRequest) -> bool {
+    matches!(completed(), Report::Ended(outcome) if outcome.is_recorded_in(request))
+}
+
+/// A heartbeat's answer that hands out `id`, of the running case's kind, and nothing else.
+pub fn alive(store: &dyn Storer, runtime: RuntimeId, id: RequestId) -> Heartbeat {
+    let input = store
+        .find_request(runtime, id)
+        .unwrap()
+        .and_then(|r| r.input);
+    Heartbeat::Alive(vec![Handed {
+        id,
+        kind: kind(),
+        input,
+    }])
 }
 
 pub fn failed(error: &str) -> Report {

@@ -1,8 +1,6 @@
 //! Creating a request: a pending request with a claim deadline, coalescing onto the active
 //! one, and a new one once that has ended or run out of time.
 
-use model_relay::kind::Kind;
-use model_relay::store::NewRequest;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -10,10 +8,13 @@ use model_relay::ids::{RequestId, RuntimeId};
 use model_relay::model::{ReportOutcome, Status};
 use model_relay::store::Expired;
 
+use crate::common::new_request;
+use crate::common::timeout_error;
 use crate::common::{PENDING_MS, T0, TIMEOUTS, completed, create, get, new_id, running, tenant};
-use crate::support::engines::{Engine, Postgres, engine_tests};
+use crate::common::{kind, kind_tests, set_kind};
+use crate::support::engines::{Engine, Postgres};
 
-engine_tests!(
+kind_tests!(
     with_pgbouncer TIMEOUTS;
     create_makes_a_pending_request_with_a_claim_deadline,
     create_for_a_missing_runtime_is_none,
@@ -28,7 +29,7 @@ fn create_makes_a_pending_request_with_a_claim_deadline(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let id = new_id();
     let created = store
-        .create_or_coalesce(t.runtime, &NewRequest::of(Kind::Models, id), T0)
+        .create_or_coalesce(t.runtime, &new_request(id), T0)
         .unwrap()
         .unwrap();
     assert_eq!(created.expired, Expired::default());
@@ -48,7 +49,7 @@ fn create_for_a_missing_runtime_is_none(engine: &dyn Engine) {
     let missing = RuntimeId::random().unwrap();
     assert_eq!(
         store
-            .create_or_coalesce(missing, &NewRequest::of(Kind::Models, new_id()), T0)
+            .create_or_coalesce(missing, &new_request(new_id()), T0)
             .unwrap(),
         None
     );
@@ -62,7 +63,7 @@ fn create_coalesces_while_a_request_is_pending_or_running(engine: &dyn Engine) {
     assert_eq!(again, first, "pending: the same request, unchanged");
 
     store
-        .claim_next_pending(t.runtime, Kind::Models, T0 + 2_000)
+        .claim_next_pending(t.runtime, kind(), T0 + 2_000)
         .unwrap();
     let while_running = create(store.as_ref(), t.runtime, T0 + 3_000);
     assert_eq!(while_running.id, first.id);
@@ -74,7 +75,7 @@ fn create_after_the_active_request_ended_makes_a_new_one(engine: &dyn Engine) {
     let t = tenant(store.as_ref());
     let first = running(store.as_ref(), t.runtime, T0);
     store
-        .report(t.runtime, Kind::Models, first, &completed(), T0 + 1)
+        .report(t.runtime, kind(), first, &completed(), T0 + 1)
         .unwrap();
     let next = create(store.as_ref(), t.runtime, T0 + 2);
     assert_ne!(next.id, first);
@@ -91,7 +92,7 @@ fn create_expires_an_overdue_active_request_and_makes_a_new_one(engine: &dyn Eng
     let stale = create(store.as_ref(), t.runtime, T0).id;
     let later = T0 + PENDING_MS;
     let created = store
-        .create_or_coalesce(t.runtime, &NewRequest::of(Kind::Models, new_id()), later)
+        .create_or_coalesce(t.runtime, &new_request(new_id()), later)
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -105,11 +106,13 @@ fn create_expires_an_overdue_active_request_and_makes_a_new_one(engine: &dyn Eng
     assert_eq!(old.status, Status::Timeout);
     assert_eq!(
         old.error.as_deref(),
-        Some("daemon did not respond within 30 seconds")
+        Some(timeout_error(Status::Pending).as_str())
     );
 }
 
 fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engine) {
+    // Threads of their own start with the default kind: they are told this one.
+    let case_kind = kind();
     let handles = [engine.open(), engine.open()];
     let t = tenant(handles[0].as_ref());
     for round in 0..20 {
@@ -121,6 +124,7 @@ fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engi
                 .map(|store| {
                     let barrier = barrier.clone();
                     s.spawn(move || {
+                        set_kind(case_kind);
                         barrier.wait();
                         create(store.as_ref(), t.runtime, now).id
                     })
@@ -136,14 +140,14 @@ fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engi
         let store = handles[0].as_ref();
         assert_eq!(
             store
-                .claim_next_pending(t.runtime, Kind::Models, now)
+                .claim_next_pending(t.runtime, kind(), now)
                 .unwrap()
                 .claimed,
             Some(ids[0])
         );
         assert_eq!(
             store
-                .report(t.runtime, Kind::Models, ids[0], &completed(), now)
+                .report(t.runtime, kind(), ids[0], &completed(), now)
                 .unwrap(),
             ReportOutcome::Recorded
         );
@@ -156,6 +160,8 @@ fn concurrent_creates_from_two_handles_coalesce_to_one_request(engine: &dyn Engi
 /// as for any missing runtime, not a store error (which would be a 503).
 #[test]
 fn postgres_create_racing_an_uncommitted_delete_of_its_runtime_is_none() {
+    // Threads of their own start with the default kind: they are told this one.
+    let case_kind = kind();
     let Some(engine) = Postgres::new("create_racing_a_delete", TIMEOUTS) else {
         return;
     };
@@ -177,11 +183,8 @@ fn postgres_create_racing_an_uncommitted_delete_of_its_runtime_is_none() {
         .get(0);
 
     let creating = std::thread::spawn(move || {
-        store.create_or_coalesce(
-            runtime,
-            &NewRequest::of(Kind::Models, RequestId::random().unwrap()),
-            T0,
-        )
+        set_kind(case_kind);
+        store.create_or_coalesce(runtime, &new_request(RequestId::random().unwrap()), T0)
     });
     // The create waits on the delete's transaction: its row lock, or its uncommitted
     // delete seen by the foreign key's check.

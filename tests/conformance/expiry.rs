@@ -1,7 +1,6 @@
 //! Deadlines and housekeeping: overdue requests end as timeouts wherever they are seen, an
 //! ended request never changes again, and the sweeper ends, counts and deletes in batches.
 
-use model_relay::kind::Kind;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
@@ -11,13 +10,15 @@ use model_relay::model::{Report, Status, StoredRequest};
 use model_relay::store::{Expired, RequestCounts, Scoped, Storer};
 use model_relay::sweeper::{BATCH, sweep_once};
 
+use crate::common::timeout_error;
 use crate::common::{
     PENDING_MS, RUNNING_MS, T0, TIMEOUTS, Tenant, completed, create, failed, get, running,
     runtime_in, tenant, workspace,
 };
-use crate::support::engines::{Engine, engine_tests};
+use crate::common::{kind, kind_tests, set_kind};
+use crate::support::engines::Engine;
 
-engine_tests!(
+kind_tests!(
     with_pgbouncer TIMEOUTS;
     reads_end_an_overdue_running_request_as_timeout,
     get_request_by_token_ends_an_overdue_request_first,
@@ -45,7 +46,7 @@ fn reads_end_an_overdue_running_request_as_timeout(engine: &dyn Engine) {
     assert_eq!(r.status, Status::Timeout);
     assert_eq!(
         r.error.as_deref(),
-        Some("daemon did not finish within 60 seconds")
+        Some(timeout_error(Status::Running).as_str())
     );
     assert_eq!(
         (r.ended_at, r.updated_at),
@@ -86,14 +87,14 @@ fn terminal_status_is_final(engine: &dyn Engine) {
         {
             let id = running(store.as_ref(), t.runtime, T0);
             store
-                .report(t.runtime, Kind::Models, id, &completed(), T0)
+                .report(t.runtime, kind(), id, &completed(), T0)
                 .unwrap();
             id
         },
         {
             let id = running(store.as_ref(), t.runtime, T0);
             store
-                .report(t.runtime, Kind::Models, id, &failed("x"), T0)
+                .report(t.runtime, kind(), id, &failed("x"), T0)
                 .unwrap();
             id
         },
@@ -101,7 +102,7 @@ fn terminal_status_is_final(engine: &dyn Engine) {
             let id = create(store.as_ref(), t.runtime, T0).id;
             assert!(
                 store
-                    .expire_request(id, Kind::Models, Status::Pending, T0 + PENDING_MS)
+                    .expire_request(id, kind(), Status::Pending, T0 + PENDING_MS)
                     .unwrap()
             );
             id
@@ -114,21 +115,13 @@ fn terminal_status_is_final(engine: &dyn Engine) {
     let later = T0 + 10 * RUNNING_MS;
     for &id in &ended {
         for phase in [Status::Pending, Status::Running, Status::Timeout] {
-            assert!(
-                !store
-                    .expire_request(id, Kind::Models, phase, later)
-                    .unwrap()
-            );
+            assert!(!store.expire_request(id, kind(), phase, later).unwrap());
         }
         for report in [completed(), failed("y"), Report::Running] {
-            store
-                .report(t.runtime, Kind::Models, id, &report, later)
-                .unwrap();
+            store.report(t.runtime, kind(), id, &report, later).unwrap();
         }
     }
-    store
-        .claim_next_pending(t.runtime, Kind::Models, later)
-        .unwrap();
+    store.claim_next_pending(t.runtime, kind(), later).unwrap();
     assert_eq!(
         store.expire_overdue(later, 100).unwrap(),
         Expired::default()
@@ -147,7 +140,7 @@ fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
     let late = T0 + RUNNING_MS;
     assert!(
         !store
-            .expire_request(id, Kind::Models, Status::Pending, late)
+            .expire_request(id, kind(), Status::Pending, late)
             .unwrap(),
         "it is running, not pending: the compare-and-set misses"
     );
@@ -157,20 +150,20 @@ fn expire_request_ends_only_the_phase_it_names(engine: &dyn Engine) {
     );
     assert!(
         !store
-            .expire_request(id, Kind::Models, Status::Running, late - 1)
+            .expire_request(id, kind(), Status::Running, late - 1)
             .unwrap(),
         "not yet overdue"
     );
     assert!(
         store
-            .expire_request(id, Kind::Models, Status::Running, late)
+            .expire_request(id, kind(), Status::Running, late)
             .unwrap()
     );
     let r = get_raw(store.as_ref(), t.runtime, id);
     assert_eq!(r.status, Status::Timeout);
     assert_eq!(
         r.error.as_deref(),
-        Some("daemon did not finish within 60 seconds")
+        Some(timeout_error(Status::Running).as_str())
     );
     assert_eq!(r.ended_at, Some(late));
 }
@@ -196,7 +189,7 @@ fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
     let fresh_pending = create(store.as_ref(), c.runtime, T0 + RUNNING_MS).id;
     let done = running(store.as_ref(), d.runtime, T0);
     store
-        .report(d.runtime, Kind::Models, done, &completed(), T0 + 1)
+        .report(d.runtime, kind(), done, &completed(), T0 + 1)
         .unwrap();
 
     assert_eq!(
@@ -223,7 +216,7 @@ fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
         .error;
     assert_eq!(
         pending_error.as_deref(),
-        Some("daemon did not respond within 30 seconds")
+        Some(timeout_error(Status::Pending).as_str())
     );
 }
 
@@ -298,7 +291,7 @@ fn retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches(en
         .map(|i| {
             let id = running(store.as_ref(), t.runtime, T0);
             store
-                .report(t.runtime, Kind::Models, id, &completed(), T0 + i)
+                .report(t.runtime, kind(), id, &completed(), T0 + i)
                 .unwrap();
             id
         })
@@ -307,26 +300,12 @@ fn retention_deletes_only_requests_ended_before_the_cutoff_in_bounded_batches(en
     let exists = |id| store.find_request(t.runtime, id).unwrap().is_some();
 
     // Cutoff T0+4: the three that ended at +1, +2, +3 go, two per batch at most.
-    assert_eq!(
-        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
-        2
-    );
-    assert_eq!(
-        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
-        1
-    );
-    assert_eq!(
-        store.delete_ended_before(Kind::Models, T0 + 4, 2).unwrap(),
-        0
-    );
+    assert_eq!(store.delete_ended_before(kind(), T0 + 4, 2).unwrap(), 2);
+    assert_eq!(store.delete_ended_before(kind(), T0 + 4, 2).unwrap(), 1);
+    assert_eq!(store.delete_ended_before(kind(), T0 + 4, 2).unwrap(), 0);
     let left: Vec<bool> = ended.iter().map(|&id| exists(id)).collect();
     assert_eq!(left, vec![false, false, false, true, true]);
-    assert_eq!(
-        store
-            .delete_ended_before(Kind::Models, i64::MAX, 100)
-            .unwrap(),
-        2
-    );
+    assert_eq!(store.delete_ended_before(kind(), i64::MAX, 100).unwrap(), 2);
     assert!(exists(active), "an active request is never deleted");
 }
 
@@ -339,7 +318,7 @@ fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
     for i in 0..batch + 3 {
         let id = running(store.as_ref(), many.runtime, T0);
         store
-            .report(many.runtime, Kind::Models, id, &failed("x"), T0 + i % 7)
+            .report(many.runtime, kind(), id, &failed("x"), T0 + i % 7)
             .unwrap();
     }
     let t = tenant(store.as_ref());
@@ -377,6 +356,8 @@ fn sweep_expires_then_deletes_after_retention(engine: &dyn Engine) {
 /// Several instances sweep at once: between them every overdue request is ended once and
 /// every old one deleted once, and the counts they report add up to exactly that.
 fn concurrent_sweeps_from_two_handles_end_and_delete_each_request_once(engine: &dyn Engine) {
+    // Threads of their own start with the default kind: they are told this one.
+    let case_kind = kind();
     let handles = [engine.open(), engine.open()];
     let store = handles[0].as_ref();
     let overdue = i64::from(BATCH) + 7;
@@ -386,7 +367,7 @@ fn concurrent_sweeps_from_two_handles_end_and_delete_each_request_once(engine: &
     for _ in 0..old {
         let id = running(store, t.runtime, T0);
         store
-            .report(t.runtime, Kind::Models, id, &completed(), T0)
+            .report(t.runtime, kind(), id, &completed(), T0)
             .unwrap();
     }
     // Overdue pending requests, one per runtime (a runtime has one active request).
@@ -405,6 +386,7 @@ fn concurrent_sweeps_from_two_handles_end_and_delete_each_request_once(engine: &
             .map(|store| {
                 let barrier = barrier.clone();
                 s.spawn(move || {
+                    set_kind(case_kind);
                     barrier.wait();
                     let swept = sweep_once(store.as_ref(), now, retention).unwrap();
                     (swept.expired, swept.deleted)
@@ -440,17 +422,17 @@ fn count_requests_counts_each_status_and_the_oldest_pending(engine: &dyn Engine)
     running(store.as_ref(), t[2].runtime, T0 + 5);
     let done = running(store.as_ref(), t[3].runtime, T0);
     store
-        .report(t[3].runtime, Kind::Models, done, &completed(), T0)
+        .report(t[3].runtime, kind(), done, &completed(), T0)
         .unwrap();
     let broken = running(store.as_ref(), t[4].runtime, T0);
     store
-        .report(t[4].runtime, Kind::Models, broken, &failed("x"), T0)
+        .report(t[4].runtime, kind(), broken, &failed("x"), T0)
         .unwrap();
     // Created first of all, but it timed out: no longer the oldest pending request.
     let stale = create(store.as_ref(), t[5].runtime, T0).id;
     assert!(
         store
-            .expire_request(stale, Kind::Models, Status::Pending, T0 + PENDING_MS)
+            .expire_request(stale, kind(), Status::Pending, T0 + PENDING_MS)
             .unwrap()
     );
 
@@ -470,7 +452,7 @@ fn count_requests_counts_each_status_and_the_oldest_pending(engine: &dyn Engine)
 
     assert!(
         store
-            .claim_next_pending(t[1].runtime, Kind::Models, T0 + 30)
+            .claim_next_pending(t[1].runtime, kind(), T0 + 30)
             .unwrap()
             .claimed
             .is_some()
@@ -487,7 +469,7 @@ fn checkpoint_keeps_every_request(engine: &dyn Engine) {
         .map(|i| {
             let id = running(store.as_ref(), t.runtime, T0 + i);
             store
-                .report(t.runtime, Kind::Models, id, &completed(), T0 + i)
+                .report(t.runtime, kind(), id, &completed(), T0 + i)
                 .unwrap();
             id
         })

@@ -11,6 +11,7 @@ use model_relay::store::{NewRuntime, RuntimeCursor, Storer};
 use crate::common::{T0, TIMEOUTS, runtime_in, workspace};
 use crate::support::engines::{Engine, engine_tests};
 
+// No request kind: runtimes per workspace and their pages.
 engine_tests!(
     with_pgbouncer TIMEOUTS;
     a_create_past_the_limit_writes_nothing,

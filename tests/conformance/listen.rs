@@ -1,7 +1,6 @@
 //! Wake-ups across handles: a write through one handle is heard by another's listener, and
 //! the re-check's query lists what is still active.
 
-use model_relay::kind::Kind;
 use std::time::Duration;
 
 use model_relay::model::Status;
@@ -9,9 +8,10 @@ use model_relay::store::{Active, Change, Listener};
 use model_relay::sweeper::BATCH;
 
 use crate::common::{PENDING_MS, RUNNING_MS, T0, TIMEOUTS, completed, create, running, tenant};
-use crate::support::engines::{Engine, engine_tests};
+use crate::common::{kind, kind_tests};
+use crate::support::engines::Engine;
 
-engine_tests!(
+kind_tests!(
     TIMEOUTS;
     active_requests_lists_pending_and_running_requests_only,
     a_create_through_one_handle_wakes_the_listener_of_another,
@@ -30,7 +30,7 @@ fn active_requests_lists_pending_and_running_requests_only(engine: &dyn Engine) 
     let run = running(store.as_ref(), b.runtime, T0);
     let ended = running(store.as_ref(), c.runtime, T0);
     store
-        .report(c.runtime, Kind::Models, ended, &completed(), T0 + 1)
+        .report(c.runtime, kind(), ended, &completed(), T0 + 1)
         .unwrap();
     let mut active = store.active_requests().unwrap();
     active.sort_by_key(|a| a.status.as_str());
@@ -87,15 +87,13 @@ fn a_claim_and_a_report_through_one_handle_wake_the_listener_of_another(engine: 
     let t = tenant(writer.as_ref());
     let id = create(writer.as_ref(), t.runtime, T0).id;
     let mut listener = reader.listen().unwrap();
-    writer
-        .claim_next_pending(t.runtime, Kind::Models, T0)
-        .unwrap();
+    writer.claim_next_pending(t.runtime, kind(), T0).unwrap();
     assert!(
         listener_hears(listener.as_mut(), Change::Status(id)),
         "claimed"
     );
     writer
-        .report(t.runtime, Kind::Models, id, &completed(), T0 + 1)
+        .report(t.runtime, kind(), id, &completed(), T0 + 1)
         .unwrap();
     assert!(
         listener_hears(listener.as_mut(), Change::Status(id)),

@@ -19,6 +19,9 @@ use crate::common::{
 };
 use crate::support::engines::{Engine, engine_tests};
 
+// Model lists only: these cases count the catalog's answers beside discoveries; the count
+// of every kind's inserts and deletes is the same code (create_or_coalesce_within, the
+// sweeper, delete_runtime), run for every kind by `create` and `expiry`.
 engine_tests!(
     with_pgbouncer TIMEOUTS;
     an_answer_from_the_catalog_is_handed_out_again_not_copied,

@@ -7,10 +7,11 @@ use model_relay::model::Status;
 use model_relay::store::sqlite::SqliteStore;
 use model_relay::store::{Scoped, Storer};
 
+use crate::common::kind_tests;
 use crate::common::{T0, TIMEOUTS, create, get, new_id, runtime_in, tenant, workspace};
-use crate::support::engines::{Engine, engine_tests};
+use crate::support::engines::Engine;
 
-engine_tests!(
+kind_tests!(
     with_pgbouncer TIMEOUTS;
     opening_twice_keeps_the_data,
     tokens_resolve_to_their_owner_only,

@@ -15,6 +15,8 @@ use model_relay::store::NewRuntime;
 use crate::common::{T0, TIMEOUTS, get, running, tenant, workspace};
 use crate::support::engines::{Engine, engine_tests};
 
+// Model lists only: the texts here are a model report's (entries, error) and a runtime's
+// name; the other kinds' results are JSON their parsers wrote, held alike by every engine.
 engine_tests!(
     with_pgbouncer TIMEOUTS;
     a_failed_report_keeps_its_error_byte_for_byte_but_for_nul,

@@ -10,6 +10,7 @@ use model_relay::store::{API_TOKEN_USE_REFRESH, Storer};
 use crate::common::{T0, TIMEOUTS, create, get, running, runtime_in, tenant, workspace};
 use crate::support::engines::{Engine, engine_tests};
 
+// No request kind: tokens and workspaces.
 engine_tests!(
     with_pgbouncer TIMEOUTS;
     a_workspace_holds_several_api_tokens,
