@@ -5,6 +5,7 @@
 
 mod support;
 
+use model_relay::kind::Kind;
 use serde_json::{Value, json};
 use support::harness::check::{Invariant, Limits, check};
 use support::harness::{Call, Op};
@@ -24,14 +25,17 @@ fn at(ms: i64) -> String {
 }
 
 fn record(status: &str, created: i64, updated: i64) -> Value {
-    json!({"id": ID, "runtime_id": RT, "status": status, "supported": true,
+    json!({"id": ID, "runtime_id": RT, "kind": "models", "status": status, "supported": true,
            "created_at": at(created), "updated_at": at(updated)})
 }
 
 fn call(actor: &str, op: Op, t: i64, status: u16, body: Value) -> Call {
+    // Every route but the heartbeat's is a model list's here.
+    let kind = (!matches!(op, Op::Heartbeat | Op::Restart)).then_some(Kind::Models);
     Call {
         actor: actor.into(),
         op,
+        kind,
         instance: 0,
         runtime: RT.into(),
         request: Some(ID.into()),

@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model_relay::config::Settings;
+use model_relay::kind::Kind;
 use model_relay::model::Timeouts;
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
+use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use support::engines::{Engine, engine_tests};
 use support::harness::check::{Invariant, Limits, Violation, check};
@@ -117,9 +119,16 @@ fn instances_on_one_database_keep_every_invariant(engine: &dyn Engine) {
 }
 
 /// The original design: each instance keeps requests in its own memory. The harness must
-/// catch the 404 that made the model picker say "No models available".
+/// catch the 404 that made the model picker say "No models available", and the same 404
+/// of every other kind.
 #[test]
 fn per_instance_memory_store_is_caught_404() {
+    for kind in Kind::ALL {
+        per_instance_memory_store_is_caught_404_for(kind);
+    }
+}
+
+fn per_instance_memory_store_is_caught_404_for(kind: Kind) {
     let mut runner = TestRunner::new(Config {
         cases: cases(4),
         max_shrink_iters: 0,
@@ -127,7 +136,11 @@ fn per_instance_memory_store_is_caught_404() {
         failure_persistence: None,
         ..Config::default()
     });
-    let outcome = runner.run(&schedule(), |s| {
+    let only = schedule().prop_map(move |s| Schedule {
+        kinds: vec![kind],
+        ..s
+    });
+    let outcome = runner.run(&only, |s| {
         let stores: Vec<Arc<dyn Storer>> = (0..INSTANCES)
             .map(|_| Arc::new(MemoryStore::new(settings().timeouts)) as Arc<dyn Storer>)
             .collect();
@@ -141,7 +154,8 @@ fn per_instance_memory_store_is_caught_404() {
             Ok(())
         } else {
             Err(TestCaseError::fail(format!(
-                "per-instance memory stores passed unnoticed: {violations:?}"
+                "per-instance memory stores passed unnoticed with {kind:?} requests: \
+                 {violations:?}"
             )))
         }
     });

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper::Method;
 use model_relay::clock::{Clock, SystemClock};
+use model_relay::kind::Kind;
 use serde_json::{Value, json};
 
 use super::check;
@@ -13,7 +14,11 @@ use super::cluster::Cluster;
 use super::schedule::{Dice, Plan};
 use super::{Op, Run, Tenancy};
 
-fn report_body(plan: Plan, second: bool) -> Value {
+/// The end a daemon reports for a request of `kind` on `plan` (`second`: its second report).
+fn report_body(kind: Kind, plan: Plan, second: bool) -> Value {
+    if kind != Kind::Models {
+        return kind_report_body(kind, plan, second);
+    }
     let models = [
         json!([]),
         json!([{"id": "sonnet", "label": "Sonnet"}]),
@@ -31,6 +36,65 @@ fn report_body(plan: Plan, second: bool) -> Value {
     }
 }
 
+/// [`report_body`] for the kinds other than `models`.
+fn kind_report_body(kind: Kind, plan: Plan, second: bool) -> Value {
+    let n = match plan {
+        Plan::Complete(m) => m % 3,
+        _ => 1,
+    };
+    let result = match kind {
+        Kind::LocalSkills => {
+            let skills: Vec<Value> = (0..n)
+                .map(|i| {
+                    json!({"key": format!("claude:s{i}"), "name": "S", "source_path": "/s",
+                                "provider": "claude", "file_count": 1})
+                })
+                .collect();
+            json!({"skills": skills, "supported": !matches!(plan, Plan::Unsupported)})
+        }
+        Kind::SkillImport => json!({"skill": {"key": "claude:s", "name": "S",
+            "content": format!("# S{n}"), "source_path": "/s", "provider": "claude",
+            "files": []}}),
+        _ => json!({"output": format!("step {n}\n")}),
+    };
+    let mut body = match (plan, second) {
+        (Plan::Fail, _) | (Plan::FailThenComplete, false) => {
+            json!({"status": "failed", "error": "claude: not logged in"})
+        }
+        _ => json!({"status": "completed"}),
+    };
+    if (body["status"] == "completed" || kind == Kind::Update)
+        && let (Some(body), Value::Object(result)) = (body.as_object_mut(), result)
+    {
+        body.extend(result);
+    }
+    body
+}
+
+/// The requests a heartbeat's answer hands out, with their kinds.
+fn hand_outs(answer: &Value) -> Vec<(Kind, String)> {
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        let spec = kind.spec();
+        if let Some(id) = answer[spec.ack]["id"].as_str() {
+            out.push((kind, id.to_owned()));
+        }
+    }
+    out
+}
+
+/// A create's path and body for a request of `kind`; `n` picks an import's key and an
+/// update's version.
+fn create_of(kind: Kind, rt: &str, n: usize) -> (String, Option<Value>) {
+    let path = format!("/api/runtimes/{rt}/{}", kind.spec().path);
+    let body = match kind {
+        Kind::SkillImport => Some(json!({"skill_key": format!("claude:s{}", n % 2)})),
+        Kind::Update => Some(json!({"target_version": format!("2.{n}.0")})),
+        Kind::Models | Kind::LocalSkills => None,
+    };
+    (path, body)
+}
+
 /// A daemon's work on one claimed request, beside its heartbeats. The request stays in
 /// `held` (the daemon's `working_on`) until the job is over.
 #[allow(clippy::too_many_arguments)]
@@ -39,20 +103,22 @@ async fn job<C: Cluster>(
     actor: String,
     rt: String,
     token: String,
-    id: String,
+    (kind, id): (Kind, String),
     plan: Plan,
     seed: u64,
     held: Arc<Mutex<BTreeSet<String>>>,
 ) {
-    work(&run, &actor, &rt, &token, &id, plan, seed).await;
+    work(&run, &actor, &rt, &token, kind, &id, plan, seed).await;
     held.lock().unwrap().remove(&id);
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn work<C: Cluster>(
     run: &Run<C>,
     actor: &str,
     rt: &str,
     token: &str,
+    kind: Kind,
     id: &str,
     plan: Plan,
     seed: u64,
@@ -63,26 +129,28 @@ async fn work<C: Cluster>(
     match plan {
         Plan::Abandon => return,
         Plan::RenewThenComplete => {
-            run.report(
-                actor,
-                &mut dice,
-                rt,
-                token,
-                id,
-                &json!({"status": "running"}),
-            )
-            .await;
+            let renewal = match kind {
+                Kind::Update => json!({"status": "running", "output": "step 0\n"}),
+                _ => json!({"status": "running"}),
+            };
+            run.report(actor, &mut dice, rt, kind, token, id, &renewal)
+                .await;
             run.pause(delay).await;
         }
         _ => {}
     }
-    let body = report_body(plan, false);
-    run.report(actor, &mut dice, rt, token, id, &body).await;
+    let body = report_body(kind, plan, false);
+    run.report(actor, &mut dice, rt, kind, token, id, &body)
+        .await;
     match plan {
-        Plan::CompleteTwice => run.report(actor, &mut dice, rt, token, id, &body).await,
+        Plan::CompleteTwice => {
+            run.report(actor, &mut dice, rt, kind, token, id, &body)
+                .await
+        }
         Plan::FailThenComplete => {
-            let second = report_body(plan, true);
-            run.report(actor, &mut dice, rt, token, id, &second).await;
+            let second = report_body(kind, plan, true);
+            run.report(actor, &mut dice, rt, kind, token, id, &second)
+                .await;
         }
         _ => {}
     }
@@ -157,10 +225,11 @@ pub(super) async fn daemon<C: Cluster>(run: Arc<Run<C>>, k: usize, rt: String, t
         } else {
             vec![beat(&run, &actor, first, &rt, &token, &held, cut_after).await]
         };
-        for answer in answers {
-            let claimed =
-                answer.and_then(|(_, j)| j["pending_model_list"]["id"].as_str().map(str::to_owned));
-            let Some(id) = claimed else { continue };
+        let claimed = answers
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, answer)| hand_outs(&answer));
+        for (kind, id) in claimed {
             claims += 1;
             // Every third answer that hands out a request is "lost": the daemon never
             // learns of it, and its next heartbeat's working_on leaves it out.
@@ -179,7 +248,7 @@ pub(super) async fn daemon<C: Cluster>(run: Arc<Run<C>>, k: usize, rt: String, t
                 actor.clone(),
                 rt.clone(),
                 token.clone(),
-                id,
+                (kind, id),
                 plan,
                 seed,
                 held.clone(),
@@ -206,7 +275,9 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
     for _ in 0..s.rounds {
         let k = dice.below(runtimes);
         let rt = tenancy.runtimes[k].0.as_str();
-        let create = format!("/api/runtimes/{rt}/models");
+        let kind = s.kinds[dice.below(s.kinds.len())];
+        let (create, body) = create_of(kind, rt, dice.below(4));
+        let path = kind.spec().path;
         let mut ids = Vec::new();
         for _ in 0..50 {
             let answer = run
@@ -219,7 +290,7 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
                     Method::POST,
                     &create,
                     api,
-                    None,
+                    body.as_ref(),
                 )
                 .await;
             match answer {
@@ -241,7 +312,7 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
         for id in ids {
             if runtimes > 1 {
                 let other = tenancy.runtimes[(k + 1) % runtimes].0.as_str();
-                let path = format!("/api/runtimes/{other}/models/{id}");
+                let foreign = format!("/api/runtimes/{other}/{path}/{id}");
                 run.call(
                     &actor,
                     Op::ForeignRead,
@@ -249,15 +320,15 @@ pub(super) async fn poller<C: Cluster>(run: Arc<Run<C>>, p: usize, tenancy: Arc<
                     other,
                     Some(&id),
                     Method::GET,
-                    &path,
+                    &foreign,
                     api,
                     None,
                 )
                 .await;
             }
             let poll = match s.read_wait_ms {
-                0 => format!("/api/runtimes/{rt}/models/{id}"),
-                ms => format!("/api/runtimes/{rt}/models/{id}?wait_ms={ms}"),
+                0 => format!("/api/runtimes/{rt}/{path}/{id}"),
+                ms => format!("/api/runtimes/{rt}/{path}/{id}?wait_ms={ms}"),
             };
             let until = SystemClock.now() + patience;
             while SystemClock.now() < until {

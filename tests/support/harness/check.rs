@@ -6,7 +6,9 @@ use std::fmt;
 
 use serde_json::{Value, json};
 
-use super::{Call, Op};
+use model_relay::kind::Kind;
+
+use super::{Call, Op, handed_out};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum Invariant {
@@ -94,13 +96,22 @@ fn millis(record: &Value, field: &str) -> i64 {
         .map_or(i64::MIN, |d| d.as_millis() as i64)
 }
 
-/// Whether `record` shows the end that report `body` sent.
+/// Whether `record` shows the end that report `body` sent: a model list's models and
+/// `supported`, or every result field another kind's report sent.
 pub fn shows(record: &Value, body: &Value) -> bool {
+    let same_end = record["status"] == body["status"] && record.get("error") == body.get("error");
+    if record["kind"] != "models" {
+        let fields = body.as_object().into_iter().flatten();
+        let result = fields.filter(|(field, _)| !["status", "error"].contains(&field.as_str()));
+        return same_end
+            && result
+                .into_iter()
+                .all(|(field, value)| record.get(field) == Some(value));
+    }
     let models = |v: &Value| v.get("models").cloned().unwrap_or(json!([]));
-    record["status"] == body["status"]
+    same_end
         && models(record) == models(body)
         && record["supported"] == body.get("supported").cloned().unwrap_or(json!(true))
-        && record.get("error") == body.get("error")
 }
 
 fn ended(body: &Value) -> bool {
@@ -111,7 +122,7 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |invariant, detail: String| out.push(Violation { invariant, detail });
     let mut reads: HashMap<&str, Vec<Read>> = HashMap::new();
-    let mut acks: HashMap<&str, Vec<&Call>> = HashMap::new();
+    let mut acks: HashMap<String, Vec<&Call>> = HashMap::new();
     let mut reports: HashMap<&str, Vec<(&Call, u16)>> = HashMap::new();
 
     // Status codes, boundaries, and the collections the later checks need.
@@ -145,8 +156,10 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
             Op::Heartbeat => {
                 if status != 200 {
                     v(Invariant::UnexpectedStatus, format!("{call}"));
-                } else if let Some(claimed) = json["pending_model_list"]["id"].as_str() {
-                    acks.entry(claimed).or_default().push(call);
+                } else if !handed_out(json).is_empty() {
+                    for claimed in handed_out(json) {
+                        acks.entry(claimed).or_default().push(call);
+                    }
                 } else if call.wait_ms > 0
                     && call.completed - call.invoked < call.wait_ms as i64 - EARLY_MS
                     && !restarted(call)
@@ -166,6 +179,10 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                         .push(Read { call, record: json });
                 }
                 404 if call.op != Op::Create => v(Invariant::Readable404, format!("{call}")),
+                // DESIGN.md: a second update while one is active.
+                409 if call.op == Op::Create
+                    && call.kind == Some(Kind::Update)
+                    && json["error"] == "an update is already in progress for this runtime" => {}
                 _ => v(Invariant::UnexpectedStatus, format!("{call}")),
             },
             Op::Restart => {}
@@ -266,13 +283,15 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
                 );
             }
             let error = record["error"].as_str().unwrap_or("");
-            if status == "timeout" && error.contains("did not respond") && acks.contains_key(id) {
+            if status == "timeout" && error.contains("did not respond") && acks.contains_key(*id) {
                 v(
                     Invariant::DeadlineMissed,
                     format!("{id}: claimed, yet timed out pending"),
                 );
             }
-            if status == "timeout" && error.contains("did not finish") {
+            if status == "timeout"
+                && (error.contains("did not finish") || error.contains("did not complete"))
+            {
                 let ended_at = millis(record, "updated_at");
                 for (renewal, _) in reports
                     .get(id)
@@ -295,7 +314,7 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
     // report that ended it.
     for (id, reads) in &reads {
         let mut changes: Vec<i64> = acks
-            .get(id)
+            .get(*id)
             .and_then(|handed| handed.first())
             .map(|first| first.completed)
             .into_iter()
@@ -337,7 +356,7 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
     for held in history.iter().filter(|c| {
         c.op == Op::Heartbeat
             && c.wait_ms > 0
-            && matches!(&c.outcome, Ok((200, json)) if json.get("pending_model_list").is_none())
+            && matches!(&c.outcome, Ok((200, json)) if handed_out(json).is_empty())
     }) {
         let dropped = history.iter().any(|c| {
             c.op == Op::Heartbeat
@@ -350,7 +369,7 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
         }
         for (id, create) in &first_creates {
             if create.runtime == held.runtime
-                && !acks.contains_key(id)
+                && !acks.contains_key(*id)
                 && held.invoked < create.completed
                 && held.completed > create.completed + LATE_MS
             {
@@ -375,7 +394,8 @@ pub fn check(history: &[Call], limits: Limits) -> Vec<Violation> {
     let catalog_reports: Vec<(&Call, i64)> = history
         .iter()
         .filter(|c| {
-            matches!(&c.op, Op::Report(b) if b["status"] == "completed" && b["fallback"] != true)
+            c.kind == Some(Kind::Models)
+                && matches!(&c.op, Op::Report(b) if b["status"] == "completed" && b["fallback"] != true)
                 && matches!(c.outcome, Ok((200, _)))
         })
         .map(|c| (c, first_attempts[c.request.as_deref().unwrap_or("")]))

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use hyper::Method;
 use model_relay::clock::{Clock, SystemClock};
+use model_relay::http::Route;
+use model_relay::kind::Kind;
 use serde_json::{Value, json};
 
 use super::server::Http;
@@ -46,6 +48,8 @@ pub enum Op {
 pub struct Call {
     pub actor: String,
     pub op: Op,
+    /// The kind of request whose route it called (none for a heartbeat).
+    pub kind: Option<Kind>,
     pub instance: usize,
     /// The runtime whose path or token the call used.
     pub runtime: String,
@@ -80,6 +84,34 @@ impl fmt::Display for Call {
             self.invoked,
             self.completed
         )
+    }
+}
+
+/// The ids a heartbeat's answer hands out, of every kind (each kind's field, and a batch).
+pub fn handed_out(answer: &Value) -> Vec<String> {
+    let mut ids = Vec::new();
+    for kind in Kind::ALL {
+        let spec = kind.spec();
+        if let Some(id) = answer[spec.ack]["id"].as_str() {
+            ids.push(id.to_owned());
+        }
+        let batch = spec.batch_ack.and_then(|field| answer[field].as_array());
+        ids.extend(
+            batch
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h["id"].as_str().map(str::to_owned)),
+        );
+    }
+    ids
+}
+
+/// The kind of request whose route `path` is.
+fn kind_of(path: &str) -> Option<Kind> {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    match Route::resolve(path)? {
+        Route::Create(_, kind) | Route::Read(_, kind, _) | Route::Result(_, kind, _) => Some(kind),
+        _ => None,
     }
 }
 
@@ -143,9 +175,7 @@ impl<C: Cluster> Run<C> {
         let request = request
             .map(str::to_owned)
             .or_else(|| match (&op, &outcome) {
-                (Op::Heartbeat, Ok((_, json))) => {
-                    json["pending_model_list"]["id"].as_str().map(str::to_owned)
-                }
+                (Op::Heartbeat, Ok((_, json))) => handed_out(json).into_iter().next(),
                 (Op::Create, Ok((_, json))) => json["id"].as_str().map(str::to_owned),
                 _ => None,
             });
@@ -153,6 +183,7 @@ impl<C: Cluster> Run<C> {
         self.calls.lock().unwrap().push(Call {
             actor: actor.to_owned(),
             op,
+            kind: kind_of(path),
             instance,
             runtime: runtime.to_owned(),
             request,
@@ -171,6 +202,7 @@ impl<C: Cluster> Run<C> {
         self.calls.lock().unwrap().push(Call {
             actor: actor.to_owned(),
             op,
+            kind: None,
             instance,
             runtime: runtime.to_owned(),
             request: None,
@@ -213,17 +245,20 @@ impl<C: Cluster> Run<C> {
         .await
     }
 
-    /// A report, retried on other instances while there is no answer or a 5xx.
+    /// A report on a request of `kind`, retried on other instances while there is no
+    /// answer or a 5xx.
+    #[allow(clippy::too_many_arguments)]
     async fn report(
         &self,
         actor: &str,
         dice: &mut Dice,
         rt: &str,
+        kind: Kind,
         token: &str,
         id: &str,
         body: &Value,
     ) {
-        let path = format!("/api/daemon/runtimes/{rt}/models/{id}/result");
+        let path = format!("/api/daemon/runtimes/{rt}/{}/{id}/result", kind.spec().path);
         for _ in 0..6 {
             let instance = dice.below(self.cluster.size());
             let op = Op::Report(body.clone());
@@ -300,6 +335,7 @@ pub async fn drive<C: Cluster>(
             run.calls.lock().unwrap().push(Call {
                 actor: "restart".to_owned(),
                 op: Op::Restart,
+                kind: None,
                 instance: i,
                 runtime: String::new(),
                 request: None,
@@ -326,9 +362,9 @@ pub async fn drive<C: Cluster>(
         restart.await.expect("restart task");
     }
     // 1. Every id a create returned, read from every instance.
-    let created: Vec<(String, String)> = {
+    let created: Vec<(String, &'static str, String)> = {
         let calls = run.calls.lock().unwrap();
-        let mut ids: Vec<(String, String)> = calls
+        let mut ids: Vec<(String, &'static str, String)> = calls
             .iter()
             .filter(|c| c.op == Op::Create)
             .filter_map(|c| match &c.outcome {
@@ -337,17 +373,18 @@ pub async fn drive<C: Cluster>(
             })
             // An answer from the catalog, and the discovery it started, if any.
             .flat_map(|(c, json)| {
+                let path = c.kind.map_or("models", |k| k.spec().path);
                 [&json["id"], &json["refresh_id"]]
                     .into_iter()
-                    .filter_map(|id| Some((c.runtime.clone(), id.as_str()?.to_owned())))
+                    .filter_map(move |id| Some((c.runtime.clone(), path, id.as_str()?.to_owned())))
             })
             .collect();
         ids.sort();
         ids.dedup();
         ids
     };
-    for (rt, id) in &created {
-        let path = format!("/api/runtimes/{rt}/models/{id}");
+    for (rt, kind_path, id) in &created {
+        let path = format!("/api/runtimes/{rt}/{kind_path}/{id}");
         for i in 0..n {
             run.call(
                 "final",
@@ -375,12 +412,16 @@ pub fn summary(history: &[Call]) -> String {
             Op::Report(body) => format!("report:{}", body["status"].as_str().unwrap_or("?")),
             other => format!("{other:?}").to_lowercase(),
         };
+        let op = match call.kind {
+            Some(kind) if kind != Kind::Models => format!("{}-{op}", kind.name()),
+            _ => op,
+        };
         let outcome = match &call.outcome {
             Ok((status, json)) => match json["status"].as_str() {
                 Some(s) if matches!(call.op, Op::Poll | Op::FinalRead) => format!("{status}:{s}"),
                 _ if json["refresh_id"].is_string() => format!("{status}:cached+refresh"),
                 _ if json["cached"] == true => format!("{status}:cached"),
-                _ if json.get("pending_model_list").is_some() => format!("{status}:claim"),
+                _ if !handed_out(json).is_empty() => format!("{status}:claim"),
                 _ => status.to_string(),
             },
             Err(_) => "no-answer".to_owned(),

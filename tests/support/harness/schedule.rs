@@ -1,5 +1,6 @@
 //! What proptest chooses about a run, and the dice that pick an instance per call.
 
+use model_relay::kind::Kind;
 use proptest::prelude::*;
 
 /// What a daemon does with a request it claimed.
@@ -44,6 +45,9 @@ pub struct Schedule {
     pub lose_answers: bool,
     /// A quarter of held heartbeats have their connection cut by the client while held.
     pub cut_beats: bool,
+    /// The kinds of request the pollers ask for, one picked per round: every kind, unless
+    /// a test narrows it.
+    pub kinds: Vec<Kind>,
 }
 
 pub fn schedule() -> impl Strategy<Value = Schedule> {
@@ -90,6 +94,7 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
                 read_wait_ms,
                 lose_answers,
                 cut_beats,
+                kinds: Kind::ALL.to_vec(),
             },
         )
 }
