@@ -24,6 +24,160 @@ use serde_json::json;
 use support::engines::{Engine, engine_tests};
 use world::{Gate, Relay, eventually, is_gone};
 
+/// A skills directory as Claude Code keeps one: `review` (front matter, a file beside it)
+/// and `deploy`.
+fn skills_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let review = dir.path().join("review");
+    std::fs::create_dir_all(review.join("refs")).unwrap();
+    std::fs::write(
+        review.join("SKILL.md"),
+        "---\nname: Review\ndescription: Reviews a change\n---\nRead the diff.\n",
+    )
+    .unwrap();
+    std::fs::write(review.join("refs/checklist.md"), "- tests\n").unwrap();
+    let deploy = dir.path().join("deploy");
+    std::fs::create_dir_all(&deploy).unwrap();
+    std::fs::write(deploy.join("SKILL.md"), "# Deploy\n").unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_daemon_lists_and_imports_the_skills_of_its_skills_dirs() {
+    let relay = Relay::start().await;
+    let skills = skills_dir();
+    let (rt, token) = relay.runtime("skills").await;
+    let mut config = relay.config(&rt, &token, Source::Fixed(fixed()));
+    config.skills_dirs =
+        vec![daemon::SkillsDir::parse(&skills.path().display().to_string()).unwrap()];
+    let daemon = relay.run(config, &rt).await;
+
+    let list = relay.asked(&rt, "local-skills", json!({})).await;
+    assert_eq!(list["status"], "completed", "{list}");
+    assert_eq!(list["supported"], true);
+    let at = |name: &str| skills.path().join(name).display().to_string();
+    assert_eq!(
+        list["skills"],
+        json!([
+            {"key": "claude:deploy", "name": "deploy", "source_path": at("deploy"),
+             "provider": "claude", "file_count": 1},
+            {"key": "claude:review", "name": "Review", "description": "Reviews a change",
+             "source_path": at("review"), "provider": "claude", "file_count": 2},
+        ])
+    );
+
+    let import = json!({"skill_key": "claude:review"});
+    let imported = relay.asked(&rt, "local-skills/import", import).await;
+    assert_eq!(imported["status"], "completed", "{imported}");
+    assert_eq!(
+        imported["skill"],
+        json!({"key": "claude:review", "name": "Review", "description": "Reviews a change",
+               "content": "---\nname: Review\ndescription: Reviews a change\n---\nRead the diff.\n",
+               "source_path": at("review"), "provider": "claude",
+               "files": [{"path": "refs/checklist.md", "content": "- tests\n"}]})
+    );
+    let missing = relay
+        .asked(
+            &rt,
+            "local-skills/import",
+            json!({"skill_key": "claude:gone"}),
+        )
+        .await;
+    assert_eq!(
+        (&missing["status"], &missing["error"]),
+        (
+            &json!("failed"),
+            &json!("no skill \"claude:gone\" on this machine")
+        )
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_daemon_without_skills_dirs_or_update_cmd_says_so() {
+    let relay = Relay::start().await;
+    let (rt, daemon) = relay.daemon("bare", Source::Fixed(fixed())).await;
+    let list = relay.asked(&rt, "local-skills", json!({})).await;
+    assert_eq!(
+        (&list["status"], &list["supported"], &list["skills"]),
+        (&json!("completed"), &json!(false), &json!([]))
+    );
+    let update = relay
+        .asked(&rt, "update", json!({"target_version": "2.1.0"}))
+        .await;
+    assert_eq!(
+        (&update["status"], &update["error"]),
+        (&json!("failed"), &json!("this daemon cannot update itself"))
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_update_runs_its_command_reports_progress_and_then_its_outcome() {
+    let relay = Relay::start().await;
+    let gate = tempfile::tempdir().unwrap();
+    let open = gate.path().join("open");
+    let (rt, token) = relay.runtime("updating").await;
+    let mut config = relay.config(&rt, &token, Source::Fixed(fixed()));
+    config.update_cmd = Some(format!(
+        "echo \"updating to $MODEL_RELAY_TARGET_VERSION\"; \
+         while [ ! -e {} ]; do sleep 0.02; done; echo installed >&2",
+        open.display()
+    ));
+    let daemon = relay.run(config, &rt).await;
+    let id = relay
+        .ask(&rt, "update", json!({"target_version": "2.1.0"}))
+        .await;
+    // The command waits for the gate: meanwhile its output so far comes as progress.
+    eventually("the update's progress is shown", || async {
+        let record = relay.read(&rt, "update", &id).await;
+        record["status"] == "running" && record["output"] == "updating to 2.1.0\n"
+    })
+    .await;
+    std::fs::write(&open, "").unwrap();
+    let done = loop {
+        let record = relay.read(&rt, "update", &id).await;
+        if record["status"] != "running" {
+            break record;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output"], "updating to 2.1.0\ninstalled\n");
+
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_update_command_fails_the_update_with_its_output() {
+    let relay = Relay::start().await;
+    let (rt, token) = relay.runtime("broken").await;
+    let mut config = relay.config(&rt, &token, Source::Fixed(fixed()));
+    config.update_cmd = Some("echo 'no network' >&2; exit 7".into());
+    let daemon = relay.run(config, &rt).await;
+    let failed = relay
+        .asked(&rt, "update", json!({"target_version": "2.1.0"}))
+        .await;
+    assert_eq!(
+        (&failed["status"], &failed["error"], &failed["output"]),
+        (
+            &json!("failed"),
+            &json!("update command failed (exit status 7)"),
+            &json!("no network\n")
+        )
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// A fixed model list, for daemons whose tests are about the other kinds.
+fn fixed() -> Discovery {
+    Discovery::Found {
+        models: Vec::new(),
+        supported: false,
+        fallback: false,
+    }
+}
+
 #[tokio::test]
 async fn models_file_is_read_afresh_for_every_request() {
     let relay = Relay::start().await;

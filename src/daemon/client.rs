@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use super::discover::Discovery;
 use crate::ids::{RequestId, RuntimeId, Token};
+use crate::kind::Kind;
 use crate::model::{ModelEntry, replace_nul};
 
 /// Largest answer we read: the server's answers to a daemon are a few dozen bytes.
@@ -170,20 +171,12 @@ impl RelayClient {
     }
 
     /// One heartbeat, asking the server to hold it up to `wait` (zero: answer at once) and
-    /// saying which requests this daemon holds; the request it handed out, if any.
+    /// saying which requests this daemon holds; the requests it handed out, of every kind.
     pub async fn heartbeat(
         &self,
         wait: Duration,
         working_on: &[RequestId],
-    ) -> Result<Option<RequestId>, CallError> {
-        #[derive(Deserialize)]
-        struct Ack {
-            pending_model_list: Option<Pending>,
-        }
-        #[derive(Deserialize)]
-        struct Pending {
-            id: String,
-        }
+    ) -> Result<Vec<HandOut>, CallError> {
         let body = heartbeat_body(self.runtime_id, wait, working_on);
         // A held heartbeat is slow by design: the call timeout counts from the end of the
         // wait, so it still catches a hung connection without cutting the hold short.
@@ -191,21 +184,22 @@ impl RelayClient {
         let answer = self
             .post("/api/daemon/heartbeat", body.to_string(), timeout)
             .await?;
-        let ack: Ack = serde_json::from_slice(&answer)
+        let ack: Value = serde_json::from_slice(&answer)
             .map_err(|e| CallError::BadAnswer(format!("heartbeat answer: {e}")))?;
-        match ack.pending_model_list {
-            None => Ok(None),
-            Some(Pending { id }) => RequestId::parse(&id)
-                .map(Some)
-                .ok_or_else(|| CallError::BadAnswer(format!("claimed request id {id:?}"))),
-        }
+        hand_outs(&ack)
     }
 
-    /// One report about request `id`.
-    pub async fn report(&self, id: RequestId, body: &ReportBody) -> Result<(), CallError> {
+    /// One report about request `id`, of `kind`.
+    pub async fn report(
+        &self,
+        kind: Kind,
+        id: RequestId,
+        body: &impl Serialize,
+    ) -> Result<(), CallError> {
         let path = format!(
-            "/api/daemon/runtimes/{}/models/{id}/result",
-            self.runtime_id
+            "/api/daemon/runtimes/{}/{}/{id}/result",
+            self.runtime_id,
+            kind.spec().path
         );
         // Serializing strings and booleans cannot fail; an empty body would be a 400.
         let json = serde_json::to_string(body).unwrap_or_default();
@@ -259,6 +253,40 @@ impl RelayClient {
     }
 }
 
+/// A request a heartbeat handed out, with what its hand-out names of its input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandOut {
+    pub kind: Kind,
+    pub id: RequestId,
+    /// An import's skill.
+    pub skill_key: Option<String>,
+    /// An update's version.
+    pub target_version: Option<String>,
+}
+
+/// Every request a heartbeat's answer hands out: each kind's field, and a batch.
+fn hand_outs(ack: &Value) -> Result<Vec<HandOut>, CallError> {
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        let spec = kind.spec();
+        let batch = spec.batch_ack.and_then(|field| ack[field].as_array());
+        let single = ack.get(spec.ack).filter(|v| !v.is_null());
+        for entry in single.into_iter().chain(batch.into_iter().flatten()) {
+            let id = entry["id"].as_str().unwrap_or_default();
+            let id = RequestId::parse(id)
+                .ok_or_else(|| CallError::BadAnswer(format!("handed out request id {id:?}")))?;
+            let text = |field: &str| entry[field].as_str().map(str::to_owned);
+            out.push(HandOut {
+                kind,
+                id,
+                skill_key: text("skill_key"),
+                target_version: text("target_version"),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The certificate verification failure somewhere in `error`'s causes, if that is why it
 /// failed. rustls's error travels inside an `io::Error` (inside another, at times), whose
 /// `source()` skips what it wraps, so the walk steps into each `io::Error` instead.
@@ -285,13 +313,15 @@ fn certificate_error<'e>(
     None
 }
 
-/// `{"runtime_id", "wait_ms"?, "working_on"}`. No `wait_ms` when there is no wait: a v1
-/// heartbeat, byte for byte, but for `working_on`, which lets the server hand out again a
-/// request whose hand-out this daemon never received.
+/// `{"runtime_id", "wait_ms"?, "working_on", "supports_batch_import"}`. No `wait_ms` when
+/// there is no wait: a v1 heartbeat but for `working_on`, which lets the server hand out
+/// again a request whose hand-out this daemon never received, and the batch flag.
 fn heartbeat_body(runtime_id: RuntimeId, wait: Duration, working_on: &[RequestId]) -> Value {
     let mut body = json!({
         "runtime_id": runtime_id.to_string(),
         "working_on": working_on.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        // Imports come as many as the server hands out at once; each is a task of its own.
+        "supports_batch_import": true,
     });
     if !wait.is_zero() {
         body["wait_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
@@ -427,12 +457,46 @@ mod tests {
                 "runtime_id": "f40ded99-5e02-4ce0-95b4-efd3589327d8",
                 "wait_ms": 25_000,
                 "working_on": ["0123456789abcdef0123456789abcdef"],
+                "supports_batch_import": true,
             })
         );
         assert_eq!(
             heartbeat_body(rt, Duration::ZERO, &[]),
-            json!({"runtime_id": "f40ded99-5e02-4ce0-95b4-efd3589327d8", "working_on": []})
+            json!({"runtime_id": "f40ded99-5e02-4ce0-95b4-efd3589327d8", "working_on": [],
+                   "supports_batch_import": true})
         );
+    }
+
+    #[test]
+    fn every_kind_of_hand_out_is_read_from_the_answer() {
+        let (a, b, c) = (
+            "0123456789abcdef0123456789abcdef",
+            "fedcba9876543210fedcba9876543210",
+            "00000000000000000000000000000001",
+        );
+        let ack = json!({"status": "ok", "pending_model_list": {"id": a},
+                         "pending_local_skill_imports": [{"id": b, "skill_key": "claude:x"},
+                                                         {"id": c, "skill_key": "claude:y"}],
+                         "pending_update": {"id": a, "target_version": "2.1.0"}});
+        let got = hand_outs(&ack).unwrap();
+        let summary: Vec<(Kind, String, Option<String>)> = got
+            .iter()
+            .map(|h| {
+                let input = h.skill_key.clone().or(h.target_version.clone());
+                (h.kind, h.id.to_string(), input)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Kind::Models, a.to_owned(), None),
+                (Kind::SkillImport, b.to_owned(), Some("claude:x".to_owned())),
+                (Kind::SkillImport, c.to_owned(), Some("claude:y".to_owned())),
+                (Kind::Update, a.to_owned(), Some("2.1.0".to_owned())),
+            ]
+        );
+        assert!(hand_outs(&json!({"status": "ok"})).unwrap().is_empty());
+        assert!(hand_outs(&json!({"pending_local_skills": {"id": "x"}})).is_err());
     }
 
     #[test]

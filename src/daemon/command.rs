@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Config, Source};
+use super::{Config, SkillsDir, Source};
 use crate::config::parse_duration;
 use crate::ids::{RuntimeId, Token};
 
@@ -40,6 +40,19 @@ pub struct DaemonArgs {
     /// How long discovery may take before it is reported as failed.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     discover_timeout: Duration,
+    /// A directory of skills, one subdirectory with a SKILL.md per skill, as Claude Code
+    /// keeps them in ~/.claude/skills; PROVIDER=DIR names the provider (default claude).
+    /// Repeatable. Without it, a skill list reports that skills are not supported.
+    #[arg(long, value_name = "[PROVIDER=]DIR", value_parser = SkillsDir::parse)]
+    skills_dir: Vec<SkillsDir>,
+    /// The command that updates the runtime's CLI, run with `sh -c` and
+    /// MODEL_RELAY_TARGET_VERSION set; its exit status decides the outcome. Without it, an
+    /// update fails with "this daemon cannot update itself".
+    #[arg(long, value_name = "CMD")]
+    update_cmd: Option<String>,
+    /// How long the update command may run before it is killed and the update fails.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    update_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -76,6 +89,9 @@ impl DaemonArgs {
         config.heartbeat_interval = self.heartbeat_interval;
         config.heartbeat_wait = self.heartbeat_wait;
         config.discover_timeout = self.discover_timeout;
+        config.skills_dirs = self.skills_dir;
+        config.update_cmd = self.update_cmd;
+        config.update_timeout = self.update_timeout;
         Ok(config)
     }
 }

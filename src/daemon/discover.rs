@@ -148,7 +148,7 @@ async fn run_command(command: &str, timeout: Duration) -> Discovery {
         Ok(child) => child,
         Err(e) => return Discovery::Failed(format!("cannot start the discovery command: {e}")),
     };
-    let group = GroupKiller(child.id());
+    let group = GroupKiller::new(child.id());
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Discovery::Failed("the discovery command's output is not piped".into());
     };
@@ -196,7 +196,7 @@ async fn run_command(command: &str, timeout: Duration) -> Discovery {
     })
 }
 
-fn describe(status: ExitStatus) -> String {
+pub(super) fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
@@ -206,10 +206,16 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Kills a command's process group when dropped, unless the command ended by itself.
-struct GroupKiller(Option<u32>);
+pub(super) struct GroupKiller(Option<u32>);
 
 impl GroupKiller {
-    fn disarm(mut self) {
+    /// The killer of the group that the command `pid` leads (spawned with
+    /// `process_group(0)`).
+    pub(super) fn new(pid: Option<u32>) -> Self {
+        GroupKiller(pid)
+    }
+
+    pub(super) fn disarm(mut self) {
         self.0 = None;
     }
 }

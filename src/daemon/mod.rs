@@ -1,8 +1,9 @@
 //! The reference daemon: what runs next to an agent runtime, behind NAT. It heartbeats, asking
 //! the server to hold each heartbeat until a request comes (see [`pace`] for when the next
-//! one goes); when an answer hands it a model-list request it runs discovery in a task of its
-//! own, so the heartbeats go on meanwhile, renews the request's lease every heartbeat
-//! interval while discovery runs, and reports the result, retrying what a retry can fix.
+//! one goes); each request an answer hands it — a model list, a skill list, a skill import,
+//! an update — it serves in a task of its own, so the heartbeats go on meanwhile, renews the
+//! request's lease every heartbeat interval while the work runs (an update's with its output
+//! so far), and reports the result, retrying what a retry can fix.
 //! Every heartbeat lists the requests the daemon holds (`working_on`), so that the server can
 //! hand out again one whose hand-out was lost on the way.
 //!
@@ -13,6 +14,8 @@ mod client;
 pub mod command;
 mod discover;
 mod pace;
+pub mod skills;
+mod update;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -26,10 +29,14 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
-pub use client::{CallError, ReportBody};
+pub use client::{CallError, HandOut, ReportBody};
 pub use discover::{Discovery, Source, parse_models};
+pub use skills::SkillsDir;
+
+use serde_json::{Value, json};
 
 use crate::ids::{RequestId, RuntimeId, Token};
+use crate::kind::Kind;
 use client::{RelayClient, with_retries};
 use pace::{Backoff, Pace, random_seed};
 
@@ -67,6 +74,13 @@ pub struct Config {
     pub call_timeout: Duration,
     /// After shutdown, how long in-flight requests get to send their last report.
     pub stop_grace: Duration,
+    /// Where the runtime's skills are (`--skills-dir`); none: a skill list reports
+    /// `supported: false`.
+    pub skills_dirs: Vec<SkillsDir>,
+    /// The command that updates the runtime's CLI (`--update-cmd`); none: an update fails.
+    pub update_cmd: Option<String>,
+    /// How long an update may run before it is killed and reported as failed.
+    pub update_timeout: Duration,
 }
 
 impl Config {
@@ -90,6 +104,9 @@ impl Config {
             report_backoff: REPORT_BACKOFF.to_vec(),
             call_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
+            skills_dirs: Vec::new(),
+            update_cmd: None,
+            update_timeout: Duration::from_secs(120),
         })
     }
 }
@@ -204,13 +221,16 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(),
             break Ok(());
         };
         let wait = match beat {
-            Ok(claimed) => {
+            Ok(handed) => {
                 backoff.reset();
-                match claimed {
-                    Some(id) => worker.hand_out(id, &mut requests),
-                    None => tracing::debug!(took = ?sent.elapsed(), "heartbeat"),
+                if handed.is_empty() {
+                    tracing::debug!(took = ?sent.elapsed(), "heartbeat");
                 }
-                pace.after_answer(claimed.is_some(), sent.elapsed())
+                let claimed = !handed.is_empty();
+                for hand_out in handed {
+                    worker.hand_out(hand_out, &mut requests);
+                }
+                pace.after_answer(claimed, sent.elapsed())
             }
             Err(e) if e.is_retryable() => {
                 let wait = backoff.next_delay();
@@ -277,21 +297,24 @@ struct Worker {
 }
 
 impl Worker {
-    /// A heartbeat handed out `id`: serve it, unless this daemon holds it already. The server
-    /// hands out a request again when it thinks its first hand-out was lost; if it was not,
-    /// the task serving it goes on, and a second discovery would only race it.
-    fn hand_out(&self, id: RequestId, requests: &mut JoinSet<()>) {
+    /// A heartbeat handed out a request: serve it, unless this daemon holds it already. The
+    /// server hands out a request again when it thinks its first hand-out was lost; if it
+    /// was not, the task serving it goes on, and a second one would only race it.
+    fn hand_out(&self, hand_out: HandOut, requests: &mut JoinSet<()>) {
+        let id = hand_out.id;
         // Taken here, before the next heartbeat is sent, so that heartbeat lists it.
         let Some(holding) = self.holdings.take(id) else {
             tracing::debug!(request = %id, "handed out again a request this daemon holds; ignored");
             return;
         };
-        tracing::info!(request = %id, "claimed a model-list request; discovering");
+        let kind = hand_out.kind.name();
+        tracing::info!(request = %id, kind, "claimed a request; working on it");
         requests.spawn(
             serve_request(
                 Arc::clone(&self.client),
                 Arc::clone(&self.config),
                 holding,
+                hand_out,
                 self.stopping.clone(),
             )
             .in_current_span(),
@@ -336,46 +359,59 @@ impl Drop for Holding {
     }
 }
 
-/// One claimed request: discovery in a task of its own, a lease renewal every heartbeat
-/// interval while it runs (on its own timer: a held heartbeat does not delay it), then the
-/// report. The request stays in `working_on` until `holding` drops, after the last call.
+/// One claimed request: its work in a task of its own, a lease renewal every heartbeat
+/// interval while it runs (on its own timer: a held heartbeat does not delay it; an update's
+/// carries its output so far), then the report. The request stays in `working_on` until
+/// `holding` drops, after the last call.
 async fn serve_request(
     client: Arc<RelayClient>,
     config: Arc<Config>,
     holding: Holding,
+    hand_out: HandOut,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let id = holding.id;
-    // A JoinSet aborts its task when dropped, and dropping the discovery kills its command:
+    let (id, kind) = (holding.id, hand_out.kind);
+    // A JoinSet aborts its task when dropped, and dropping the work kills its command:
     // nothing outlives this function.
-    let mut discovery = JoinSet::new();
-    let source = config.source.clone();
-    let timeout = config.discover_timeout;
-    discovery.spawn(async move { source.discover(timeout).await });
+    let mut work = JoinSet::new();
+    let output = update::Output::default();
+    work.spawn(work_on(Arc::clone(&config), hand_out, output.clone()));
     let every = config.heartbeat_interval;
     let mut renewals = tokio::time::interval_at(Instant::now() + every, every);
     renewals.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let found = loop {
+    let body = loop {
         tokio::select! {
-            joined = discovery.join_next() => break match joined {
-                Some(Ok(found)) => found,
-                Some(Err(e)) => Discovery::Failed(format!("discovery crashed: {e}")),
-                None => Discovery::Failed("discovery did not run".into()),
+            joined = work.join_next() => break match joined {
+                Some(Ok(body)) => body,
+                Some(Err(e)) => failed(format!("the work crashed: {e}")),
+                None => failed("the work did not run".into()),
             },
-            _ = renewals.tick() => match client.report(id, &ReportBody::running()).await {
-                Ok(()) => tracing::info!(request = %id, "still discovering; lease renewed"),
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(request = %id, error = %e, "lease renewal failed; trying again at the next interval");
+            _ = renewals.tick() => {
+                let running = match kind {
+                    Kind::Update => json!({"status": "running", "output": output.text()}),
+                    _ => json!({"status": "running"}),
+                };
+                match client.report(kind, id, &running).await {
+                    Ok(()) => tracing::info!(request = %id, "still working; lease renewed"),
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(request = %id, error = %e, "lease renewal failed; trying again at the next interval");
+                    }
+                    Err(e) => {
+                        tracing::warn!(request = %id, error = %e, "the server no longer takes this request; work abandoned");
+                        return;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(request = %id, error = %e, "the server no longer takes this request; discovery abandoned");
-                    return;
-                }
-            },
+            }
             () = stop_signalled(&mut stopping) => {
-                drop(discovery);
-                let body = ReportBody::failed("the daemon stopped before discovery finished".into());
-                match client.report(id, &body).await {
+                drop(work);
+                let work = match kind {
+                    Kind::Models => "discovery",
+                    Kind::LocalSkills => "the skill list",
+                    Kind::SkillImport => "the import",
+                    Kind::Update => "the update",
+                };
+                let body = failed(format!("the daemon stopped before {work} finished"));
+                match client.report(kind, id, &body).await {
                     Ok(()) => tracing::info!(request = %id, "reported as failed: the daemon is stopping"),
                     Err(e) => tracing::warn!(request = %id, error = %e, "could not report the stop"),
                 }
@@ -383,22 +419,83 @@ async fn serve_request(
             }
         }
     };
-    match &found {
-        Discovery::Found {
-            models,
-            supported,
-            fallback,
-        } => {
-            tracing::info!(request = %id, models = models.len(), supported, fallback, "discovery completed; reporting");
-        }
-        Discovery::Failed(error) => {
-            tracing::warn!(request = %id, %error, "discovery failed; reporting");
-        }
-    }
-    let body = ReportBody::ended(found);
-    match with_retries(&config.report_backoff, || client.report(id, &body)).await {
+    let status = body["status"].as_str().unwrap_or_default();
+    tracing::info!(request = %id, status, "work done; reporting");
+    match with_retries(&config.report_backoff, || client.report(kind, id, &body)).await {
         Ok(()) => tracing::info!(request = %id, "report delivered"),
         Err(e) => tracing::error!(request = %id, error = %e, "report not delivered; giving up"),
+    }
+}
+
+/// A failed report with `error`.
+fn failed(error: String) -> Value {
+    // The shape of a failed model list's report, which every kind's route takes.
+    serde_json::to_value(ReportBody::failed(error)).unwrap_or_else(|_| json!({"status": "failed"}))
+}
+
+/// The work of one request of any kind: what it finds, as the report that ends it.
+async fn work_on(config: Arc<Config>, hand_out: HandOut, output: update::Output) -> Value {
+    let completed = |result: Value| {
+        let mut body = json!({"status": "completed"});
+        if let (Some(body), Value::Object(result)) = (body.as_object_mut(), result) {
+            body.extend(result);
+        }
+        body
+    };
+    // Reading skill files is blocking work: off the async workers.
+    let blocking = |f: Box<dyn FnOnce() -> Result<Value, String> + Send>| async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(format!("the work crashed: {e}")))
+    };
+    match hand_out.kind {
+        Kind::Models => {
+            let found = config.source.discover(config.discover_timeout).await;
+            match &found {
+                Discovery::Found {
+                    models,
+                    supported,
+                    fallback,
+                } => tracing::info!(
+                    models = models.len(),
+                    supported,
+                    fallback,
+                    "discovery completed"
+                ),
+                Discovery::Failed(error) => tracing::warn!(%error, "discovery failed"),
+            }
+            serde_json::to_value(ReportBody::ended(found)).unwrap_or_else(|e| failed(e.to_string()))
+        }
+        Kind::LocalSkills => {
+            let dirs = config.skills_dirs.clone();
+            match blocking(Box::new(move || skills::list(&dirs))).await {
+                Ok(list) => completed(list),
+                Err(error) => failed(error),
+            }
+        }
+        Kind::SkillImport => {
+            let Some(key) = hand_out.skill_key else {
+                return failed("the hand-out named no skill_key".into());
+            };
+            let dirs = config.skills_dirs.clone();
+            match blocking(Box::new(move || skills::import(&dirs, &key))).await {
+                Ok(skill) => completed(skill),
+                Err(error) => failed(error),
+            }
+        }
+        Kind::Update => {
+            let Some(command) = config.update_cmd.as_deref() else {
+                return failed("this daemon cannot update itself".into());
+            };
+            let version = hand_out.target_version.unwrap_or_default();
+            let ran = update::run(command, &version, config.update_timeout, &output).await;
+            let mut body = match ran {
+                Ok(()) => json!({"status": "completed"}),
+                Err(error) => failed(error),
+            };
+            body["output"] = output.text().into();
+            body
+        }
     }
 }
 

@@ -194,6 +194,37 @@ impl Relay {
         }
     }
 
+    /// Creates a request on `rt`'s route `path` (`local-skills`, `update`, …) with `body`:
+    /// its id.
+    pub async fn ask(&self, rt: &str, path: &str, body: Value) -> String {
+        let url = self.url(&format!("/api/runtimes/{rt}/{path}"));
+        let created = self.http.post(&url, &self.api, body).await;
+        assert_eq!(created.status, StatusCode::OK, "{}", created.json);
+        created.json["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The record of request `id` on `rt`'s route `path`.
+    pub async fn read(&self, rt: &str, path: &str, id: &str) -> Value {
+        let url = self.url(&format!("/api/runtimes/{rt}/{path}/{id}"));
+        let answer = self.http.get(&url, &self.api).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        answer.json
+    }
+
+    /// [`Relay::ask`], then polls until the request has ended; its record.
+    pub async fn asked(&self, rt: &str, path: &str, body: Value) -> Value {
+        let id = self.ask(rt, path, body).await;
+        let start = Instant::now();
+        loop {
+            let last = self.read(rt, path, &id).await;
+            if !matches!(last["status"].as_str(), Some("pending" | "running")) {
+                return last;
+            }
+            assert!(start.elapsed() < DEADLINE, "request never ended: {last}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Asks runtime `rt` for its models, as the page does; the ended request.
     pub async fn discover(&self, rt: &str) -> Value {
         let id = self.request(rt).await;
