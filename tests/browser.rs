@@ -905,3 +905,205 @@ async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// Skills and an update from the page, across instances: two servers over one SQLite file,
+/// the runtime's daemon on one (with a skills directory and an update command), the page on
+/// the other. The page lists the skills, imports one and shows its files as text (markup in
+/// a file stays text), and runs an update to completion with its output; a second update
+/// while it runs is refused with 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_lists_and_imports_skills_and_updates_a_runtime_across_instances() {
+    let Some(tools) =
+        driver::tools("the_page_lists_and_imports_skills_and_updates_a_runtime_across_instances")
+    else {
+        return;
+    };
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let skills = scratch.path().join("skills");
+    let review = skills.join("review");
+    std::fs::create_dir_all(review.join("refs")).unwrap();
+    std::fs::write(
+        review.join("SKILL.md"),
+        "---\nname: Review\ndescription: Reviews a change\n---\nRead the diff.\n",
+    )
+    .unwrap();
+    std::fs::write(
+        review.join("refs/markup.html"),
+        "<b>not bold</b><img src=x onerror=alert(1)>",
+    )
+    .unwrap();
+    std::fs::create_dir_all(skills.join("deploy")).unwrap();
+    std::fs::write(skills.join("deploy/SKILL.md"), "# Deploy\n").unwrap();
+    let gate = scratch.path().join("update-open");
+    let update_cmd = format!(
+        "echo \"updating to $MODEL_RELAY_TARGET_VERSION\"; \
+         while [ ! -e '{}' ]; do sleep 0.05; done; echo installed",
+        gate.display()
+    );
+
+    let file = scratch.path().join("relay.db");
+    let open = || {
+        let store = model_relay::store::sqlite::SqliteStore::open(
+            &file,
+            model_relay::kind::PerKind::defaults(),
+        )
+        .unwrap();
+        Arc::new(store) as Arc<dyn Storer>
+    };
+    let (first, second) = (open(), open());
+    let (_, api) = workspace(first.as_ref(), SystemClock.now());
+    let daemons_side = Instance::start(first, Arc::new(SystemClock), settings()).await;
+    let page_side = Instance::start(second, Arc::new(SystemClock), settings()).await;
+    let http = Http::default();
+    let created = http
+        .post(
+            &format!("{}/api/runtimes", page_side.base),
+            &api,
+            json!({"name": "skills-box", "provider": "claude"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let rt = created.json["id"].as_str().unwrap().to_owned();
+    let token = Token::from_header(created.json["daemon_token"].as_str().unwrap());
+    let source = Source::Fixed(Discovery::Found {
+        models: catalogue(),
+        supported: true,
+        fallback: false,
+    });
+    let mut config = daemon::Config::new(
+        &daemons_side.base,
+        RuntimeId::parse(&rt).unwrap(),
+        token,
+        source,
+    )
+    .unwrap();
+    config.heartbeat_interval = Duration::from_millis(200);
+    config.skills_dirs = vec![daemon::SkillsDir::parse(&skills.display().to_string()).unwrap()];
+    config.update_cmd = Some(update_cmd);
+    let (stop_daemon, daemon_stops) = watch::channel(false);
+    let daemon = tokio::spawn(daemon::run(config, async move {
+        let mut stop = daemon_stops;
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+
+    let driver = Driver::start(&tools, &artifacts.join("chromedriver-skills.log"));
+    let profile = tempfile::tempdir().unwrap();
+    let client = driver.session(&tools, profile.path()).await;
+    let outcome = tokio::spawn({
+        let (client, base) = (client.clone(), page_side.base.clone());
+        let (api, rt, gate, review) = (api.clone(), rt.clone(), gate.clone(), review.clone());
+        async move {
+            client.goto(&format!("{base}/#token={api}")).await.unwrap();
+            let item = runtime("skills-box");
+            wait_for_text(&client, &format!("{item} .badge"), "online").await;
+
+            click(&client, &format!("{item} .list-skills")).await;
+            wait_for_text(&client, &format!("{item} .skills-status"), "2 skills.").await;
+            let names = client
+                .find_all(Locator::Css(&format!("{item} .skill-name")))
+                .await
+                .unwrap();
+            let mut listed = Vec::new();
+            for name in &names {
+                listed.push(name.text().await.unwrap());
+            }
+            assert_eq!(listed, ["deploy", "Review"]);
+            let review_item = format!(r#"{item} li.skill[data-key="claude:review"]"#);
+            assert_eq!(
+                text_of(&client, &format!("{review_item} .skill-files")).await,
+                "2 files"
+            );
+
+            click(&client, &format!("{review_item} .import-skill")).await;
+            wait_for_text(
+                &client,
+                &format!("{item} .imported-status"),
+                "Imported 2 files.",
+            )
+            .await;
+            let mut shown = Vec::new();
+            for css in ["h6", "pre.file-content"] {
+                let found = client
+                    .find_all(Locator::Css(&format!("{item} .imported-files {css}")))
+                    .await
+                    .unwrap();
+                for element in &found {
+                    shown.push(element.prop("textContent").await.unwrap().unwrap());
+                }
+            }
+            assert_eq!(
+                shown,
+                [
+                    "SKILL.md",
+                    "refs/markup.html",
+                    "---\nname: Review\ndescription: Reviews a change\n---\nRead the diff.\n",
+                    "<b>not bold</b><img src=x onerror=alert(1)>",
+                ]
+            );
+            // Text, never HTML: the file's markup made no elements.
+            let made = client
+                .find_all(Locator::Css(&format!(
+                    "{item} .imported-files b, {item} img"
+                )))
+                .await
+                .unwrap();
+            assert!(made.is_empty(), "the imported file's markup was rendered");
+            assert!(review.exists());
+
+            let version = client
+                .find(Locator::Css(&format!("{item} .update-version")))
+                .await
+                .unwrap();
+            version.send_keys("2.1.0").await.unwrap();
+            version.send_keys(&Key::Enter).await.unwrap();
+            wait_for(
+                &client,
+                &format!("{item} .update-output"),
+                "the update's progress",
+                |text| text.contains("updating to 2.1.0"),
+            )
+            .await;
+            // While it runs, a second update (from anywhere) is refused.
+            let second = Http::default()
+                .post(
+                    &format!("{base}/api/runtimes/{rt}/update"),
+                    &api,
+                    json!({"target_version": "2.2.0"}),
+                )
+                .await;
+            assert_eq!(
+                (second.status, second.json),
+                (
+                    StatusCode::CONFLICT,
+                    json!({"error": "an update is already in progress for this runtime"})
+                )
+            );
+            std::fs::write(&gate, "").unwrap();
+            wait_for_text(
+                &client,
+                &format!("{item} .update-status"),
+                "Updated to 2.1.0.",
+            )
+            .await;
+            let output = text_of(&client, &format!("{item} .update-output")).await;
+            assert_eq!(output, "updating to 2.1.0\ninstalled");
+        }
+    })
+    .await;
+    let screenshot = artifacts.join("skills.png");
+    if let Ok(png) = client.screenshot().await {
+        std::fs::write(&screenshot, png).unwrap();
+        announce(&format!("browser screenshot: {}", screenshot.display()));
+    }
+    let _ = client.close().await;
+    drop(driver);
+    let _ = stop_daemon.send(true);
+    daemon.await.unwrap().unwrap();
+    daemons_side.stop().await;
+    page_side.stop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -1,7 +1,8 @@
 // The model-relay page: sign in with an API token, list the workspace's runtimes, ask one
 // for its models (answered at once from the server's catalog when it has a recent list, else
 // by a discovery the page waits for), then pick a model, and its reasoning effort and
-// service tier when it has them, or type a model ID.
+// service tier when it has them, or type a model ID. Per runtime, also: list its local
+// skills and import one (its files shown as text), and update it to a target version.
 //
 // Everything the server sends is put in the page with textContent, never as HTML.
 'use strict';
@@ -185,6 +186,16 @@ function newItem(runtime) {
   for (const name of ['.effort-select', '.tier-select']) {
     item.querySelector(name).addEventListener('change', () => showChoice(item));
   }
+  const listButton = item.querySelector('.list-skills');
+  listButton.setAttribute('aria-label', 'List skills of ' + runtime.name);
+  listButton.addEventListener('click', () => listSkills(runtime.id, item));
+  item.querySelector('.update-version')
+    .setAttribute('aria-label', 'Target version for ' + runtime.name);
+  item.querySelector('.update-run').setAttribute('aria-label', 'Update ' + runtime.name);
+  item.querySelector('.update-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    runUpdate(runtime.id, item);
+  });
   return item;
 }
 
@@ -288,7 +299,8 @@ async function followRefresh(base, item, ask, cached) {
 // A server that holds as many calls as it may refuses a waiting read (503 "too many waiting
 // calls"): that says nothing of the discovery, so the page goes on reading without
 // waiting, every POLL_MS, until the request ends.
-async function waitForEnd(base, request) {
+// `onRead`, if given, sees each record read on the way (an update's output while it runs).
+async function waitForEnd(base, request, onRead) {
   const asker = token;
   let failures = 0;
   let wait = '?wait_ms=' + WAIT_MS;
@@ -311,6 +323,7 @@ async function waitForEnd(base, request) {
     if (answer.status !== 200) throw new Error(errorOf(answer));
     const unchanged = answer.body.status === request.status;
     request = answer.body;
+    if (onRead) onRead(request);
     const early = POLL_MS - (Date.now() - sent);
     if (unchanged && early > 0) await sleep(early);
   }
@@ -384,6 +397,143 @@ function showPicker(item, models, keepChoice) {
     if (!keepChoice) select.focus();
   }
   showChoice(item);
+}
+
+// ---- skills and updates ----
+
+// Runs `work` with `button` marked busy (aria-disabled keeps keyboard focus); a second
+// press while it runs does nothing.
+async function busy(button, work) {
+  if (button.getAttribute('aria-disabled') === 'true') return;
+  button.setAttribute('aria-disabled', 'true');
+  try {
+    await work();
+  } finally {
+    button.removeAttribute('aria-disabled');
+  }
+}
+
+// Asks for a request of the kind at `path` (`local-skills`, …) and waits until it ends.
+async function ask(runtimeId, path, payload, onRead) {
+  const base = '/api/runtimes/' + encodeURIComponent(runtimeId) + '/' + path;
+  const created = await api('POST', base, payload);
+  if (created.status !== 200) throw new Error(errorOf(created));
+  if (onRead) onRead(created.body);
+  return waitForEnd(base, created.body, onRead);
+}
+
+function listSkills(runtimeId, item) {
+  const status = item.querySelector('.skills-status');
+  const list = item.querySelector('.skills-list');
+  return busy(item.querySelector('.list-skills'), async () => {
+    status.textContent = 'Listing skills…';
+    item.dataset.skills = 'running';
+    try {
+      const request = await ask(runtimeId, 'local-skills', undefined);
+      if (request.status !== 'completed') {
+        throw new Error(request.error || 'the request ended as ' + request.status);
+      }
+      const skills = request.skills || [];
+      list.replaceChildren(...skills.map((skill) => skillItem(runtimeId, item, skill)));
+      item.dataset.skills = 'done';
+      status.textContent = request.supported === false
+        ? 'This runtime does not report its skills.'
+        : skills.length === 0 ? 'No skills on this runtime.'
+        : skills.length + (skills.length === 1 ? ' skill.' : ' skills.');
+    } catch (e) {
+      if (e instanceof SignedOut) return;
+      item.dataset.skills = 'failed';
+      status.textContent = 'Could not list skills: ' + e.message;
+    }
+  });
+}
+
+function skillItem(runtimeId, item, skill) {
+  const li = $('skill-template').content.firstElementChild.cloneNode(true);
+  li.dataset.key = skill.key;
+  li.querySelector('.skill-name').textContent = skill.name;
+  li.querySelector('.skill-key').textContent = skill.key;
+  li.querySelector('.skill-files').textContent =
+    skill.file_count + (skill.file_count === 1 ? ' file' : ' files');
+  li.querySelector('.skill-description').textContent = skill.description || '';
+  const button = li.querySelector('.import-skill');
+  button.setAttribute('aria-label', 'Import ' + skill.name);
+  button.addEventListener('click', () => importSkill(runtimeId, item, skill, button));
+  return li;
+}
+
+// Imports one skill and shows its files, SKILL.md first, each as text.
+function importSkill(runtimeId, item, skill, button) {
+  const box = item.querySelector('.imported');
+  const status = item.querySelector('.imported-status');
+  const files = item.querySelector('.imported-files');
+  return busy(button, async () => {
+    box.hidden = false;
+    item.querySelector('.imported-title').textContent = 'Import of ' + skill.name;
+    status.textContent = 'Importing…';
+    files.replaceChildren();
+    item.dataset.imported = 'running';
+    const payload = { skill_key: skill.key, name: skill.name };
+    if (skill.description) payload.description = skill.description;
+    try {
+      const request = await ask(runtimeId, 'local-skills/import', payload);
+      if (request.status !== 'completed' || !request.skill) {
+        throw new Error(request.error || 'the request ended as ' + request.status);
+      }
+      const all = [{ path: 'SKILL.md', content: request.skill.content }]
+        .concat(request.skill.files || []);
+      for (const file of all) {
+        const heading = document.createElement('h6');
+        heading.textContent = file.path;
+        const text = document.createElement('pre');
+        text.className = 'file-content';
+        text.textContent = file.content;
+        files.append(heading, text);
+      }
+      item.dataset.imported = 'done';
+      status.textContent = 'Imported ' + all.length + (all.length === 1 ? ' file.' : ' files.');
+    } catch (e) {
+      if (e instanceof SignedOut) return;
+      item.dataset.imported = 'failed';
+      status.textContent = 'Could not import: ' + e.message;
+    }
+  });
+}
+
+// Updates the runtime to the version typed, showing its output as it comes.
+function runUpdate(runtimeId, item) {
+  const status = item.querySelector('.update-status');
+  const output = item.querySelector('.update-output');
+  const version = item.querySelector('.update-version').value.trim();
+  if (!version) {
+    status.textContent = 'Enter a target version.';
+    return Promise.resolve();
+  }
+  const show = (request) => {
+    output.hidden = !request.output;
+    output.textContent = request.output || '';
+  };
+  return busy(item.querySelector('.update-run'), async () => {
+    status.textContent = 'Updating to ' + version + '…';
+    output.hidden = true;
+    item.dataset.update = 'running';
+    try {
+      const request = await ask(runtimeId, 'update', { target_version: version }, show);
+      show(request);
+      if (request.status === 'completed') {
+        item.dataset.update = 'done';
+        status.textContent = 'Updated to ' + version + '.';
+      } else {
+        item.dataset.update = 'failed';
+        status.textContent = 'The update failed: ' +
+          (request.error || 'the request ended as ' + request.status);
+      }
+    } catch (e) {
+      if (e instanceof SignedOut) return;
+      item.dataset.update = 'failed';
+      status.textContent = 'Could not update: ' + e.message;
+    }
+  });
 }
 
 // ---- start ----
