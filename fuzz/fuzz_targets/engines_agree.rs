@@ -1,6 +1,7 @@
 //! Differential: one sequence of store operations, run on the memory engine and on the
 //! SQLite engine side by side, must get the same answer from both at every step, and leave
-//! the same rows behind. The clock is the `now` each call is given.
+//! the same rows behind. The clock is the `now` each call is given. Requests are of every
+//! kind, mixed on one runtime.
 #![no_main]
 
 use model_relay::kind::Kind;
@@ -40,8 +41,11 @@ const REFRESH_AFTER: Millis = 4_500;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
+    /// A create of the kind `kind` picks ([`kind`]); an import of the key `key` picks.
     Create {
         rt: u8,
+        kind: u8,
+        key: u8,
     },
     /// The UI's create, through the catalog.
     Ask {
@@ -53,12 +57,18 @@ enum Op {
         rt: u8,
         req: u8,
     },
+    /// `batches`: the daemon takes a batch of imports; `forget`: its `working_on` is empty,
+    /// so every unrenewed running request is handed out again.
     Heartbeat {
         rt: u8,
+        batches: bool,
+        forget: bool,
     },
+    /// A report on the route of the kind `kind` picks, whatever the request's kind is.
     Report {
         rt: u8,
         req: u8,
+        kind: u8,
         report: ReportKind,
     },
     Step {
@@ -76,6 +86,10 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 enum ReportKind {
     Running,
+    /// Progress with an output from [`awkward_text`] (an update's).
+    Progress {
+        text: u8,
+    },
     /// `text` picks the models' label and description from [`awkward_text`].
     Completed {
         models: u8,
@@ -106,8 +120,35 @@ fn awkward_text(i: u8) -> String {
     }
 }
 
+/// The kind a byte picks.
+fn kind(k: u8) -> Kind {
+    Kind::ALL[usize::from(k) % Kind::ALL.len()]
+}
+
+/// A new request of `kind`: an import of one of two keys, an update with a version.
+fn new_request(kind: Kind, id: RequestId, key: u8) -> NewRequest {
+    match kind {
+        Kind::SkillImport => {
+            let key = format!("claude:s{}", key % 2);
+            NewRequest {
+                id,
+                kind,
+                input: Some(format!(r#"{{"skill_key":"{key}"}}"#)),
+                key,
+            }
+        }
+        Kind::Update => NewRequest {
+            id,
+            kind,
+            key: String::new(),
+            input: Some(r#"{"target_version":"2.1.0"}"#.to_owned()),
+        },
+        Kind::Models | Kind::LocalSkills => NewRequest::of(kind, id),
+    }
+}
+
 impl ReportKind {
-    fn report(&self) -> Report {
+    fn report(&self, kind: Kind) -> Report {
         let entry = |id: &str, default: bool, text: &str| ModelEntry {
             id: id.into(),
             label: format!("{}{text}", id.to_uppercase()),
@@ -125,6 +166,21 @@ impl ReportKind {
         };
         match *self {
             ReportKind::Running => Report::Running,
+            ReportKind::Progress { text } => {
+                Report::Progress(serde_json::json!({ "output": awkward_text(text) }).to_string())
+            }
+            // Another kind's result is the JSON its parser writes.
+            ReportKind::Completed { text, .. } if kind != Kind::Models => {
+                let result = serde_json::json!({ "output": awkward_text(text) });
+                Report::Ended(Outcome {
+                    result: Some(result.to_string()),
+                    status: Status::Completed,
+                    models: Vec::new(),
+                    supported: true,
+                    error: None,
+                    fallback: false,
+                })
+            }
             ReportKind::Completed {
                 models,
                 supported,
@@ -232,17 +288,13 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut now = T0;
     for (step, op) in ops.iter().enumerate() {
         match *op {
-            Op::Create { rt } => {
+            Op::Create { rt, kind: k, key } => {
                 let id = RequestId::random().unwrap();
                 ids.push(id);
+                let new = new_request(kind(k), id, key);
                 let [a, b] = engines.map(|s| {
-                    s.create_or_coalesce_within(
-                        runtime(rt),
-                        &NewRequest::of(Kind::Models, id),
-                        now,
-                        MAX_STORED,
-                    )
-                    .unwrap()
+                    s.create_or_coalesce_within(runtime(rt), &new, now, MAX_STORED)
+                        .unwrap()
                 });
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
@@ -276,14 +328,20 @@ fuzz_target!(|ops: Vec<Op>| {
                 let [a, b] = engines.map(|s| s.get_request(runtime(rt), id, now).unwrap());
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
-            Op::Heartbeat { rt } => {
+            Op::Heartbeat {
+                rt,
+                batches,
+                forget,
+            } => {
                 // As the HTTP layer does it: the token first; a deleted runtime's is gone.
                 let token = &tokens[usize::from(rt) % RUNTIMES];
+                let working_on = forget.then_some(&[][..]);
                 let [a, b] = engines.map(|s| {
                     let daemon = s.daemon_by_token(token).unwrap();
-                    let beat = daemon
-                        .as_ref()
-                        .map(|d| s.heartbeat(d, now, REFRESH_AFTER, None, false).unwrap());
+                    let beat = daemon.as_ref().map(|d| {
+                        s.heartbeat(d, now, REFRESH_AFTER, working_on, batches)
+                            .unwrap()
+                    });
                     (daemon, beat)
                 });
                 assert_eq!(a, b, "step {step}: {op:?}");
@@ -291,14 +349,13 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Report {
                 rt,
                 req,
+                kind: k,
                 ref report,
             } => {
                 let Some(id) = pick(&ids, req) else { continue };
-                let report = report.report();
-                let [a, b] = engines.map(|s| {
-                    s.report(runtime(rt), Kind::Models, id, &report, now)
-                        .unwrap()
-                });
+                let report = report.report(kind(k));
+                let [a, b] =
+                    engines.map(|s| s.report(runtime(rt), kind(k), id, &report, now).unwrap());
                 assert_eq!(a, b, "step {step}: {op:?}");
             }
             Op::Step { step } => now += STEPS[usize::from(step) % STEPS.len()],
