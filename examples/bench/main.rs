@@ -27,7 +27,7 @@
 //! HTTP/2 ([`h2`]): streams whose large answers are never read, and bodies never finished.
 //!
 //! To look at one part (with `perf`, say): `--engine sqlite|postgres`, `--empty-only` and
-//! `--phase healthz|poll|idle|full|waiting|stalled|h2` run only that part, print its figures
+//! `--phase healthz|poll|idle|full|skill list|skill import|mixed|waiting|stalled|h2` run only that part, print its figures
 //! and write no report.
 //!
 //! Baselines, measured in the same run because the machine is shared and noisy: raw rusqlite
@@ -144,11 +144,15 @@ fn parse_options() -> Res<Options> {
                     Op::IdleHeartbeat,
                     Op::Cycle,
                     Op::CachedCreate,
+                    Op::SkillsCycle,
+                    Op::ImportCycle,
+                    Op::MixedCycle,
                 ]
                 .into_iter()
                 .find(|op| op.name().starts_with(name.as_str()))
                 .ok_or(format!(
-                    "--phase healthz|poll|idle|full|cached|waiting|stalled|h2, not {name}"
+                    "--phase healthz|poll|idle|full|cached|skill|mixed|waiting|stalled|h2, \
+                     not {name}"
                 ))?;
                 options.phase_only = Some(op);
             }
@@ -386,6 +390,10 @@ struct Run {
     cycle_scraped: Figures,
     /// Full cycles per second through the store's API in this process, with no HTTP.
     store_cycles: f64,
+    /// The other kinds' cycles, each alone, and every runtime through all three kinds.
+    skills: Figures,
+    import: Figures,
+    mixed: Figures,
 }
 
 // ---- baselines ----
@@ -719,6 +727,9 @@ fn run_suite(
         cycle_flooded: flooded(Op::Cycle, "/healthz")?,
         cycle_scraped: flooded(Op::Cycle, "/metrics")?,
         store_cycles: 0.0,
+        skills: phase(Op::SkillsCycle)?,
+        import: phase(Op::ImportCycle)?,
+        mixed: phase(Op::MixedCycle)?,
     };
     if options.phase_only.is_some() {
         runtime.block_on(print_slow_ops(server.addr))?;
@@ -959,6 +970,13 @@ enum Op {
     IdleHeartbeat,
     Cycle,
     CachedCreate,
+    /// A skill list's cycle (create, claim, report three skills, poll).
+    SkillsCycle,
+    /// A skill import's cycle, the report carrying a 100 KiB skill.
+    ImportCycle,
+    /// Each runtime in turn through a model list, a skill list and an import: one call of
+    /// this op is the three cycles.
+    MixedCycle,
 }
 
 impl Op {
@@ -969,6 +987,9 @@ impl Op {
             Op::IdleHeartbeat => "idle heartbeat",
             Op::Cycle => "full cycle",
             Op::CachedCreate => "cached create",
+            Op::SkillsCycle => "skill list cycle",
+            Op::ImportCycle => "skill import cycle",
+            Op::MixedCycle => "mixed kinds (models, skills, import)",
         }
     }
 }
@@ -1039,6 +1060,104 @@ async fn full_cycle(conn: &mut Conn, setup: &Setup, index: usize) -> Res<String>
             other => return Err(format!("request {id} ended as {other:?}").into()),
         }
     }
+}
+
+/// The report of a skill import: one skill whose files are 100 KiB of text in all.
+fn import_report() -> &'static Value {
+    static REPORT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    REPORT.get_or_init(|| {
+        let files: Vec<Value> = (0..10)
+            .map(|i| json!({"path": format!("refs/{i}.md"), "content": "x".repeat(10 * 1024)}))
+            .collect();
+        json!({"status": "completed", "skill": {"key": "claude:review", "name": "Review",
+               "content": "# Review\n", "source_path": "/home/u/.claude/skills/review",
+               "provider": "claude", "files": files}})
+    })
+}
+
+/// The report of a skill list: three skills.
+fn skills_report() -> Value {
+    let skills: Vec<Value> = ["review", "deploy", "triage"]
+        .iter()
+        .map(|name| {
+            json!({"key": format!("claude:{name}"), "name": name,
+                           "source_path": format!("/home/u/.claude/skills/{name}"),
+                           "provider": "claude", "file_count": 2})
+        })
+        .collect();
+    json!({"status": "completed", "skills": skills, "supported": true})
+}
+
+/// One cycle of another kind than `models` on runtime `index`: create on the kind's route
+/// (`path`, with `body`), the heartbeat that claims it from the field `ack`, the report,
+/// and polls until it has completed.
+async fn kind_cycle(
+    conn: &mut Conn,
+    setup: &Setup,
+    index: usize,
+    (path, body, ack, report): (&str, Option<Value>, &str, &Value),
+) -> Res<()> {
+    let rt = &setup.cycle[index];
+    let created = conn
+        .expect(
+            StatusCode::OK,
+            Method::POST,
+            &format!("/api/runtimes/{}/{path}", rt.id),
+            Some(&setup.api_token),
+            body,
+        )
+        .await?;
+    let id = created["id"].as_str().ok_or("create: no id")?.to_owned();
+    let handed = heartbeat(conn, rt).await?;
+    if handed[ack]["id"].as_str() != Some(&id) {
+        return Err(format!("heartbeat did not hand out {id}: {handed}").into());
+    }
+    conn.expect(
+        StatusCode::OK,
+        Method::POST,
+        &format!("/api/daemon/runtimes/{}/{path}/{id}/result", rt.id),
+        Some(&rt.daemon_token),
+        Some(report.clone()),
+    )
+    .await?;
+    loop {
+        let polled = conn
+            .expect(
+                StatusCode::OK,
+                Method::GET,
+                &format!("/api/runtimes/{}/{path}/{id}", rt.id),
+                Some(&setup.api_token),
+                None,
+            )
+            .await?;
+        match polled["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("pending" | "running") => continue,
+            other => return Err(format!("request {id} ended as {other:?}").into()),
+        }
+    }
+}
+
+async fn skills_cycle(conn: &mut Conn, setup: &Setup, index: usize) -> Res<()> {
+    let report = skills_report();
+    kind_cycle(
+        conn,
+        setup,
+        index,
+        ("local-skills", None, "pending_local_skills", &report),
+    )
+    .await
+}
+
+async fn import_cycle(conn: &mut Conn, setup: &Setup, index: usize) -> Res<()> {
+    let body = Some(json!({"skill_key": "claude:review"}));
+    let cycle = (
+        "local-skills/import",
+        body,
+        "pending_local_skill_import",
+        import_report(),
+    );
+    kind_cycle(conn, setup, index, cycle).await
 }
 
 async fn heartbeat(conn: &mut Conn, rt: &Rt) -> Res<Value> {
@@ -1121,6 +1240,14 @@ async fn one(conn: &mut Conn, setup: &Setup, op: Op, worker: usize, i: usize) ->
             if answer["cached"] != true {
                 return Err(format!("not answered from the catalog: {answer}").into());
             }
+        }
+        Op::SkillsCycle => skills_cycle(conn, setup, (worker + i * c) % setup.cycle.len()).await?,
+        Op::ImportCycle => import_cycle(conn, setup, (worker + i * c) % setup.cycle.len()).await?,
+        Op::MixedCycle => {
+            let index = (worker + i * c) % setup.cycle.len();
+            full_cycle(conn, setup, index).await?;
+            skills_cycle(conn, setup, index).await?;
+            import_cycle(conn, setup, index).await?;
         }
     }
     Ok(())
@@ -1340,6 +1467,19 @@ fn render(
             &run.cycle_flooded,
             e,
         )?;
+        row(&mut out, "skill list cycle (3 skills)", &run.skills, e)?;
+        row(
+            &mut out,
+            "skill import cycle (a 100 KiB skill)",
+            &run.import,
+            e,
+        )?;
+        row(
+            &mut out,
+            "mixed: models + skill list + import, one runtime in turn",
+            &run.mixed,
+            e,
+        )?;
         row(
             &mut out,
             &format!("full cycle while {FLOODERS} connections scrape `/metrics`"),
@@ -1361,6 +1501,18 @@ fn render(
              {:.2} while they call `/healthz`, the cheapest route.",
             run.cycle_scraped.per_second / run.cycle.per_second,
             run.cycle_flooded.per_second / run.cycle.per_second
+        )?;
+        writeln!(
+            out,
+            "\nKinds: a skill list's cycle costs {:.2} and an import's (100 KiB) {:.2} of a model \
+             list's server CPU; the three in turn run {:.1} mixed cycles/s, {:.0} µs of server \
+             CPU each (the three alone add up to {:.0} µs).",
+            run.skills.cpu.server.as_secs_f64() / run.cycle.cpu.server.as_secs_f64(),
+            run.import.cpu.server.as_secs_f64() / run.cycle.cpu.server.as_secs_f64(),
+            run.mixed.per_second,
+            run.mixed.cpu.server.as_secs_f64() * 1e6,
+            (run.cycle.cpu.server + run.skills.cpu.server + run.import.cpu.server).as_secs_f64()
+                * 1e6
         )?;
         writeln!(
             out,
