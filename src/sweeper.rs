@@ -45,7 +45,10 @@ pub fn sweep_once(
     retention: impl Into<PerKind<Duration>>,
 ) -> Result<Swept> {
     let retention = retention.into();
-    let expired = in_batches(|| Ok(store.expire_overdue(now, BATCH)?.total()))?;
+    let mut expired = 0;
+    for kind in Kind::ALL {
+        expired += in_batches(|| Ok(store.expire_overdue(kind, now, BATCH)?.total()))?;
+    }
     let mut deleted = 0;
     for kind in Kind::ALL {
         let cutoff = now.saturating_sub(millis(retention.of(kind)));

@@ -351,7 +351,10 @@ async fn counters(base: &str) -> (f64, f64) {
         )
         .map(|sample| sample.value)
         .sum();
-    (scrape.value("model_relay_claims_total", &[]), fresh)
+    (
+        scrape.value("model_relay_claims_total", &[("kind", "models")]),
+        fresh,
+    )
 }
 
 async fn catalog_scenario(client: &Client, base: &str, clock: &FakeClock, catalog: &CatalogBox) {

@@ -1248,7 +1248,7 @@ impl Storer for DownStore {
     fn expire_request(&self, _: RequestId, _: Kind, _: Status, _: Millis) -> StoreResult<bool> {
         down()
     }
-    fn expire_overdue(&self, _: Millis, _: u32) -> StoreResult<Expired> {
+    fn expire_overdue(&self, _: Kind, _: Millis, _: u32) -> StoreResult<Expired> {
         down()
     }
     fn delete_ended_before(&self, _: Kind, _: Millis, _: u32) -> StoreResult<u64> {

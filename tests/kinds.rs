@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use model_relay::clock::FakeClock;
 use model_relay::config::Settings;
-use model_relay::kind::PerKind;
+use model_relay::kind::{Kind, PerKind};
 use model_relay::store::Storer;
 use model_relay::store::memory::MemoryStore;
 use serde_json::{Value, json};
@@ -324,6 +324,15 @@ async fn one_heartbeat_hands_out_one_request_of_each_kind_or_a_batch_of_imports(
         "one of the imports it does not hold, one per heartbeat without batches: {again}"
     );
     assert!(again.get("pending_model_list").is_none(), "{again}");
+    // Each claim counted under its kind (a hand-out again is no claim).
+    let text = w.http.get_text(&w.url("/metrics")).await.text();
+    let scrape = support::prom::Scrape::parse(&text);
+    let claims = |kind| scrape.value("model_relay_claims_total", &[("kind", kind)]);
+    assert_eq!(
+        Kind::ALL.map(|k| claims(k.name())),
+        [1.0, 1.0, 3.0, 1.0],
+        "models, local_skills, local_skill_import, update"
+    );
 }
 
 #[tokio::test]

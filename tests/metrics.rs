@@ -265,8 +265,16 @@ async fn metrics_show_every_family_labelled_by_route_template() {
         ],
         [1.0, 0.0, 1.0, 0.0, 2.0]
     );
-    assert_eq!(m.value("model_relay_claims_total", &[]), 2.0);
-    let timeouts = |phase| m.value("model_relay_timeouts_total", &[("phase", phase)]);
+    assert_eq!(
+        m.value("model_relay_claims_total", &[("kind", "models")]),
+        2.0
+    );
+    let timeouts = |phase| {
+        m.value(
+            "model_relay_timeouts_total",
+            &[("phase", phase), ("kind", "models")],
+        )
+    };
     assert_eq!((timeouts("pending"), timeouts("running")), (1.0, 1.0));
     assert_eq!(m.value("model_relay_oldest_pending_age_seconds", &[]), 5.0);
 
@@ -487,7 +495,10 @@ async fn the_sweeper_expires_and_then_deletes_a_request_nobody_polls() {
         0.0
     );
     assert_eq!(
-        m.value("model_relay_timeouts_total", &[("phase", "pending")]),
+        m.value(
+            "model_relay_timeouts_total",
+            &[("phase", "pending"), ("kind", "models")]
+        ),
         1.0
     );
     let ended = w.poll(&rt, &id).await;

@@ -40,7 +40,7 @@ impl MeteredStore {
     /// Counts and logs requests that a call ended as `timeout` on the way.
     fn expired_on_the_way(&self, runtime: RuntimeId, kind: Kind, expired: Expired) {
         if expired.total() > 0 {
-            self.metrics.expired(expired);
+            self.metrics.expired(kind, expired);
             let kind = kind.name();
             tracing::info!(%runtime, kind, expired.pending, expired.running, "request timed out");
         }
@@ -192,7 +192,7 @@ impl Storer for MeteredStore {
         })?;
         self.expired_on_the_way(runtime, kind, claim.expired);
         if claim.claimed.is_some() {
-            self.metrics.claimed();
+            self.metrics.claimed(kind);
         }
         Ok(claim)
     }
@@ -219,17 +219,17 @@ impl Storer for MeteredStore {
     ) -> Result<bool> {
         let ended = self.timed("expire_request", |s| s.expire_request(id, kind, phase, now))?;
         if ended {
-            self.metrics.expired(Expired::one(phase));
+            self.metrics.expired(kind, Expired::one(phase));
             let (kind, phase) = (kind.name(), phase.as_str());
             tracing::info!(request = %id, kind, phase, "request timed out");
         }
         Ok(ended)
     }
 
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired> {
         // The sweeper logs what a whole sweep did; here it is only counted.
-        let expired = self.timed("expire_overdue", |s| s.expire_overdue(now, limit))?;
-        self.metrics.expired(expired);
+        let expired = self.timed("expire_overdue", |s| s.expire_overdue(kind, now, limit))?;
+        self.metrics.expired(kind, expired);
         Ok(expired)
     }
 

@@ -20,6 +20,7 @@ use prometheus::{
 use hyper::body::Bytes;
 
 use crate::clock::Millis;
+use crate::kind::Kind;
 use crate::model::Status;
 use crate::store::{Expired, RequestCounts};
 
@@ -50,9 +51,9 @@ pub struct Metrics {
     store_duration: HistogramVec,
     /// Store primitives that failed, by operation: the 503s' cause.
     store_errors: IntCounterVec,
-    /// Requests handed to a daemon.
-    claims: IntCounter,
-    /// Requests ended as `timeout`, by the phase whose deadline they missed.
+    /// Requests handed to a daemon, by kind.
+    claims: IntCounterVec,
+    /// Requests ended as `timeout`, by the phase whose deadline they missed and kind.
     timeouts: IntCounterVec,
     /// Calls held on this instance now, by kind (heartbeat, read).
     held_calls: IntGaugeVec,
@@ -109,16 +110,19 @@ impl Metrics {
             ),
             &["op"],
         );
-        let claims = IntCounter::new(
-            "model_relay_claims_total",
-            "Requests handed to a daemon by a heartbeat.",
+        let claims = IntCounterVec::new(
+            Opts::new(
+                "model_relay_claims_total",
+                "Requests handed to a daemon by a heartbeat, by kind of request.",
+            ),
+            &["kind"],
         );
         let timeouts = IntCounterVec::new(
             Opts::new(
                 "model_relay_timeouts_total",
-                "Requests ended as timeout, by phase (pending: never claimed; running: no report in time).",
+                "Requests ended as timeout, by phase (pending: never claimed; running: no report in time) and kind of request.",
             ),
-            &["phase"],
+            &["phase", "kind"],
         );
         let held_calls = IntGaugeVec::new(
             Opts::new(
@@ -185,9 +189,14 @@ impl Metrics {
                 .register(collector)
                 .expect("distinct metric names");
         }
-        // Both phases from the start, so a dashboard sees 0 rather than no series.
-        for phase in [Status::Pending, Status::Running] {
-            metrics.timeouts.with_label_values(&[phase.as_str()]);
+        // Every phase and kind from the start, so a dashboard sees 0 rather than no series.
+        for kind in Kind::ALL {
+            metrics.claims.with_label_values(&[kind.name()]);
+            for phase in [Status::Pending, Status::Running] {
+                metrics
+                    .timeouts
+                    .with_label_values(&[phase.as_str(), kind.name()]);
+            }
         }
         for kind in ["heartbeat", "read"] {
             metrics.held_calls.with_label_values(&[kind]);
@@ -243,17 +252,18 @@ impl Metrics {
         }
     }
 
-    pub fn claimed(&self) {
-        self.claims.inc();
+    pub fn claimed(&self, kind: Kind) {
+        self.claims.with_label_values(&[kind.name()]).inc();
     }
 
-    pub fn expired(&self, expired: Expired) {
+    pub fn expired(&self, kind: Kind, expired: Expired) {
         for (phase, n) in [
             (Status::Pending, expired.pending),
             (Status::Running, expired.running),
         ] {
             if n > 0 {
-                self.timeouts.with_label_values(&[phase.as_str()]).inc_by(n);
+                let labels = [phase.as_str(), kind.name()];
+                self.timeouts.with_label_values(&labels).inc_by(n);
             }
         }
     }

@@ -632,26 +632,23 @@ impl Storer for MemoryStore {
             .is_some_and(|r| expire(&self.timeouts, r, now).total() == 1))
     }
 
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired> {
         let mut state = self.writing();
         let timeouts = self.timeouts;
         let mut expired = Expired::default();
-        // As the SQL engines do: pending first, then running; within a phase kind by
-        // kind, each oldest deadline first.
+        // As the SQL engines do: pending first, then running, each oldest deadline first.
         for phase in [Status::Pending, Status::Running] {
-            for kind in Kind::ALL {
-                let mut overdue: Vec<&mut StoredRequest> = state
-                    .requests
-                    .values_mut()
-                    .filter(|r| r.kind == kind && r.status == phase && r.is_overdue(now))
-                    .collect();
-                overdue.sort_by_key(|r| (r.deadline_at, r.id));
-                for request in overdue {
-                    if expired.total() >= u64::from(limit) {
-                        return Ok(expired);
-                    }
-                    expired += expire(&timeouts, request, now);
+            let mut overdue: Vec<&mut StoredRequest> = state
+                .requests
+                .values_mut()
+                .filter(|r| r.kind == kind && r.status == phase && r.is_overdue(now))
+                .collect();
+            overdue.sort_by_key(|r| (r.deadline_at, r.id));
+            for request in overdue {
+                if expired.total() >= u64::from(limit) {
+                    return Ok(expired);
                 }
+                expired += expire(&timeouts, request, now);
             }
         }
         Ok(expired)

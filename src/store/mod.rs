@@ -611,9 +611,10 @@ pub trait Storer: Send + Sync {
     fn expire_request(&self, id: RequestId, kind: Kind, phase: Status, now: Millis)
     -> Result<bool>;
 
-    /// Ends at most `limit` active requests whose deadline has passed, oldest deadline
-    /// first, each with a compare-and-set. Fewer than `limit` means none are left.
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired>;
+    /// Ends at most `limit` active requests of `kind` whose deadline has passed, pending
+    /// ones first, each phase oldest deadline first, each with a compare-and-set. Fewer
+    /// than `limit` means none are left.
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired>;
 
     /// Deletes at most `limit` requests of `kind` that ended before `cutoff`. Returns how
     /// many.

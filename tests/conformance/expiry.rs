@@ -123,7 +123,7 @@ fn terminal_status_is_final(engine: &dyn Engine) {
     }
     store.claim_next_pending(t.runtime, kind(), later).unwrap();
     assert_eq!(
-        store.expire_overdue(later, 100).unwrap(),
+        store.expire_overdue(kind(), later, 100).unwrap(),
         Expired::default()
     );
     let after: Vec<StoredRequest> = ended
@@ -193,7 +193,7 @@ fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
         .unwrap();
 
     assert_eq!(
-        store.expire_overdue(T0 + RUNNING_MS, 100).unwrap(),
+        store.expire_overdue(kind(), T0 + RUNNING_MS, 100).unwrap(),
         Expired {
             pending: 1,
             running: 1
@@ -205,7 +205,7 @@ fn expire_overdue_ends_only_overdue_active_requests(engine: &dyn Engine) {
     assert_eq!(status(c.runtime, fresh_pending), Status::Pending);
     assert_eq!(status(d.runtime, done), Status::Completed);
     assert_eq!(
-        store.expire_overdue(T0 + RUNNING_MS, 100).unwrap(),
+        store.expire_overdue(kind(), T0 + RUNNING_MS, 100).unwrap(),
         Expired::default(),
         "once only"
     );
@@ -240,7 +240,7 @@ fn expire_overdue_works_in_bounded_batches_oldest_deadline_first(engine: &dyn En
     let status = |(rt, id): (RuntimeId, RequestId)| get_raw(store.as_ref(), rt, id).status;
 
     assert_eq!(
-        store.expire_overdue(now, 3).unwrap(),
+        store.expire_overdue(kind(), now, 3).unwrap(),
         Expired {
             pending: 3,
             running: 0
@@ -260,21 +260,24 @@ fn expire_overdue_works_in_bounded_batches_oldest_deadline_first(engine: &dyn En
         "the oldest deadlines first"
     );
     assert_eq!(
-        store.expire_overdue(now, 3).unwrap(),
+        store.expire_overdue(kind(), now, 3).unwrap(),
         Expired {
             pending: 2,
             running: 1
         }
     );
     assert_eq!(
-        store.expire_overdue(now, 3).unwrap(),
+        store.expire_overdue(kind(), now, 3).unwrap(),
         Expired {
             pending: 0,
             running: 1
         },
         "fewer than the limit: nothing is left"
     );
-    assert_eq!(store.expire_overdue(now, 3).unwrap(), Expired::default());
+    assert_eq!(
+        store.expire_overdue(kind(), now, 3).unwrap(),
+        Expired::default()
+    );
     assert!(
         pending
             .iter()

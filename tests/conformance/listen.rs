@@ -107,6 +107,8 @@ fn an_expiry_by_the_sweeper_wakes_the_listener_of_another_handle(engine: &dyn En
     let t = tenant(writer.as_ref());
     let id = create(writer.as_ref(), t.runtime, T0).id;
     let mut listener = reader.listen().unwrap();
-    writer.expire_overdue(T0 + PENDING_MS, BATCH).unwrap();
+    writer
+        .expire_overdue(kind(), T0 + PENDING_MS, BATCH)
+        .unwrap();
     assert!(listener_hears(listener.as_mut(), Change::Status(id)));
 }

@@ -193,7 +193,9 @@ fn the_stored_count_follows_every_insert_and_delete(engine: &dyn Engine) {
     assert_eq!(stored(s, t.workspace), 3, "one answer, handed out twice");
 
     // Expiry ends the other runtime's request; it stays stored until retention.
-    let ended = s.expire_overdue(T0 + PENDING_MS + 1, 100).unwrap();
+    let ended = s
+        .expire_overdue(Kind::Models, T0 + PENDING_MS + 1, 100)
+        .unwrap();
     assert_eq!(ended.total(), 2, "the other runtime's and the bystander's");
     assert_eq!(stored(s, t.workspace), 3);
 
@@ -377,7 +379,7 @@ fn concurrent_creates_from_many_handles_stop_at_the_limit(engine: &dyn Engine) {
         assert_eq!(stored(handles[0].as_ref(), t.workspace), MAX);
         // Delete them all for the next round.
         let ended = handles[0]
-            .expire_overdue(now + PENDING_MS + 1, 100)
+            .expire_overdue(Kind::Models, now + PENDING_MS + 1, 100)
             .unwrap();
         assert_eq!(ended.total(), MAX);
         handles[0]

@@ -185,8 +185,8 @@ impl Storer for WatchedStore {
     ) -> Result<bool> {
         self.inner.expire_request(id, kind, phase, now)
     }
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
-        self.inner.expire_overdue(now, limit)
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired> {
+        self.inner.expire_overdue(kind, now, limit)
     }
     fn count_requests(&self) -> Result<RequestCounts> {
         self.inner.count_requests()

@@ -978,8 +978,14 @@ impl Storer for PostgresStore {
         Ok(changed == 1)
     }
 
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
-        upkeep::expire_overdue(&mut *self.conn()?, &self.timeouts, now, limit)
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired> {
+        upkeep::expire_overdue(
+            &mut *self.conn()?,
+            kind,
+            &self.timeouts.of(kind),
+            now,
+            limit,
+        )
     }
 
     fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {

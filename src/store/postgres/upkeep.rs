@@ -12,21 +12,20 @@ use super::super::{
     status_from_db,
 };
 use crate::clock::Millis;
-use crate::kind::{Kind, PerKind};
+use crate::kind::Kind;
 use crate::model::{Status, Timeouts};
 
-/// Expires up to `limit` overdue requests, pending ones first, then running ones; each
-/// phase kind by kind (each kind has its own error), in deadline order along
-/// `requests_by_status`.
+/// Expires up to `limit` overdue requests of `kind`, pending ones first, then running
+/// ones; each phase in deadline order along `requests_by_status`.
 pub(super) fn expire_overdue(
     client: &mut CachedClient,
-    timeouts: &PerKind<Timeouts>,
+    kind: Kind,
+    timeouts: &Timeouts,
     now: Millis,
     limit: u32,
 ) -> Result<Expired> {
     let mut expired = Expired::default();
-    let phases = [Status::Pending, Status::Running];
-    for (phase, kind) in phases.into_iter().flat_map(|p| Kind::ALL.map(|k| (p, k))) {
+    for phase in [Status::Pending, Status::Running] {
         let left = u64::from(limit).saturating_sub(expired.total());
         if left == 0 {
             break;
@@ -45,7 +44,7 @@ pub(super) fn expire_overdue(
                 &phase.as_str(),
                 &now,
                 &i64::try_from(left).unwrap_or(i64::MAX),
-                &kind.timeout_error(&timeouts.of(kind), phase),
+                &kind.timeout_error(timeouts, phase),
                 &kind.name(),
             ],
         )?;

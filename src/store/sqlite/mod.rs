@@ -884,8 +884,8 @@ impl Storer for SqliteStore {
         expire_in(&conn, &self.timeouts, &id.to_string(), kind, phase, now)
     }
 
-    fn expire_overdue(&self, now: Millis, limit: u32) -> Result<Expired> {
-        upkeep::expire_overdue(&*self.conn()?, &self.timeouts, now, limit)
+    fn expire_overdue(&self, kind: Kind, now: Millis, limit: u32) -> Result<Expired> {
+        upkeep::expire_overdue(&*self.conn()?, kind, &self.timeouts.of(kind), now, limit)
     }
 
     fn delete_ended_before(&self, kind: Kind, cutoff: Millis, limit: u32) -> Result<u64> {

@@ -15,7 +15,7 @@ use super::super::{
     status_from_db,
 };
 use crate::clock::Millis;
-use crate::kind::{Kind, PerKind};
+use crate::kind::Kind;
 use crate::model::{Status, Timeouts};
 
 /// How long a checkpoint waits for writers to finish and readers to leave the log. It holds
@@ -54,18 +54,17 @@ pub(super) fn active_requests(conn: &Connection) -> Result<Vec<Active>> {
     .collect()
 }
 
-/// Expires up to `limit` overdue requests, pending ones first, then running ones; each
-/// phase kind by kind (each kind has its own error), in deadline order along
-/// `requests_by_status`.
+/// Expires up to `limit` overdue requests of `kind`, pending ones first, then running
+/// ones; each phase in deadline order along `requests_by_status`.
 pub(super) fn expire_overdue(
     conn: &Connection,
-    timeouts: &PerKind<Timeouts>,
+    kind: Kind,
+    timeouts: &Timeouts,
     now: Millis,
     limit: u32,
 ) -> Result<Expired> {
     let mut expired = Expired::default();
-    let phases = [Status::Pending, Status::Running];
-    for (phase, kind) in phases.into_iter().flat_map(|p| Kind::ALL.map(|k| (p, k))) {
+    for phase in [Status::Pending, Status::Running] {
         let left =
             i64::from(limit).saturating_sub(i64::try_from(expired.total()).unwrap_or(i64::MAX));
         if left <= 0 {
@@ -87,7 +86,7 @@ pub(super) fn expire_overdue(
                 phase.as_str(),
                 now,
                 left,
-                kind.timeout_error(&timeouts.of(kind), phase),
+                kind.timeout_error(timeouts, phase),
                 kind.name()
             ])?;
         expired = expired.plus(phase, n as u64);
