@@ -100,6 +100,7 @@ fn a_schema_3_sqlite_file_upgrades_in_place_and_serves() {
         let conn = Connection::open(&path).unwrap();
         assert_eq!(user_version(&conn), 3, "the fixture is a schema-3 file");
         assert_eq!(auto_vacuum(&conn), 0, "made before files gave space back");
+        conn.execute_batch(&running_request(&fixture)).unwrap();
         sqlite_rows(&conn)
     };
 
@@ -150,6 +151,7 @@ fn a_schema_3_postgres_database_upgrades_in_place_and_serves() {
         [3],
         "the fixture is schema 3"
     );
+    client.batch_execute(&running_request(&fixture)).unwrap();
     let before = postgres_rows(&mut client);
 
     let store = open_postgres(&schema);
@@ -348,6 +350,20 @@ impl Fixture {
     }
 }
 
+/// A request the fixture lacks, written as a schema-3 release wrote one: the laptop's,
+/// running, its lease far in the future, so that the upgrade meets a row in every status.
+fn running_request(fixture: &Fixture) -> String {
+    format!(
+        "INSERT INTO requests (id, runtime_id, status, supported, created_at, updated_at,
+                               deadline_at)
+         VALUES ('{RUNNING_ID}', '{}', 'running', TRUE, 1777627161000, 1777627161000,
+                 4102444800000)",
+        fixture.laptop
+    )
+}
+
+const RUNNING_ID: &str = "5eed0000000000000000000000000001";
+
 // ---- what an upgraded database must still hold and do ----
 
 /// Every row of every table, by table, read with plain SQL as JSON objects (column →
@@ -362,7 +378,8 @@ fn assert_nothing_lost(before: &Rows, after: &Rows) {
         ("workspaces", 1),
         ("api_tokens", 1),
         ("runtimes", 2),
-        ("requests", 4),
+        // The fixture's four and the running one the test adds.
+        ("requests", 5),
     ] {
         assert_eq!(
             counts.get(table),
@@ -457,7 +474,10 @@ fn check_store_reads_fixture(store: &dyn Storer, fixture: &Fixture, before: &Row
             .insert(found.status.as_str().to_owned());
     }
     let set = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
-    assert_eq!(statuses[&fixture.laptop], set(&["completed", "failed"]));
+    assert_eq!(
+        statuses[&fixture.laptop],
+        set(&["completed", "failed", "running"])
+    );
     assert_eq!(statuses[&fixture.desktop], set(&["pending", "timeout"]));
 
     let workspace = store
