@@ -32,6 +32,9 @@ use tokio::sync::watch;
 
 /// Only a broken page makes a healthy wait take this long.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// An update's progress is read at least every 2 s; only a page that holds its reads as
+/// long as a discovery's (20 s) takes this long to show it.
+const PROGRESS_DEADLINE: Duration = Duration::from_secs(10);
 const FAILED_TEXT: &str = "Could not discover models. Type a model ID or try again.";
 /// A catalog younger than this is answered from without asking the daemon; the test moves
 /// the server's clock past it to make the catalog stale.
@@ -564,6 +567,17 @@ async fn wait_for_text(client: &Client, css: &str, expected: &str) {
 
 /// Waits until the text of `css` passes `check` (`what` says what it waits for); that text.
 async fn wait_for(client: &Client, css: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    wait_for_within(client, css, what, DEADLINE, check).await
+}
+
+/// [`wait_for`] with a deadline of its own.
+async fn wait_for_within(
+    client: &Client,
+    css: &str,
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&str) -> bool,
+) -> String {
     let start = Instant::now();
     loop {
         let text = text_of(client, css).await;
@@ -571,7 +585,7 @@ async fn wait_for(client: &Client, css: &str, what: &str, check: impl Fn(&str) -
             return text;
         }
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < deadline,
             "{css} never read {what}: {text:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -939,11 +953,19 @@ async fn the_page_lists_and_imports_skills_and_updates_a_runtime_across_instance
     .unwrap();
     std::fs::create_dir_all(skills.join("deploy")).unwrap();
     std::fs::write(skills.join("deploy/SKILL.md"), "# Deploy\n").unwrap();
-    let gate = scratch.path().join("update-open");
+    // The update prints a line, waits for the first gate, prints another, waits for the
+    // second: the page must show each line while the update still runs (its reads are held
+    // at most a couple of seconds, not the 20 s a discovery's may be).
+    let (gate, second_gate) = (
+        scratch.path().join("update-open"),
+        scratch.path().join("update-open-2"),
+    );
     let update_cmd = format!(
         "echo \"updating to $MODEL_RELAY_TARGET_VERSION\"; \
+         while [ ! -e '{}' ]; do sleep 0.05; done; echo downloaded; \
          while [ ! -e '{}' ]; do sleep 0.05; done; echo installed",
-        gate.display()
+        gate.display(),
+        second_gate.display()
     );
 
     let file = scratch.path().join("relay.db");
@@ -996,7 +1018,8 @@ async fn the_page_lists_and_imports_skills_and_updates_a_runtime_across_instance
     let client = driver.session(&tools, profile.path()).await;
     let outcome = tokio::spawn({
         let (client, base) = (client.clone(), page_side.base.clone());
-        let (api, rt, gate, review) = (api.clone(), rt.clone(), gate.clone(), review.clone());
+        let (api, rt, review) = (api.clone(), rt.clone(), review.clone());
+        let (gate, second_gate) = (gate.clone(), second_gate.clone());
         async move {
             client.goto(&format!("{base}/#token={api}")).await.unwrap();
             let item = runtime("skills-box");
@@ -1084,6 +1107,22 @@ async fn the_page_lists_and_imports_skills_and_updates_a_runtime_across_instance
                 )
             );
             std::fs::write(&gate, "").unwrap();
+            // Half the 20 s a held read of a discovery may take: a page that held the
+            // update's reads that long would show the progress only at the end.
+            wait_for_within(
+                &client,
+                &format!("{item} .update-output"),
+                "the update's next progress",
+                PROGRESS_DEADLINE,
+                |text| text.contains("downloaded"),
+            )
+            .await;
+            assert_eq!(
+                text_of(&client, &format!("{item} .update-status")).await,
+                "Updating to 2.1.0…",
+                "still running"
+            );
+            std::fs::write(&second_gate, "").unwrap();
             wait_for_text(
                 &client,
                 &format!("{item} .update-status"),
@@ -1091,7 +1130,7 @@ async fn the_page_lists_and_imports_skills_and_updates_a_runtime_across_instance
             )
             .await;
             let output = text_of(&client, &format!("{item} .update-output")).await;
-            assert_eq!(output, "updating to 2.1.0\ninstalled");
+            assert_eq!(output, "updating to 2.1.0\ndownloaded\ninstalled");
         }
     })
     .await;

@@ -14,6 +14,9 @@ const TOKEN_KEY = 'model-relay.api-token';
 // the next one no sooner than POLL_MS after it was sent. The runtime list is refreshed
 // every REFRESH_MS.
 const WAIT_MS = 20000;
+// An update's output changes while its status stays `running`, which does not end a held
+// read: its reads wait at most this long, so the output shown is never older than that.
+const PROGRESS_WAIT_MS = 2000;
 const POLL_MS = 1000;
 const REFRESH_MS = 10000;
 // A poll that fails on the network this many times in a row ends the wait.
@@ -299,11 +302,12 @@ async function followRefresh(base, item, ask, cached) {
 // A server that holds as many calls as it may refuses a waiting read (503 "too many waiting
 // calls"): that says nothing of the discovery, so the page goes on reading without
 // waiting, every POLL_MS, until the request ends.
-// `onRead`, if given, sees each record read on the way (an update's output while it runs).
-async function waitForEnd(base, request, onRead) {
+// `onRead`, if given, sees each record read on the way (an update's output while it runs);
+// `waitMs` is how long each read may be held.
+async function waitForEnd(base, request, onRead, waitMs = WAIT_MS) {
   const asker = token;
   let failures = 0;
-  let wait = '?wait_ms=' + WAIT_MS;
+  let wait = '?wait_ms=' + waitMs;
   while (request.status === 'pending' || request.status === 'running') {
     if (token !== asker) throw new SignedOut(); // signed out meanwhile: stop asking
     const sent = Date.now();
@@ -414,12 +418,12 @@ async function busy(button, work) {
 }
 
 // Asks for a request of the kind at `path` (`local-skills`, …) and waits until it ends.
-async function ask(runtimeId, path, payload, onRead) {
+async function ask(runtimeId, path, payload, onRead, waitMs) {
   const base = '/api/runtimes/' + encodeURIComponent(runtimeId) + '/' + path;
   const created = await api('POST', base, payload);
   if (created.status !== 200) throw new Error(errorOf(created));
   if (onRead) onRead(created.body);
-  return waitForEnd(base, created.body, onRead);
+  return waitForEnd(base, created.body, onRead, waitMs);
 }
 
 function listSkills(runtimeId, item) {
@@ -518,7 +522,8 @@ function runUpdate(runtimeId, item) {
     output.hidden = true;
     item.dataset.update = 'running';
     try {
-      const request = await ask(runtimeId, 'update', { target_version: version }, show);
+      const request = await ask(runtimeId, 'update', { target_version: version }, show,
+        PROGRESS_WAIT_MS);
       show(request);
       if (request.status === 'completed') {
         item.dataset.update = 'done';
