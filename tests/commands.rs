@@ -141,7 +141,8 @@ async fn daemon_command_serves_its_runtime_and_stops_cleanly_on_sigterm() {
     assert!(exited_ok, "SIGTERM ends the daemon with status 0:\n{log}");
     for said in [
         "daemon started",
-        "claimed a model-list request",
+        "claimed a request; working on it",
+        "kind=\"models\"",
         "report delivered",
     ] {
         assert!(log.contains(said), "the log says {said:?}:\n{log}");
