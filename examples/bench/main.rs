@@ -1036,30 +1036,8 @@ async fn full_cycle(conn: &mut Conn, setup: &Setup, index: usize) -> Res<String>
         ],
         "supported": true
     });
-    conn.expect(
-        StatusCode::OK,
-        Method::POST,
-        &format!("/api/daemon/runtimes/{}/models/{id}/result", rt.id),
-        Some(&rt.daemon_token),
-        Some(report),
-    )
-    .await?;
-    loop {
-        let polled = conn
-            .expect(
-                StatusCode::OK,
-                Method::GET,
-                &format!("/api/runtimes/{}/models/{id}", rt.id),
-                Some(&setup.api_token),
-                None,
-            )
-            .await?;
-        match polled["status"].as_str() {
-            Some("completed") => return Ok(id),
-            Some("pending" | "running") => continue,
-            other => return Err(format!("request {id} ended as {other:?}").into()),
-        }
-    }
+    report_then_poll(conn, setup, rt, ("models", &id), &report).await?;
+    Ok(id)
 }
 
 /// The report of a skill import: one skill whose files are 100 KiB of text in all.
@@ -1112,6 +1090,18 @@ async fn kind_cycle(
     if handed[ack]["id"].as_str() != Some(&id) {
         return Err(format!("heartbeat did not hand out {id}: {handed}").into());
     }
+    report_then_poll(conn, setup, rt, (path, &id), report).await
+}
+
+/// The second half of every cycle: the daemon reports `report` for request `id` on the
+/// kind's route `path`, and the UI polls until the request has completed.
+async fn report_then_poll(
+    conn: &mut Conn,
+    setup: &Setup,
+    rt: &Rt,
+    (path, id): (&str, &str),
+    report: &Value,
+) -> Res<()> {
     conn.expect(
         StatusCode::OK,
         Method::POST,

@@ -265,7 +265,7 @@ pub struct HandOut {
 }
 
 /// Every request a heartbeat's answer hands out: each kind's field, and a batch.
-fn hand_outs(ack: &Value) -> Result<Vec<HandOut>, CallError> {
+pub fn hand_outs(ack: &Value) -> Result<Vec<HandOut>, CallError> {
     let mut out = Vec::new();
     for kind in Kind::ALL {
         let spec = kind.spec();

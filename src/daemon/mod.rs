@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
-pub use client::{CallError, HandOut, ReportBody};
+pub use client::{CallError, HandOut, ReportBody, hand_outs};
 pub use discover::{Discovery, Source, parse_models};
 pub use skills::SkillsDir;
 

@@ -862,11 +862,9 @@ pub trait Storer: Send + Sync {
         if !daemon.seen_lately(now, refresh_after) && !self.touch_runtime(runtime, now)? {
             return Ok(Heartbeat::UnknownRuntime);
         }
-        let most = |kind: Kind| if batches { kind.spec().batch } else { 1 };
         let mut handed: Vec<Handed> = Vec::new();
-        let count = |handed: &[Handed], kind| handed.iter().filter(|h| h.kind == kind).count();
         for (kind, lost) in daemon.lost_hand_outs(working_on) {
-            if count(&handed, kind) < most(kind) && self.hand_out_again(runtime, kind, lost, now)? {
+            if has_room(&handed, kind, batches) && self.hand_out_again(runtime, kind, lost, now)? {
                 // The hand-out names some of the input: read it (a lost answer is rare).
                 let input = match kind.spec().ack_fields {
                     [] => None,
@@ -894,8 +892,7 @@ pub trait Storer: Send + Sync {
         handed: &mut Vec<Handed>,
     ) -> Result<()> {
         for kind in Kind::ALL.into_iter().filter(|&k| daemon.pending.of(k)) {
-            let most = if batches { kind.spec().batch } else { 1 };
-            while handed.iter().filter(|h| h.kind == kind).count() < most {
+            while has_room(handed, kind, batches) {
                 let claim = self.claim_next_pending(daemon.runtime, kind, now)?;
                 let Some(id) = claim.claimed else { break };
                 handed.push(Handed {
@@ -907,6 +904,13 @@ pub trait Storer: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// Whether a heartbeat that has `handed` out these requests may hand out one more of
+/// `kind`: one of each kind, or a kind's batch when the daemon takes batches.
+fn has_room(handed: &[Handed], kind: Kind, batches: bool) -> bool {
+    let most = if batches { kind.spec().batch } else { 1 };
+    handed.iter().filter(|h| h.kind == kind).count() < most
 }
 
 /// `found`, as stored, with its deadline applied: an overdue request is ended (one

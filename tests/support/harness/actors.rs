@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::check;
 use super::cluster::Cluster;
 use super::schedule::{Dice, Plan};
-use super::{Op, Run, Tenancy};
+use super::{Op, Run, Tenancy, hand_outs};
 
 /// The end a daemon reports for a request of `kind` on `plan` (`second`: its second report).
 fn report_body(kind: Kind, plan: Plan, second: bool) -> Value {
@@ -69,18 +69,6 @@ fn kind_report_body(kind: Kind, plan: Plan, second: bool) -> Value {
         body.extend(result);
     }
     body
-}
-
-/// The requests a heartbeat's answer hands out, with their kinds.
-fn hand_outs(answer: &Value) -> Vec<(Kind, String)> {
-    let mut out = Vec::new();
-    for kind in Kind::ALL {
-        let spec = kind.spec();
-        if let Some(id) = answer[spec.ack]["id"].as_str() {
-            out.push((kind, id.to_owned()));
-        }
-    }
-    out
 }
 
 /// A create's path and body for a request of `kind`; `n` picks an import's key and an

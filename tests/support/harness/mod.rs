@@ -89,21 +89,16 @@ impl fmt::Display for Call {
 
 /// The ids a heartbeat's answer hands out, of every kind (each kind's field, and a batch).
 pub fn handed_out(answer: &Value) -> Vec<String> {
-    let mut ids = Vec::new();
-    for kind in Kind::ALL {
-        let spec = kind.spec();
-        if let Some(id) = answer[spec.ack]["id"].as_str() {
-            ids.push(id.to_owned());
-        }
-        let batch = spec.batch_ack.and_then(|field| answer[field].as_array());
-        ids.extend(
-            batch
-                .into_iter()
-                .flatten()
-                .filter_map(|h| h["id"].as_str().map(str::to_owned)),
-        );
-    }
-    ids
+    hand_outs(answer).into_iter().map(|(_, id)| id).collect()
+}
+
+/// The requests, by kind, a heartbeat's answer hands out, read as the daemon reads them.
+pub fn hand_outs(answer: &Value) -> Vec<(Kind, String)> {
+    model_relay::daemon::hand_outs(answer)
+        .expect("a heartbeat's answer names its requests by valid ids")
+        .into_iter()
+        .map(|h| (h.kind, h.id.to_string()))
+        .collect()
 }
 
 /// The kind of request whose route `path` is.
