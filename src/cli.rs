@@ -168,6 +168,18 @@ struct ServeArgs {
     /// many waiting calls".
     #[arg(long, default_value_t = 10_000, env = "MODEL_RELAY_MAX_WAITING")]
     max_waiting: usize,
+    /// The most heartbeats held at once for one runtime; past it a held heartbeat answers
+    /// 429, so that one daemon token cannot take every place of --max-waiting.
+    #[arg(long, default_value_t = 2, value_parser = parse_at_least_one, env = "MODEL_RELAY_MAX_WAITING_PER_RUNTIME")]
+    max_waiting_per_runtime: usize,
+    /// The most waiting reads held at once for one workspace; past it a waiting read
+    /// answers 429, so that one tenant cannot take every place of --max-waiting [default:
+    /// a quarter of --max-waiting, at most 100].
+    #[arg(long, value_parser = parse_at_least_one, env = "MODEL_RELAY_MAX_WAITING_PER_WORKSPACE")]
+    max_waiting_per_workspace: Option<usize>,
+    /// The most HTTP/2 streams one connection may have open at once.
+    #[arg(long, default_value_t = 100, value_parser = parse_at_least_one, env = "MODEL_RELAY_MAX_STREAMS_PER_CONNECTION")]
+    max_streams_per_connection: usize,
     /// The most runtimes one workspace may have; past it creating a runtime answers 409, so
     /// that one tenant cannot fill the store for every other.
     #[arg(
@@ -557,6 +569,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_wait: args.max_wait,
         recheck_every: args.recheck_every,
         max_waiting: args.max_waiting,
+        max_waiting_per_runtime: args.max_waiting_per_runtime,
+        max_waiting_per_workspace: args
+            .max_waiting_per_workspace
+            .unwrap_or_else(|| workspace_share(args.max_waiting)),
+        max_streams_per_connection: args.max_streams_per_connection,
         max_connections: args.max_connections,
         max_runtimes_per_workspace: args.max_runtimes_per_workspace,
         max_requests_per_workspace: args.max_requests_per_workspace,
@@ -693,6 +710,12 @@ fn parse_metrics_token(s: &str) -> Result<String, String> {
 }
 
 /// A count that must be at least one: `--max-connections 0` would serve nothing at all.
+/// The default of `--max-waiting-per-workspace`: a quarter of `--max-waiting`, so that one
+/// tenant's flood leaves three quarters to the others, and at most 100.
+fn workspace_share(max_waiting: usize) -> usize {
+    (max_waiting / 4).clamp(1, 100)
+}
+
 fn parse_at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -825,7 +848,7 @@ fn shutdown_signal() -> impl Future<Output = ()> {
 mod tests {
     use clap::CommandFactory;
 
-    use super::{Cli, parse_at_least_one, parse_metrics_token, parse_origin};
+    use super::{Cli, parse_at_least_one, parse_metrics_token, parse_origin, workspace_share};
 
     #[test]
     fn every_serve_flag_can_come_from_the_environment() {
@@ -915,5 +938,12 @@ mod tests {
         assert_eq!(parse_at_least_one("1"), Ok(1));
         assert!(parse_at_least_one("0").is_err());
         assert!(parse_at_least_one("-1").is_err());
+    }
+
+    #[test]
+    fn a_workspace_may_hold_a_quarter_of_the_waiting_calls_by_default() {
+        assert_eq!(workspace_share(40), 10);
+        assert_eq!(workspace_share(10_000), 100, "at most 100");
+        assert_eq!(workspace_share(3), 1, "at least one");
     }
 }

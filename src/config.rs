@@ -157,6 +157,14 @@ pub struct Settings {
     /// The most waiting calls held at once; past it a waiting call is answered 503 `too
     /// many waiting calls` at once, so that they never starve ordinary calls.
     pub max_waiting: usize,
+    /// The most heartbeats held at once for one runtime; past it a held heartbeat answers
+    /// 429, so that one daemon token cannot take the places of every other.
+    pub max_waiting_per_runtime: usize,
+    /// The most waiting reads held at once for one workspace; past it a waiting read
+    /// answers 429.
+    pub max_waiting_per_workspace: usize,
+    /// The most HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: usize,
     /// The most connections open at once; past it a new one is closed as it is accepted.
     pub max_connections: usize,
     /// A request's headers (and the next request's, on an idle connection) must arrive
@@ -197,6 +205,9 @@ impl Default for Settings {
             recheck_every: Duration::from_secs(1),
             listen: true,
             max_waiting: 10_000,
+            max_waiting_per_runtime: 2,
+            max_waiting_per_workspace: 100,
+            max_streams_per_connection: 100,
             max_connections: 8_192,
             read_timeout: Duration::from_secs(30),
             catalog_fresh: Duration::from_secs(60),

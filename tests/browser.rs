@@ -828,9 +828,30 @@ async fn ui_page_server() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
-    let Some(tools) =
-        driver::tools("a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting")
-    else {
+    // A cap of held calls that is always full: every waiting read is refused.
+    let settings = Settings {
+        max_waiting: 0,
+        ..settings()
+    };
+    let test = "a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting";
+    refused_a_waiting_read(test, settings, "503").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_refused_a_waiting_read_past_its_workspace_share_reads_on_without_waiting() {
+    // A workspace share that is always taken: every waiting read is refused with 429.
+    let settings = Settings {
+        max_waiting_per_workspace: 0,
+        ..settings()
+    };
+    let test = "a_page_refused_a_waiting_read_past_its_workspace_share_reads_on_without_waiting";
+    refused_a_waiting_read(test, settings, "429").await;
+}
+
+/// A page whose every waiting read is refused with `status` (`settings` say why) still
+/// shows the models a slow discovery finds: it reads on without waiting.
+async fn refused_a_waiting_read(test: &str, settings: Settings, status: &'static str) {
+    let Some(tools) = driver::tools(test) else {
         return;
     };
     let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
@@ -844,11 +865,6 @@ async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
     );
     let store: Arc<dyn Storer> = Arc::new(MemoryStore::new(model_relay::kind::PerKind::defaults()));
     let (_, api) = workspace(store.as_ref(), 0);
-    // A cap of held calls that is always full: every waiting read is refused.
-    let settings = Settings {
-        max_waiting: 0,
-        ..settings()
-    };
     let server = Instance::start(store, Arc::new(SystemClock), settings).await;
     let http = Http::default();
     let created = http
@@ -894,7 +910,7 @@ async fn a_page_refused_a_waiting_read_at_the_cap_reads_on_without_waiting() {
                 let refused: f64 = scrape
                     .matching(
                         "model_relay_http_requests_total",
-                        &[("route", read), ("method", "GET"), ("status", "503")],
+                        &[("route", read), ("method", "GET"), ("status", status)],
                     )
                     .map(|sample| sample.value)
                     .sum();

@@ -364,3 +364,25 @@ async fn bodies_that_never_finish_hold_at_most_one_body_per_http2_connection() {
     );
     t.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_may_open_only_so_many_streams_at_once() {
+    // Each stream may be a held call: the bound is what keeps one connection from holding
+    // more than its share before `--max-waiting` is felt.
+    let t = target(Settings {
+        max_streams_per_connection: 7,
+        ..settings()
+    })
+    .await;
+    let (client, connection) = t.h2(65_535).await;
+    let mut client = client.ready().await.unwrap();
+    // The server's settings arrive with its first frames: one answer has come after them.
+    let (answer, _) = client
+        .send_request(t.request("GET", "/healthz"), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(client.current_max_send_streams(), 7);
+    drop(client);
+    connection.abort();
+    t.server.stop().await;
+}

@@ -40,11 +40,14 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// Network errors and 5xx may pass; a 4xx says the call itself is wrong and stays wrong.
+    /// Network errors, 5xx and 429 (a share of the server taken for now) may pass; any
+    /// other 4xx says the call itself is wrong and stays wrong.
     pub fn is_retryable(&self) -> bool {
         match self {
             CallError::Network(_) => true,
-            CallError::Status(status, _) => status.is_server_error(),
+            CallError::Status(status, _) => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
             CallError::BadAnswer(_) | CallError::Certificate(_) => false,
         }
     }
@@ -394,7 +397,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn network_errors_and_5xx_are_retried_after_0_half_2_and_4_seconds() {
+    async fn network_errors_5xx_and_429_are_retried_after_0_half_2_and_4_seconds() {
         let ms = Duration::from_millis;
         let expected = vec![ms(0), ms(0), ms(500), ms(2500), ms(6500)];
         assert_eq!(
@@ -409,10 +412,18 @@ mod tests {
             .await,
             expected
         );
+        assert_eq!(
+            attempts_when_failing_with(|| CallError::Status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many waiting calls for this runtime".into()
+            ))
+            .await,
+            expected
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_4xx_is_never_retried() {
+    async fn any_other_4xx_is_never_retried() {
         let refusals: [fn() -> CallError; 4] = [
             || CallError::Status(StatusCode::BAD_REQUEST, "bad body".into()),
             || CallError::Status(StatusCode::NOT_FOUND, "request not found".into()),

@@ -6,6 +6,7 @@ use hyper::{Response, StatusCode, header};
 use super::json;
 use crate::errors::error_chain;
 use crate::ids::RandomError;
+use crate::instance::TooManyWaiting;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -26,8 +27,8 @@ pub enum ApiError {
     RequestTimeout,
     /// The runtime's daemon has not heartbeated within `offline_after`.
     RuntimeOffline,
-    /// `--max-waiting` calls are held already.
-    TooManyWaiting,
+    /// `--max-waiting` calls are held already, or the caller's share of them.
+    TooManyWaiting(TooManyWaiting),
     /// The workspace stores `--max-requests-per-workspace` requests already.
     TooManyStored(u64),
     /// Answers not yet taken by their clients hold the whole budget of the connection
@@ -45,9 +46,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::instance::TooManyWaiting> for ApiError {
-    fn from(_: crate::instance::TooManyWaiting) -> Self {
-        ApiError::TooManyWaiting
+impl From<TooManyWaiting> for ApiError {
+    fn from(cap: TooManyWaiting) -> Self {
+        ApiError::TooManyWaiting(cap)
     }
 }
 
@@ -67,9 +68,13 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::TooManyStored(_) => StatusCode::TOO_MANY_REQUESTS,
+            // A tenant past its share asks too much; past the total the server is full.
+            ApiError::TooManyStored(_)
+            | ApiError::TooManyWaiting(TooManyWaiting::Runtime | TooManyWaiting::Workspace) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::RuntimeOffline
-            | ApiError::TooManyWaiting
+            | ApiError::TooManyWaiting(TooManyWaiting::Total)
             | ApiError::AnswersQueued(_)
             | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,7 +91,13 @@ impl ApiError {
             ApiError::PayloadTooLarge(limit) => format!("body larger than {limit} bytes"),
             ApiError::RequestTimeout => "body not received in time".to_owned(),
             ApiError::RuntimeOffline => "runtime is offline".to_owned(),
-            ApiError::TooManyWaiting => "too many waiting calls".to_owned(),
+            ApiError::TooManyWaiting(TooManyWaiting::Total) => "too many waiting calls".to_owned(),
+            ApiError::TooManyWaiting(TooManyWaiting::Runtime) => {
+                "too many waiting calls for this runtime".to_owned()
+            }
+            ApiError::TooManyWaiting(TooManyWaiting::Workspace) => {
+                "too many waiting calls for this workspace".to_owned()
+            }
             ApiError::TooManyStored(max) => format!(
                 "this workspace stores {max} requests, the most allowed: try again once older ones have passed retention"
             ),

@@ -322,10 +322,14 @@ where
     // with bodies read one at a time (`Connection::body_turn`), a connection holds at most
     // one window plus the one body being read.
     let window = u32::try_from(app.settings.body_limit).unwrap_or(u32::MAX);
+    let streams = u32::try_from(app.settings.max_streams_per_connection).unwrap_or(u32::MAX);
     let connection = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
+        // Each stream may be a held call: a bound per connection, so that one connection
+        // cannot open more than its share of them before `--max-waiting` is felt.
+        .max_concurrent_streams(streams)
         .serve_connection(io, service(app, Arc::clone(&state)));
     connection::drive(connection, state, stopping, read_timeout).await
 }

@@ -721,7 +721,16 @@ async fn get_request(
         return Ok(json::json(StatusCode::OK, &RequestRecord::from(&first)));
     }
     let until = tokio::time::Instant::now() + hold;
-    let mut held = app.waiters.hold_read(id)?;
+    // The workspace whose share the read takes: its token's (read apart, and only for a
+    // call that waits, so that a plain read costs no more than before).
+    let lookup = token.clone();
+    let workspace = app
+        .read(move |app| {
+            let found = app.store.api_token_use(&lookup)?;
+            Ok(found.ok_or(ApiError::Unauthorized)?.workspace)
+        })
+        .await?;
+    let mut held = app.waiters.hold_read(id, workspace)?;
     held.waits_to_leave(first.status);
     let notify = held.notify();
     let mut notified = std::pin::pin!(notify.notified());

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use waiters::{Source, TooManyWaiting, Waiters};
+pub use waiters::{Caps, Source, TooManyWaiting, Waiters};
 
 use crate::clock::Clock;
 use crate::config::Settings;
@@ -54,7 +54,14 @@ impl App {
             store: Arc::new(MeteredStore::new(store, Arc::clone(&metrics))),
             clock,
             settings,
-            waiters: Waiters::new(Arc::clone(&metrics), settings.max_waiting),
+            waiters: Waiters::new(
+                Arc::clone(&metrics),
+                Caps {
+                    total: settings.max_waiting,
+                    per_runtime: settings.max_waiting_per_runtime,
+                    per_workspace: settings.max_waiting_per_workspace,
+                },
+            ),
             metrics,
             stopping: watch::Sender::new(false),
             cors_origins: Vec::new(),

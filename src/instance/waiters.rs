@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::clock::Millis;
-use crate::ids::{RequestId, RuntimeId};
+use crate::ids::{RequestId, RuntimeId, WorkspaceId};
 use crate::metrics::Metrics;
 use crate::model::Status;
 use crate::store::Active;
@@ -75,31 +75,55 @@ impl Entry {
 pub struct Waiters {
     heartbeats: Mutex<HashMap<RuntimeId, Entry>>,
     reads: Mutex<HashMap<RequestId, Entry>>,
+    /// Waiting reads held now, by workspace (a read is keyed by request, and one
+    /// workspace's reads may wait on many).
+    reading: Mutex<HashMap<WorkspaceId, usize>>,
     metrics: Arc<Metrics>,
-    /// Calls registered now, of both kinds, and the most there may be (`--max-waiting`):
-    /// held calls then never take every connection and thread from ordinary ones.
+    /// Calls registered now, of both kinds: held calls then never take every connection
+    /// and thread from ordinary ones.
     registered: AtomicUsize,
-    max: usize,
+    caps: Caps,
 }
 
-/// Registering one more held call would pass `--max-waiting`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct TooManyWaiting;
+/// The most held calls there may be, in all and per tenant: with shares, one tenant's
+/// flood takes its own share, never another's place.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Of both kinds together (`--max-waiting`).
+    pub total: usize,
+    /// Heartbeats held for one runtime (`--max-waiting-per-runtime`): its daemon needs one,
+    /// two while a lost call's connection lingers.
+    pub per_runtime: usize,
+    /// Waiting reads of one workspace (`--max-waiting-per-workspace`).
+    pub per_workspace: usize,
+}
 
-fn lock<K>(map: &Mutex<HashMap<K, Entry>>) -> MutexGuard<'_, HashMap<K, Entry>> {
+/// Registering one more held call would pass a cap.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TooManyWaiting {
+    /// `--max-waiting`: the instance holds as many calls as it may.
+    Total,
+    /// The runtime's share of held heartbeats is taken.
+    Runtime,
+    /// The workspace's share of waiting reads is taken.
+    Workspace,
+}
+
+fn lock<T>(map: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every change to a map is whole before its guard drops: a poisoned map is consistent.
     map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Waiters {
-    /// A registry that takes at most `max` held calls at once.
-    pub fn new(metrics: Arc<Metrics>, max: usize) -> Self {
+    /// A registry that holds calls up to `caps`.
+    pub fn new(metrics: Arc<Metrics>, caps: Caps) -> Self {
         Waiters {
             heartbeats: Mutex::default(),
             reads: Mutex::default(),
+            reading: Mutex::default(),
             metrics,
             registered: AtomicUsize::new(0),
-            max,
+            caps,
         }
     }
 
@@ -108,24 +132,66 @@ impl Waiters {
         &self,
         runtime: RuntimeId,
     ) -> Result<Held<'_, RuntimeId>, TooManyWaiting> {
-        self.reserve()?;
-        Ok(Held::new(self, &self.heartbeats, runtime, HEARTBEAT))
+        // The share is checked and taken under the map's lock: two heartbeats of one
+        // runtime arriving together cannot both take its last place.
+        let notify = {
+            let mut map = lock(&self.heartbeats);
+            let holders = map.get(&runtime).map_or(0, |entry| entry.holders);
+            if holders >= self.caps.per_runtime {
+                return Err(TooManyWaiting::Runtime);
+            }
+            self.reserve()?;
+            register(&mut map, runtime)
+        };
+        Ok(Held::new(
+            self,
+            &self.heartbeats,
+            runtime,
+            HEARTBEAT,
+            notify,
+            None,
+        ))
     }
 
-    /// Registers a read waiting on request `id` until the guard drops.
-    pub fn hold_read(&self, id: RequestId) -> Result<Held<'_, RequestId>, TooManyWaiting> {
-        self.reserve()?;
-        Ok(Held::new(self, &self.reads, id, READ))
+    /// Registers a read of `workspace` waiting on request `id` until the guard drops.
+    pub fn hold_read(
+        &self,
+        id: RequestId,
+        workspace: WorkspaceId,
+    ) -> Result<Held<'_, RequestId>, TooManyWaiting> {
+        {
+            let mut reading = lock(&self.reading);
+            let count = reading.entry(workspace).or_insert(0);
+            if *count >= self.caps.per_workspace {
+                return Err(TooManyWaiting::Workspace);
+            }
+            if let Err(e) = self.reserve() {
+                if *count == 0 {
+                    reading.remove(&workspace);
+                }
+                return Err(e);
+            }
+            *count += 1;
+        }
+        let notify = register(&mut lock(&self.reads), id);
+        Ok(Held::new(
+            self,
+            &self.reads,
+            id,
+            READ,
+            notify,
+            Some(workspace),
+        ))
     }
 
-    /// Takes one place among the `max`, or says there is none.
+    /// Takes one place among `--max-waiting`, or says there is none.
     fn reserve(&self) -> Result<(), TooManyWaiting> {
         self.registered
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.caps.total).then_some(n + 1)
             })
             .map(|_| ())
-            .map_err(|_| TooManyWaiting)
+            .map_err(|_| TooManyWaiting::Total)
     }
 
     /// Wakes the heartbeats held for `runtime`: a request of it became pending.
@@ -186,6 +252,13 @@ impl Waiters {
     }
 }
 
+/// Counts one more holder of `key`, and gives what it waits on.
+fn register<K: Eq + Hash>(map: &mut HashMap<K, Entry>, key: K) -> Arc<Notify> {
+    let entry = map.entry(key).or_insert_with(Entry::new);
+    entry.holders += 1;
+    Arc::clone(&entry.notify)
+}
+
 fn wake<K: Eq + Hash>(map: &Mutex<HashMap<K, Entry>>, key: &K, source: Source, metrics: &Metrics) {
     let notify = lock(map).get(key).map(|entry| Arc::clone(&entry.notify));
     if let Some(notify) = notify {
@@ -202,6 +275,8 @@ pub struct Held<'a, K: Eq + Hash + Copy> {
     kind: &'static str,
     /// What the waiter parks on.
     notify: Arc<Notify>,
+    /// A read's workspace, whose share it takes.
+    workspace: Option<WorkspaceId>,
     /// The status a read waits to leave, once it has read it.
     baseline: Option<Status>,
     /// Whether the call is counted as held in the metrics: from its first wait on.
@@ -209,24 +284,22 @@ pub struct Held<'a, K: Eq + Hash + Copy> {
 }
 
 impl<'a, K: Eq + Hash + Copy> Held<'a, K> {
+    /// The guard of a call already registered (and counted in its shares).
     fn new(
         waiters: &'a Waiters,
         map: &'a Mutex<HashMap<K, Entry>>,
         key: K,
         kind: &'static str,
+        notify: Arc<Notify>,
+        workspace: Option<WorkspaceId>,
     ) -> Self {
-        let notify = {
-            let mut map = lock(map);
-            let entry = map.entry(key).or_insert_with(Entry::new);
-            entry.holders += 1;
-            Arc::clone(&entry.notify)
-        };
         Held {
             waiters,
             map,
             key,
             kind,
             notify,
+            workspace,
             baseline: None,
             counted: false,
         }
@@ -290,6 +363,15 @@ impl<K: Eq + Hash + Copy> Drop for Held<'_, K> {
             }
         }
         drop(map);
+        if let Some(workspace) = self.workspace {
+            let mut reading = lock(&self.waiters.reading);
+            if let Some(count) = reading.get_mut(&workspace) {
+                *count -= 1;
+                if *count == 0 {
+                    reading.remove(&workspace);
+                }
+            }
+        }
         self.waiters.registered.fetch_sub(1, Ordering::AcqRel);
         if self.counted {
             self.waiters.metrics.held(self.kind, -1);
@@ -310,6 +392,18 @@ mod tests {
         }
     }
 
+    fn caps(total: usize) -> Caps {
+        Caps {
+            total,
+            per_runtime: total,
+            per_workspace: total,
+        }
+    }
+
+    fn workspace() -> WorkspaceId {
+        WorkspaceId::random().unwrap()
+    }
+
     /// Whether `notify` was woken since `notified` was made.
     fn woken(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
         use std::future::Future;
@@ -320,7 +414,7 @@ mod tests {
 
     #[test]
     fn recheck_wakes_a_heartbeat_only_when_its_runtime_has_a_pending_request() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
+        let waiters = Waiters::new(Arc::new(Metrics::new()), caps(100));
         let (rt, other) = (RuntimeId::random().unwrap(), RuntimeId::random().unwrap());
         let held = waiters.hold_heartbeat(rt).unwrap();
         let notify = held.notify();
@@ -339,10 +433,10 @@ mod tests {
 
     #[test]
     fn recheck_wakes_a_read_when_its_request_left_the_status_it_waits_on() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
+        let waiters = Waiters::new(Arc::new(Metrics::new()), caps(100));
         let rt = RuntimeId::random().unwrap();
         let id = RequestId::random().unwrap();
-        let mut held = waiters.hold_read(id).unwrap();
+        let mut held = waiters.hold_read(id, workspace()).unwrap();
         held.waits_to_leave(Status::Pending);
         let notify = held.notify();
         let mut notified = std::pin::pin!(notify.notified());
@@ -365,12 +459,12 @@ mod tests {
         // Two reads of one request that arrived at different times: the older one waits
         // to leave pending, the newer one to leave running. Once running, the older must
         // be woken by a re-check although the newer's baseline matches.
-        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
+        let waiters = Waiters::new(Arc::new(Metrics::new()), caps(100));
         let rt = RuntimeId::random().unwrap();
         let id = RequestId::random().unwrap();
-        let mut older = waiters.hold_read(id).unwrap();
+        let mut older = waiters.hold_read(id, workspace()).unwrap();
         older.waits_to_leave(Status::Pending);
-        let mut newer = waiters.hold_read(id).unwrap();
+        let mut newer = waiters.hold_read(id, workspace()).unwrap();
         newer.waits_to_leave(Status::Running);
         let notify = older.notify();
         let mut notified = std::pin::pin!(notify.notified());
@@ -387,20 +481,84 @@ mod tests {
 
     #[test]
     fn past_max_waiting_no_call_is_registered_until_one_ends() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()), 2);
-        let rt = RuntimeId::random().unwrap();
+        let waiters = Waiters::new(Arc::new(Metrics::new()), caps(2));
+        let (rt, other) = (RuntimeId::random().unwrap(), RuntimeId::random().unwrap());
         let id = RequestId::random().unwrap();
         let a = waiters.hold_heartbeat(rt).unwrap();
-        let _b = waiters.hold_read(id).unwrap();
-        assert_eq!(waiters.hold_heartbeat(rt).err(), Some(TooManyWaiting));
-        assert_eq!(waiters.hold_read(id).err(), Some(TooManyWaiting));
+        let _b = waiters.hold_read(id, workspace()).unwrap();
+        let total = Some(TooManyWaiting::Total);
+        assert_eq!(waiters.hold_heartbeat(other).err(), total);
+        assert_eq!(waiters.hold_read(id, workspace()).err(), total);
         drop(a);
-        assert!(waiters.hold_heartbeat(rt).is_ok());
+        assert!(waiters.hold_heartbeat(other).is_ok());
+    }
+
+    #[test]
+    fn a_runtime_holds_its_share_of_heartbeats_and_no_more() {
+        let waiters = Waiters::new(
+            Arc::new(Metrics::new()),
+            Caps {
+                per_runtime: 2,
+                ..caps(100)
+            },
+        );
+        let (rt, other) = (RuntimeId::random().unwrap(), RuntimeId::random().unwrap());
+        let first = waiters.hold_heartbeat(rt).unwrap();
+        let _second = waiters.hold_heartbeat(rt).unwrap();
+        let over = waiters.hold_heartbeat(rt).err();
+        assert_eq!(over, Some(TooManyWaiting::Runtime));
+        assert!(
+            waiters.hold_heartbeat(other).is_ok(),
+            "another runtime's share"
+        );
+        drop(first);
+        assert!(waiters.hold_heartbeat(rt).is_ok(), "a place freed");
+    }
+
+    #[test]
+    fn a_workspace_holds_its_share_of_reads_over_all_its_requests_and_no_more() {
+        let waiters = Waiters::new(
+            Arc::new(Metrics::new()),
+            Caps {
+                per_workspace: 2,
+                ..caps(100)
+            },
+        );
+        let (flooder, other) = (workspace(), workspace());
+        let [a, b, c] = [(); 3].map(|()| RequestId::random().unwrap());
+        let first = waiters.hold_read(a, flooder).unwrap();
+        let _second = waiters.hold_read(b, flooder).unwrap();
+        let over = waiters.hold_read(c, flooder).err();
+        assert_eq!(over, Some(TooManyWaiting::Workspace));
+        assert!(
+            waiters.hold_read(a, other).is_ok(),
+            "another workspace's share"
+        );
+        drop(first);
+        assert!(waiters.hold_read(c, flooder).is_ok(), "a place freed");
+    }
+
+    #[test]
+    fn a_read_refused_by_the_total_takes_no_share_of_its_workspace() {
+        let waiters = Waiters::new(
+            Arc::new(Metrics::new()),
+            Caps {
+                per_workspace: 1,
+                ..caps(1)
+            },
+        );
+        let (ws, other) = (workspace(), workspace());
+        let id = RequestId::random().unwrap();
+        let held = waiters.hold_read(id, other).unwrap();
+        let over = waiters.hold_read(id, ws).err();
+        assert_eq!(over, Some(TooManyWaiting::Total));
+        drop(held);
+        assert!(waiters.hold_read(id, ws).is_ok(), "its share is whole");
     }
 
     #[test]
     fn the_last_guard_to_drop_removes_the_key() {
-        let waiters = Waiters::new(Arc::new(Metrics::new()), 100);
+        let waiters = Waiters::new(Arc::new(Metrics::new()), caps(100));
         let rt = RuntimeId::random().unwrap();
         let a = waiters.hold_heartbeat(rt).unwrap();
         let b = waiters.hold_heartbeat(rt).unwrap();

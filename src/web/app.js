@@ -299,9 +299,9 @@ async function followRefresh(base, item, ask, cached) {
 }
 
 // Waits until `request` has ended, each read held at the server until its status changes.
-// A server that holds as many calls as it may refuses a waiting read (503 "too many waiting
-// calls"): that says nothing of the discovery, so the page goes on reading without
-// waiting, every POLL_MS, until the request ends.
+// A server that holds as many calls as it may, or as many as this workspace's share,
+// refuses a waiting read (503 or 429 "too many waiting calls…"): that says nothing of the
+// discovery, so the page goes on reading without waiting, every POLL_MS, until it ends.
 // `onRead`, if given, sees each record read on the way (an update's output while it runs);
 // `waitMs` is how long each read may be held.
 async function waitForEnd(base, request, onRead, waitMs = WAIT_MS) {
@@ -320,7 +320,8 @@ async function waitForEnd(base, request, onRead, waitMs = WAIT_MS) {
       continue;
     }
     failures = 0;
-    if (answer.status === 503 && wait && errorOf(answer).startsWith(CAP_TEXT)) {
+    const capped = answer.status === 503 || answer.status === 429;
+    if (capped && wait && errorOf(answer).startsWith(CAP_TEXT)) {
       wait = '';
       continue;
     }
